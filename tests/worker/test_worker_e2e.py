@@ -1,0 +1,379 @@
+"""The worker process end to end at the IPC level (IPC.md), with a fake supervisor."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import time
+from pathlib import Path
+
+from ipc_client import Exchange, WorkerProcess
+
+
+def _result(ex: Exchange) -> str:
+    (msg,) = ex.iopub("execute_result")
+    return str(msg.content["data"]["text/plain"])
+
+
+def _ok(ex: Exchange) -> None:
+    assert ex.reply.op == "reply", ex.messages
+    assert ex.reply.content["status"] == "ok", ex.reply.content
+
+
+def test_hello(worker: WorkerProcess) -> None:
+    hello = worker.hello.control
+    assert hello["op"] == "hello"
+    assert hello["worker_id"] == 1
+    assert hello["pid"] == worker.proc.pid
+    assert hello["language_info"]["name"] == "python"
+    assert hello["language_info"]["codemirror_mode"] == {"name": "ipython", "version": 3}
+    assert hello["implementation_version"] == "0.1.0"
+    assert "IPython" in hello["banner"]
+
+
+def test_execute_input_then_streams_in_order(worker: WorkerProcess) -> None:
+    code = "import sys\nprint('a')\nprint('b', file=sys.stderr)\nprint('c')"
+    ex = worker.execute(code)
+    _ok(ex)
+    assert ex.messages[0].msg_type == "execute_input"
+    assert ex.messages[0].content["code"] == code
+    count = ex.messages[0].content["execution_count"]
+    assert ex.reply.content["execution_count"] == count
+    streams = [(m.content["name"], m.content["text"]) for m in ex.iopub("stream")]
+    assert streams == [("stdout", "a\n"), ("stderr", "b\n"), ("stdout", "c\n")]
+    for msg in ex.iopub():
+        assert msg.parent["msg_type"] == "execute_request"
+
+
+def test_reply_control_and_metadata(worker: WorkerProcess) -> None:
+    ex = worker.execute("pass", stop_on_error=False)
+    control = ex.reply.control
+    assert control["msg_type"] == "execute_reply"
+    assert control["status"] == "ok"
+    assert control["stop_on_error"] is False
+    metadata = ex.reply.metadata
+    assert metadata["status"] == "ok" and metadata["dependencies_met"] is True
+    assert metadata["engine"] and metadata["started"].endswith("Z")
+    assert ex.reply.content["payload"] == [] and ex.reply.content["user_expressions"] == {}
+
+
+def test_execute_result(worker: WorkerProcess) -> None:
+    ex = worker.execute("1+1")
+    _ok(ex)
+    (result,) = ex.iopub("execute_result")
+    assert result.content["data"] == {"text/plain": "2"}
+    assert result.content["execution_count"] == ex.reply.content["execution_count"]
+    assert ex.stream_text() == ""  # no Out[N] prompt
+    assert worker.execute("1+1;").iopub("execute_result") == []
+
+
+def test_display_update_and_clear(worker: WorkerProcess) -> None:
+    ex = worker.execute(
+        "from IPython.display import display, clear_output, HTML\n"
+        "h = display(HTML('<b>x</b>'), display_id='d1')\n"
+        "h.update('y')\n"
+        "clear_output(wait=True)"
+    )
+    _ok(ex)
+    kinds = [m.msg_type for m in ex.iopub()][1:]
+    assert kinds == ["display_data", "update_display_data", "clear_output"]
+    display, update, clear = ex.iopub()[1:]
+    assert display.content["data"]["text/html"] == "<b>x</b>"
+    assert display.content["transient"] == {"display_id": "d1"}
+    assert update.content["data"] == {"text/plain": "'y'"}
+    assert clear.content == {"wait": True}
+
+
+def test_output_before_display_keeps_order(worker: WorkerProcess) -> None:
+    ex = worker.execute("print('before'); display('mid'); print('after')")
+    kinds = [(m.msg_type, m.content.get("text")) for m in ex.iopub()][1:]
+    assert kinds == [("stream", "before\n"), ("display_data", None), ("stream", "after\n")]
+
+
+def test_error(worker: WorkerProcess) -> None:
+    ex = worker.execute("1/0")
+    (error,) = ex.iopub("error")
+    assert error.content["ename"] == "ZeroDivisionError"
+    assert error.content["evalue"] == "division by zero"
+    assert any("ZeroDivisionError" in line for line in error.content["traceback"])
+    reply = ex.reply
+    assert reply.control["status"] == "error"
+    assert reply.content["status"] == "error"
+    assert reply.content["ename"] == "ZeroDivisionError"
+    assert reply.content["traceback"] == error.content["traceback"]
+    assert reply.metadata["status"] == "error"
+
+
+def test_fd_output_arrives_before_reply(worker: WorkerProcess) -> None:
+    ex = worker.execute("import os\nos.write(1, b'x\\n')\nos.system('echo hi; echo err >&2')\n")
+    _ok(ex)
+    assert ex.stream_text("stdout") == "x\nhi\n"
+    assert ex.stream_text("stderr") == "err\n"
+    ex = worker.execute("!echo bang\nprint('after')")
+    assert ex.stream_text("stdout") == "bang\nafter\n"
+
+
+def test_lower_level_buffers_arrive_before_reply(worker: WorkerProcess) -> None:
+    ex = worker.execute(
+        "import ctypes, sys\n"
+        "ctypes.CDLL(None).printf(b'from C')\n"  # no newline: stays in libc's buffer
+        "sys.__stdout__.write('from the original stdout')"
+    )
+    text = ex.stream_text("stdout")
+    assert "from C" in text and "from the original stdout" in text
+
+
+def test_first_output_is_sent_at_once(worker: WorkerProcess) -> None:
+    req = worker.send_request(
+        "execute_request", {"code": "import time\nprint('early')\ntime.sleep(1)"}
+    )
+    start = time.perf_counter()
+    msg = worker.recv()
+    while msg.msg_type != "stream":
+        msg = worker.recv()
+    assert time.perf_counter() - start < 0.5
+    assert msg.content["text"] == "early\n"
+    _ok(worker.collect(req))
+
+
+def test_thread_output_after_the_cell_goes_to_its_execute(worker: WorkerProcess) -> None:
+    ex = worker.execute("import threading\nthreading.Timer(0.2, print, ['late']).start()")
+    _ok(ex)
+    msg = worker.recv()
+    assert msg.msg_type == "stream" and msg.content["text"] == "late\n"
+    assert msg.parent == ex.messages[0].parent
+
+
+def test_200k_lines_exact(worker: WorkerProcess) -> None:
+    start = time.perf_counter()
+    ex = worker.execute("for i in range(200000): print(i)")
+    elapsed = time.perf_counter() - start
+    _ok(ex)
+    assert ex.stream_text("stdout") == "".join(f"{i}\n" for i in range(200000))
+    print(f"200k lines: {elapsed:.3f}s in {len(ex.iopub('stream'))} stream messages")
+    assert elapsed < 3  # generous for slow CI; ~0.2s on a 2-core dev box
+
+
+def test_sys_exit_does_not_end_worker(worker: WorkerProcess) -> None:
+    ex = worker.execute("import sys; sys.exit(3)")
+    assert ex.reply.content["ename"] == "SystemExit"
+    _ok(worker.execute("pass"))
+    assert worker.proc.poll() is None
+
+
+def test_magics_and_get_ipython(worker: WorkerProcess) -> None:
+    ex = worker.execute("%time x = sum(range(10))")
+    _ok(ex)
+    assert "Wall time" in ex.stream_text("stdout")
+    ex = worker.execute("%%capture cap\nprint('hidden')")
+    assert ex.stream_text() == ""
+    assert _result(worker.execute("cap.stdout")) == "'hidden\\n'"
+    ex = worker.execute("%%timeit -n1 -r1\npass")
+    _ok(ex)
+    assert "loop" in ex.stream_text("stdout")
+    assert _result(worker.execute("get_ipython() is not None")) == "True"
+
+
+def test_top_level_await(worker: WorkerProcess) -> None:
+    ex = worker.execute("import asyncio\nawait asyncio.sleep(0.01)\n'awaited'")
+    _ok(ex)
+    assert _result(ex) == "'awaited'"
+
+
+def test_user_expressions_and_pager_payload(worker: WorkerProcess) -> None:
+    ex = worker.execute("y = 20", user_expressions={"z": "y + 1", "bad": "1/0"})
+    exprs = ex.reply.content["user_expressions"]
+    assert exprs["z"]["data"]["text/plain"] == "21"
+    assert exprs["bad"]["status"] == "error"
+    ex = worker.execute("len?")
+    (payload,) = ex.reply.content["payload"]
+    assert payload["source"] == "page" and "text/plain" in payload["data"]
+
+
+def test_sigint(worker: WorkerProcess) -> None:
+    os.kill(worker.proc.pid, signal.SIGINT)  # idle: harmless
+    time.sleep(0.1)
+    assert worker.proc.poll() is None
+    for code in ("import time\ntime.sleep(30)", "while True: pass"):
+        req = worker.send_request("execute_request", {"code": code})
+        time.sleep(0.3)
+        os.kill(worker.proc.pid, signal.SIGINT)
+        ex = worker.collect(req)
+        assert ex.reply.content["ename"] == "KeyboardInterrupt"
+        assert ex.iopub("error")
+    _ok(worker.execute("pass"))
+
+
+def test_sigint_in_async_cell(worker: WorkerProcess) -> None:
+    for code in (
+        "import asyncio\nawait asyncio.sleep(30)",
+        "await asyncio.sleep(0)\nwhile 1: pass",
+    ):
+        req = worker.send_request("execute_request", {"code": code})
+        time.sleep(0.3)
+        os.kill(worker.proc.pid, signal.SIGINT)
+        ex = worker.collect(req)
+        assert ex.reply.content["status"] == "error"
+        assert ex.reply.content["ename"] in ("CancelledError", "KeyboardInterrupt")
+    _ok(worker.execute("await asyncio.sleep(0)"))
+
+
+def test_input_without_stdin(worker: WorkerProcess) -> None:
+    ex = worker.execute("input('?')", allow_stdin=False)
+    assert ex.reply.content["ename"] == "StdinNotImplementedError"
+
+
+def test_input_and_getpass(worker: WorkerProcess) -> None:
+    req = worker.send_request(
+        "execute_request",
+        {
+            "code": "import getpass\nprint('pre')\na = input('name? ')\nb = getpass.getpass()\n"
+            "print(a, b)",
+            "allow_stdin": True,
+        },
+    )
+    seen = []
+    for prompt, password, value in (("name? ", False, "bob"), ("Password: ", True, "pw")):
+        msg = worker.recv()
+        while msg.op != "stdin":
+            seen.append(msg)
+            msg = worker.recv()
+        assert msg.control == {"op": "stdin", "id": req, "msg_type": "input_request"}
+        assert msg.content == {"prompt": prompt, "password": password}
+        worker.send_request("input_reply", {"value": value}, channel="stdin")
+    assert [m.content.get("text") for m in seen if m.msg_type == "stream"] == ["pre\n"]
+    ex = worker.collect(req)
+    _ok(ex)
+    assert ex.stream_text() == "bob pw\n"
+
+
+def test_interrupt_while_waiting_for_input(worker: WorkerProcess) -> None:
+    req = worker.send_request("execute_request", {"code": "input()", "allow_stdin": True})
+    msg = worker.recv()
+    while msg.op != "stdin":
+        msg = worker.recv()
+    os.kill(worker.proc.pid, signal.SIGINT)
+    assert worker.collect(req).reply.content["ename"] == "KeyboardInterrupt"
+
+
+def test_complete_is_answered_while_a_cell_runs(worker: WorkerProcess) -> None:
+    req = worker.send_request("execute_request", {"code": "import time; time.sleep(1.5)"})
+    time.sleep(0.2)
+    start = time.perf_counter()
+    complete = worker.send_request("complete_request", {"code": "import o", "cursor_pos": 8})
+    msg = worker.recv()
+    while msg.op != "reply":
+        msg = worker.recv()
+    assert msg.control["id"] == complete, "the execute reply came first"
+    assert time.perf_counter() - start < 1.0
+    assert msg.control["msg_type"] == "complete_reply"
+    assert "os" in msg.content["matches"]
+    assert msg.content["cursor_start"] == 7 and msg.content["cursor_end"] == 8
+    _ok(worker.collect(req))
+
+
+def test_inspect_is_complete_history(worker: WorkerProcess, ipython_dir: str) -> None:
+    ex = worker.request("inspect_request", {"code": "len", "cursor_pos": 3, "detail_level": 0})
+    assert ex.reply.content["found"] is True
+    assert "text/plain" in ex.reply.content["data"]
+    ex = worker.request("inspect_request", {"code": "no_such_name", "cursor_pos": 3})
+    assert ex.reply.content["found"] is False
+    for code, status in (("x = 1", "complete"), ("for i in x:", "incomplete"), ("1 +)", "invalid")):
+        ex = worker.request("is_complete_request", {"code": code})
+        assert ex.reply.content["status"] == status
+    assert worker.request("is_complete_request", {"code": "if 1:"}).reply.content["indent"]
+    worker.execute("history_marker = 1")
+    ex = worker.request(
+        "history_request", {"hist_access_type": "tail", "n": 2, "output": False, "raw": True}
+    )
+    assert ex.reply.content["history"][-1][2] == "history_marker = 1"
+    # IPython < 9 mistakes a cross-thread sqlite error for corruption and moves the file.
+    assert not list(Path(ipython_dir).glob("**/*corrupt*"))
+
+
+def test_unknown_request(worker: WorkerProcess) -> None:
+    ex = worker.request("frobnicate_request", {})
+    assert ex.reply.control["msg_type"] == "frobnicate_reply"
+    assert ex.reply.control["status"] == "error"
+    assert ex.reply.content["ename"] == "UnknownMessageType"
+
+
+def test_comms(worker: WorkerProcess) -> None:
+    ex = worker.execute(
+        "import comm\n"
+        "received = []\n"
+        "c = comm.create_comm(target_name='t1', data={'a': 1}, buffers=[b'\\x00\\x01'])\n"
+        "c.on_msg(lambda m: (received.append((m['content']['data'], bytes(m['buffers'][0]))),"
+        " print('got it')))\n"
+        "c.send({'b': 2})\n"
+        "c.comm_id"
+    )
+    _ok(ex)
+    comm_id = ast.literal_eval(_result(ex))
+    opened, sent = ex.iopub("comm_open")[0], ex.iopub("comm_msg")[0]
+    assert opened.content["target_name"] == "t1" and opened.content["data"] == {"a": 1}
+    assert opened.frames[4:] == [b"\x00\x01"]
+    assert sent.content == {"data": {"b": 2}, "comm_id": comm_id}
+
+    info = worker.request("comm_info_request", {"target_name": "t1"}).reply.content
+    assert info["comms"] == {comm_id: {"target_name": "t1"}}
+
+    ex = worker.request("comm_msg", {"comm_id": comm_id, "data": {"x": 1}}, buffers=(b"\x05",))
+    assert ex.reply.op == "done"
+    (out,) = ex.iopub("stream")
+    assert out.content["text"] == "got it\n"
+    assert out.parent["msg_type"] == "comm_msg"
+    assert _result(worker.execute("received")) == "[({'x': 1}, b'\\x05')]"
+
+    assert worker.request("comm_close", {"comm_id": comm_id, "data": {}}).reply.op == "done"
+    info = worker.request("comm_info_request", {}).reply.content
+    assert comm_id not in info["comms"]
+
+
+def test_comm_open_from_the_client(worker: WorkerProcess) -> None:
+    _ok(
+        worker.execute(
+            "import comm\n"
+            "def target(c, msg):\n"
+            "    c.send({'echo': msg['content']['data']})\n"
+            "comm.get_comm_manager().register_target('echo', target)"
+        )
+    )
+    ex = worker.request("comm_open", {"comm_id": "abc", "target_name": "echo", "data": {"v": 7}})
+    assert ex.reply.op == "done"
+    (echo,) = ex.iopub("comm_msg")
+    assert echo.content == {"data": {"echo": {"v": 7}}, "comm_id": "abc"}
+
+
+def test_shutdown_exits_promptly(fresh_worker: WorkerProcess) -> None:
+    _ok(fresh_worker.execute("print('x')"))
+    start = time.perf_counter()
+    assert fresh_worker.shutdown() == 0
+    assert time.perf_counter() - start < 3
+
+
+def test_shutdown_while_a_cell_runs(fresh_worker: WorkerProcess) -> None:
+    fresh_worker.send_request("execute_request", {"code": "import time; time.sleep(60)"})
+    time.sleep(0.2)
+    start = time.perf_counter()
+    assert fresh_worker.shutdown() == 0
+    assert time.perf_counter() - start < 5
+
+
+def test_eof_ends_worker(fresh_worker: WorkerProcess) -> None:
+    fresh_worker.conn.close()
+    assert fresh_worker.proc.wait(5) == 0
+
+
+def test_logs_go_to_original_stderr(ipython_dir: str) -> None:
+    proc = WorkerProcess(env={"IPYTHONDIR": ipython_dir, "KERNELVISOR_WORKER_LOG": "debug"})
+    try:
+        _ok(proc.execute("print('to the client')"))
+        proc.conn.close()
+        proc.proc.wait(5)
+        log = proc.stderr()
+        assert "kernelvisor-worker[" in log
+        assert "to the client" not in log
+    finally:
+        proc.close()

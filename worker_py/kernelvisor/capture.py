@@ -1,0 +1,139 @@
+"""Capture of file descriptors 1 and 2.
+
+Output written below Python (C extensions, ``os.write``, ``os.system``, ``!ls``,
+subprocesses) goes to fds 1 and 2, which become the write ends of pipes. A reader thread
+decodes what arrives into the OutputBuffer; the read ends are non-blocking so that a
+flush can also drain them, under the same lock, before a reply goes out.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from kernelvisor.streams import STDERR, STDOUT, OutputBuffer
+
+log = logging.getLogger(__name__)
+
+PIPE_SIZE = 1 << 20
+_READ_SIZE = 1 << 20
+# Linux value, for Pythons whose fcntl module does not name it.
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def _utf8_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+@dataclass
+class _Pipe:
+    fd: int  # read end
+    name: str
+    decoder: codecs.IncrementalDecoder = field(default_factory=_utf8_decoder)
+    open: bool = True
+
+
+class FdCapture:
+    def __init__(self, buffer: OutputBuffer) -> None:
+        self._buffer = buffer
+        # Reentrant: a finalizer run by the GC inside a drain may print, and the first
+        # write after a flush drains (OutStream.write).
+        self._lock = threading.RLock()
+        self._pipes: list[_Pipe] = []
+
+    def start(self) -> None:
+        """Point fds 1 and 2 at new pipes and start reading them."""
+        for target, name in ((1, STDOUT), (2, STDERR)):
+            read_fd, write_fd = os.pipe()
+            if sys.platform.startswith("linux"):
+                # Fails above /proc/sys/fs/pipe-max-size: then the default size stays.
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+            os.set_blocking(read_fd, False)
+            os.dup2(write_fd, target)  # inheritable: child processes write here too
+            os.close(write_fd)
+            self._pipes.append(_Pipe(read_fd, name))
+        threading.Thread(target=self._loop, name="kernelvisor-fd-capture", daemon=True).start()
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        by_fd = {p.fd: p for p in self._pipes}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        while by_fd:
+            for fd, _events in poller.poll():
+                pipe = by_fd[fd]
+                with self._lock:
+                    self._read_once(pipe)
+                if not pipe.open:
+                    poller.unregister(fd)
+                    del by_fd[fd]
+
+    def _read_once(self, pipe: _Pipe) -> bool:
+        """Move one chunk from the pipe into the buffer; False when nothing was there."""
+        if not pipe.open:
+            return False
+        try:
+            data = os.read(pipe.fd, _READ_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError:
+            log.exception("reading captured %s failed", pipe.name)
+            pipe.open = False
+            return False
+        if not data:
+            # Every write end is closed (the user closed fd 1/2 and no child keeps it).
+            pipe.open = False
+            data = b""
+            text = pipe.decoder.decode(data, final=True)
+        else:
+            text = pipe.decoder.decode(data)
+        if text:
+            self._buffer.write_fd(pipe.name, text)
+        return bool(data)
+
+    def drain(self) -> None:
+        """Move everything already written to fds 1 and 2 into the buffer."""
+        with self._lock:
+            for pipe in self._pipes:
+                while self._read_once(pipe):
+                    pass
+
+
+class CStdio:
+    """Buffers below our streams: libc's stdio and Python's original ``sys.__stdout__``.
+
+    With fd 1 a pipe, both would fully buffer (e.g. ``printf`` in a C extension); making
+    them line buffered, and flushing them at cell end, keeps that output inside its cell.
+    """
+
+    def __init__(self) -> None:
+        for original in (sys.__stdout__, sys.__stderr__):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                original.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        self._fflush = None
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None)
+            self._fflush = libc.fflush
+            self._fflush.argtypes = [ctypes.c_void_p]
+            if sys.platform.startswith("linux"):
+                stdout = ctypes.c_void_p.in_dll(libc, "stdout")
+                libc.setvbuf(stdout, None, 1, 0)  # _IOLBF, before any C-level output
+        except (OSError, AttributeError, ValueError):
+            log.debug("C stdio not reachable", exc_info=True)
+
+    def flush(self) -> None:
+        for original in (sys.__stdout__, sys.__stderr__):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                original.flush()  # type: ignore[union-attr]
+        if self._fflush is not None:
+            self._fflush(None)

@@ -1,0 +1,73 @@
+"""Requests as the supervisor forwards them (op ``request`` in IPC.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kernelvisor.ipc import ProtocolError
+
+
+def loads_object(frame: bytes) -> dict[str, Any]:
+    """Parse a JSON frame that should hold an object; anything else counts as empty."""
+    try:
+        value = json.loads(frame) if frame else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One Jupyter request. Header bytes are kept verbatim: they become the parent
+    header of every iopub message the request causes."""
+
+    id: int
+    channel: str
+    msg_type: str
+    header: bytes
+    parent_header: bytes
+    metadata: bytes
+    content: bytes
+    buffers: list[bytes]
+
+    @classmethod
+    def from_frames(cls, control: dict[str, Any], frames: list[bytes]) -> Request:
+        if len(frames) < 5:
+            raise ProtocolError(f"request with {len(frames)} frames, expected at least 5")
+        req_id = control.get("id")
+        msg_type = control.get("msg_type")
+        if not isinstance(req_id, int) or not isinstance(msg_type, str):
+            raise ProtocolError("request without an integer id and a msg_type")
+        return cls(
+            id=req_id,
+            channel=str(control.get("channel", "shell")),
+            msg_type=msg_type,
+            header=frames[1],
+            parent_header=frames[2],
+            metadata=frames[3],
+            content=frames[4],
+            buffers=frames[5:],
+        )
+
+    def content_json(self) -> dict[str, Any]:
+        return loads_object(self.content)
+
+    def to_jupyter(self) -> dict[str, Any]:
+        """The message as ipykernel-style handlers (comm targets, widgets) expect it."""
+        header = loads_object(self.header)
+        return {
+            "header": header,
+            "parent_header": loads_object(self.parent_header),
+            "metadata": loads_object(self.metadata),
+            "content": self.content_json(),
+            "buffers": [memoryview(b) for b in self.buffers],
+            "msg_id": header.get("msg_id", ""),
+            "msg_type": self.msg_type,
+        }
+
+    @property
+    def reply_type(self) -> str:
+        base = self.msg_type.removesuffix("_request")
+        return f"{base}_reply"

@@ -1,0 +1,213 @@
+"""The IPython shell of a worker: results, displays and errors become iopub messages."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from IPython.core import page
+from IPython.core.displayhook import DisplayHook
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell, InteractiveShellABC
+from traitlets import Any as AnyTrait
+from traitlets import CBool, Type
+from traitlets.config import Config
+
+from kernelvisor.messages import loads_object
+
+
+def shell_config() -> Config:
+    config = Config()
+    # history_request is answered off the main thread. IPython < 9 ties its sqlite
+    # connection to the creating thread, and treats the resulting error as a corrupt
+    # database (it moves the user's history file away), so lift that restriction.
+    config.HistoryAccessor.connection_options = {"check_same_thread": False}
+    return config
+
+
+class IpcDisplayHook(DisplayHook):
+    """Sends a cell's last value as ``execute_result``; never prints an Out[N] prompt."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.content: dict[str, Any] | None = None
+
+    def start_displayhook(self) -> None:
+        self._is_active = True  # read by IPython >= 9
+        self.content = {"execution_count": self.prompt_count, "data": {}, "metadata": {}}
+
+    def write_output_prompt(self) -> None:
+        if self.content is not None:
+            self.content["execution_count"] = self.prompt_count
+
+    def write_format_data(self, format_dict: dict[str, Any], md_dict: Any = None) -> None:
+        if self.content is not None:
+            self.content["data"] = format_dict
+            self.content["metadata"] = md_dict or {}
+
+    def finish_displayhook(self) -> None:
+        content, self.content = self.content, None
+        self._is_active = False
+        if content and content["data"]:
+            self.shell.publish("execute_result", content)  # type: ignore[union-attr]
+
+
+class IpcDisplayPublisher(DisplayPublisher):
+    """``display()``, ``update_display()`` and ``clear_output()``."""
+
+    def publish(  # type: ignore[override]
+        self,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        source: Any = None,
+        *,
+        transient: dict[str, Any] | None = None,
+        update: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self._validate_data(data, metadata)
+        content = {"data": data, "metadata": metadata or {}, "transient": transient or {}}
+        msg_type = "update_display_data" if update else "display_data"
+        self.shell.publish(msg_type, content)  # type: ignore[union-attr]
+
+    def clear_output(self, wait: bool = False) -> None:
+        self.shell.publish("clear_output", {"wait": bool(wait)})  # type: ignore[union-attr]
+
+
+class _KernelShim:
+    """What ipywidgets' Output widget reads from ``get_ipython().kernel``."""
+
+    def __init__(self, shell: ZMQInteractiveShell) -> None:
+        self._shell = shell
+
+    def get_parent(self, channel: str = "shell") -> dict[str, Any]:
+        return {"header": loads_object(self._shell.parent_header() or b"{}")}
+
+
+# Named like ipykernel's shell on purpose: libraries (rich, pandas, tqdm, plotly...)
+# detect a notebook frontend by this class name and then emit rich output.
+class ZMQInteractiveShell(InteractiveShell):
+    displayhook_class = Type(IpcDisplayHook)
+    display_pub_class = Type(IpcDisplayPublisher)
+    # Line editing has no meaning without a terminal.
+    readline_use = CBool(False)
+    autoindent = CBool(False)
+
+    outbox = AnyTrait(help="kernelvisor.outbox.Outbox all messages go through")
+    output = AnyTrait(help="kernelvisor.streams.OutputBuffer: knows the running request")
+    drain_output = AnyTrait(help="callable moving captured fd output into the buffer")
+    kernel = AnyTrait()
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kernel = _KernelShim(self)
+        self._last_traceback: list[str] | None = None
+        self._last_error = ("", "")
+        self._last_traceback_during_displayhook = False
+        # tqdm.autonotebook picks its notebook widget only when it finds this section.
+        if "IPKernelApp" not in self.config:
+            self.config.IPKernelApp.tqdm = "dummy value for tqdm's notebook detection"
+
+    def parent_header(self) -> bytes | None:
+        return self.output.current_parent()  # type: ignore[no-any-return]
+
+    def publish(self, msg_type: str, content: dict[str, Any]) -> None:
+        """Send an iopub message on behalf of the request whose code is running."""
+        self.outbox.iopub(msg_type, self.parent_header(), content)
+
+    def reset_error_state(self) -> None:
+        self._last_traceback = None
+        self._last_error = ("", "")
+        self._last_traceback_during_displayhook = False
+
+    @property
+    def last_traceback(self) -> list[str] | None:
+        return self._last_traceback
+
+    @property
+    def last_error(self) -> tuple[str, str]:
+        """(ename, evalue) of the last traceback shown."""
+        return self._last_error
+
+    @property
+    def traceback_during_displayhook(self) -> bool:
+        return self._last_traceback_during_displayhook
+
+    def init_environment(self) -> None:
+        env = os.environ
+        # Children print colours (the frontend renders ANSI) and never page.
+        env["TERM"] = "xterm-color"
+        env["CLICOLOR"] = "1"
+        env["FORCE_COLOR"] = "1"
+        env["CLICOLOR_FORCE"] = "1"
+        env["PAGER"] = "cat"
+        env["GIT_PAGER"] = "cat"
+        env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+    def init_virtualenv(self) -> None:
+        """The worker runs in the environment it was started in; no detection."""
+
+    def init_hooks(self) -> None:
+        super().init_hooks()
+        self.set_hook("show_in_pager", page.as_hook(self._page_as_payload), 99)
+
+    def _page_as_payload(
+        self, strg: Any, start: int = 0, screen_lines: int = 0, pager_cmd: Any = None
+    ) -> None:
+        data = strg if isinstance(strg, dict) else {"text/plain": strg}
+        self._write_payload({"source": "page", "data": data, "start": max(0, start)})
+
+    def ask_exit(self) -> None:
+        # The client decides whether to shut the kernel down; the worker keeps running.
+        self._write_payload({"source": "ask_exit", "keepkernel": False})
+
+    def set_next_input(self, text: str, replace: bool = False) -> None:
+        self._write_payload({"source": "set_next_input", "text": text, "replace": replace})
+
+    def _write_payload(self, payload: dict[str, Any]) -> None:
+        assert self.payload_manager is not None  # created in InteractiveShell.__init__
+        self.payload_manager.write_payload(payload)
+
+    def take_payloads(self) -> list[dict[str, Any]]:
+        """The payloads of the cell that just ran, cleared for the next one."""
+        assert self.payload_manager is not None
+        payloads: list[dict[str, Any]] = self.payload_manager.read_payload()
+        self.payload_manager.clear_payload()
+        return payloads
+
+    def enable_gui(self, gui: str | None = None) -> None:
+        if gui not in (None, "inline"):
+            raise UsageError(f"kernelvisor has no GUI event loop integration (asked for {gui!r})")
+
+    def _showtraceback(self, etype: type, evalue: BaseException, stb: list[str]) -> None:
+        if getattr(self.displayhook, "content", None) is not None:
+            # Formatting the result failed: the cell counts as failed too.
+            self._last_traceback_during_displayhook = True
+        try:
+            evalue_text = str(evalue)
+        except Exception:
+            evalue_text = f"<unprintable {etype.__name__} object>"
+        self.publish("error", {"ename": etype.__name__, "evalue": evalue_text, "traceback": stb})
+        self._last_traceback = stb
+        self._last_error = (etype.__name__, evalue_text)
+
+    def system_raw(self, cmd: str) -> None:
+        super().system_raw(cmd)
+        # The child is done: queue its output before anything the cell prints next.
+        self.drain_output()
+
+    # The child writes straight to the captured fds; IPython's default would run it
+    # under pexpect and copy its output through Python.
+    system = system_raw
+
+    @contextlib.contextmanager
+    def _tee(self, channel: str) -> Iterator[None]:
+        # IPython >= 9 wraps sys.stdout.write on every run_cell to record stream output
+        # in history; that doubles the cost of each write, and nothing here reads it.
+        yield
+
+
+InteractiveShellABC.register(ZMQInteractiveShell)

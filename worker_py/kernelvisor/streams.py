@@ -1,0 +1,248 @@
+"""stdout/stderr of the worker: text goes into one ordered buffer, a flusher sends it.
+
+Both streams, and the file-descriptor capture (capture.py), append to one
+``OutputBuffer``. Writes are the hot path (a 200k-line print loop is 400k calls), so a
+write appends one ``(key, text)`` pair to a list and takes no lock: ``list.append`` and
+the consumer's ``del items[:n]`` are atomic, the list object is never replaced, and so
+nothing is lost or reordered whichever threads write. Joining and sending happen at
+flush time, on the flusher thread or synchronously before any other message (outbox.py).
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import itertools
+import logging
+import operator
+import threading
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, NamedTuple
+
+log = logging.getLogger(__name__)
+
+STDOUT = "stdout"
+STDERR = "stderr"
+
+Key = tuple[bytes | None, str]
+"""(parent header bytes or None, stream name) of a piece of output."""
+
+
+def _nothing() -> None:
+    pass
+
+
+class Run(NamedTuple):
+    """Consecutive output of one stream for one parent request."""
+
+    parent: bytes | None
+    name: str
+    text: str
+
+
+_key = operator.itemgetter(0)
+_text = operator.itemgetter(1)
+
+
+class OutputBuffer:
+    """Output not yet sent, in write order.
+
+    ``parent_var`` holds the header bytes of the request whose code is running in the
+    current context; ``fallback_parent`` (the latest execute request) covers threads
+    started by user code and bytes read from the captured file descriptors.
+    """
+
+    def __init__(self, parent_var: ContextVar[bytes | None]) -> None:
+        self.parent_var = parent_var
+        self.fallback_parent: bytes | None = None
+        self.items: list[tuple[Key, str]] = []
+        # True from the first write after a take() until the next take(): a write that
+        # finds it False wakes the flusher (checked after appending, so no wake is lost).
+        self.pending = False
+        # Wired by the worker: wake the flusher, drain the fd pipes.
+        self.on_first_write: Callable[[], None] = _nothing
+        self.before_first_write: Callable[[], None] = _nothing
+
+    def current_parent(self) -> bytes | None:
+        return self.parent_var.get() or self.fallback_parent
+
+    def write(self, key: Key, text: str) -> None:
+        self.items.append((key, text))
+        if not self.pending:
+            self.pending = True
+            self.on_first_write()
+
+    def write_fd(self, name: str, text: str) -> None:
+        self.write((self.fallback_parent, name), text)
+
+    def take(self) -> list[Run]:
+        """Remove everything buffered; return it grouped into runs."""
+        self.pending = False
+        items = self.items
+        n = len(items)
+        if not n:
+            return []
+        taken = items[:n]
+        del items[:n]  # items appended meanwhile stay, in order
+        # groupby/itemgetter keep the per-item work in C (200k prints are 400k items).
+        return [
+            Run(key[0], key[1], "".join(map(_text, group)))
+            for key, group in itertools.groupby(taken, _key)
+        ]
+
+
+class Flusher:
+    """Sends buffered output: the first bytes at once, then at most once per interval.
+
+    The thread sleeps on an event that the buffer sets when a write lands in an empty
+    buffer, so an idle worker does not wake up.
+    """
+
+    def __init__(self, flush: Callable[[], None], interval: float = 0.05) -> None:
+        self._flush = flush
+        self._interval = interval
+        self._event = threading.Event()
+        self._last = 0.0
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="kernelvisor-flusher", daemon=True).start()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def flush_requested(self) -> None:
+        """A stream's flush(): send now unless we just did, else let the thread do it.
+
+        Sending at once keeps output that precedes a crash; the rate limit keeps
+        ``print(..., flush=True)`` in a tight loop from becoming one message a line.
+        """
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._flush()
+        else:
+            self._event.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._event.wait()
+            self._event.clear()
+            delay = self._last + self._interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self._last = time.monotonic()
+            try:
+                self._flush()
+            except Exception:
+                log.exception("flushing output failed")
+
+
+class OutStream(io.TextIOBase):
+    """``sys.stdout`` / ``sys.stderr`` replacement writing into an OutputBuffer."""
+
+    encoding = "utf-8"  # type: ignore[assignment]
+    errors = "strict"  # type: ignore[assignment]
+    newlines = None
+    line_buffering = False
+
+    def __init__(self, buffer: OutputBuffer, flusher: Flusher, name: str, fd: int) -> None:
+        super().__init__()
+        self._buffer = buffer
+        self._parent_var = buffer.parent_var
+        self._flusher = flusher
+        self._name = name
+        self._fd = fd
+        self._key_cache: tuple[bytes | None, Key] = (None, (None, name))
+        self._binary: BinaryWriter | None = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"<{self._name}>"
+
+    def write(self, text: str) -> int:
+        if text.__class__ is not str and not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        buf = self._buffer
+        parent = self._parent_var.get() or buf.fallback_parent
+        cache = self._key_cache  # (parent, key): one attribute, so threads see a pair
+        if cache[0] is not parent:
+            cache = (parent, (parent, self._name))
+            self._key_cache = cache
+        items = buf.items
+        if not items:
+            # Bytes already in the fd pipes were written before this text: queue them first.
+            buf.before_first_write()
+        items.append((cache[1], text))
+        if not buf.pending:
+            buf.pending = True
+            buf.on_first_write()
+        return len(text)
+
+    def flush(self) -> None:
+        self._flusher.flush_requested()
+
+    def close(self) -> None:
+        # Closing the process's stdout from a cell would silence every later cell.
+        self.flush()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def reconfigure(self, **kwargs: Any) -> None:
+        """Accepted and ignored: the stream is always UTF-8 text (scripts often call it)."""
+
+    @property
+    def buffer(self) -> BinaryWriter:  # type: ignore[override]
+        if self._binary is None:
+            self._binary = BinaryWriter(self)
+        return self._binary
+
+
+class BinaryWriter(io.BufferedIOBase):
+    """``sys.stdout.buffer``: bytes are decoded as UTF-8 and written as text."""
+
+    def __init__(self, stream: OutStream) -> None:
+        super().__init__()
+        self._stream = stream
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._lock = threading.Lock()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        with self._lock:
+            text = self._decoder.decode(view.tobytes())
+        if text:
+            self._stream.write(text)
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
