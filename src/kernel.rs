@@ -520,6 +520,7 @@ impl Kernel {
             }
         };
         let rest = &frames[1..];
+        debug!(op = ctrl.op, msg_type = ?ctrl.msg_type, "from worker");
         match (ctrl.op, ctrl.msg_type) {
             ("iopub", Some(msg_type)) if rest.len() >= 3 && is_identifier(msg_type) => {
                 let msg = self

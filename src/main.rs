@@ -104,8 +104,7 @@ fn run_kernel(args: RunArgs) -> anyhow::Result<()> {
         python: args.python,
         python_version: args.python_version,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(kernel::run(config))?;

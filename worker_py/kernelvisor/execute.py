@@ -12,6 +12,7 @@ from types import FrameType
 from typing import Any
 
 from IPython.core import interactiveshell
+from IPython.core.async_helpers import _pseudo_sync_runner
 
 from kernelvisor.capture import CStdio
 from kernelvisor.interrupts import SigintGate
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 _asyncio_runner = getattr(interactiveshell, "_asyncio_runner", None)
 # A cell's code is called by this coroutine, which catches whatever it raises.
 _RUN_CODE = interactiveshell.InteractiveShell.run_code.__code__
+
+
+# Quiet time after a cell before cached history inputs are written to sqlite.
+HISTORY_SAVE_DELAY = 0.5
 
 
 def _in_cell_code(frame: FrameType | None) -> bool:
@@ -85,6 +90,7 @@ class Executor:
         # The supervisor sends one execute_request at a time; should two ever arrive, an
         # async cell must not interleave with the next one (stdin, SIGINT state, counts).
         self._one_at_a_time = asyncio.Lock()
+        self._history_save: asyncio.TimerHandle | None = None
 
     async def execute(self, req: Request) -> None:
         """Run the request to its reply. Never raises: the supervisor waits for a reply."""
@@ -121,6 +127,19 @@ class Executor:
         }
         self._outbox.reply(
             req.id, "execute_reply", content, metadata, extra={"stop_on_error": stop_on_error}
+        )
+        self._schedule_history_save()
+
+    def _schedule_history_save(self) -> None:
+        """Write cached history once no cell has run for a moment (see shell_config)."""
+        if self._history_save is not None:
+            self._history_save.cancel()
+        history = self._shell.history_manager
+        save_flag = getattr(history, "save_flag", None) if history is not None else None
+        if save_flag is None:  # history disabled, or no saving thread
+            return
+        self._history_save = asyncio.get_running_loop().call_later(
+            HISTORY_SAVE_DELAY, save_flag.set
         )
 
     async def _run(self, req: Request, opts: _Options) -> dict[str, Any]:
@@ -204,10 +223,22 @@ class Executor:
                         if not opts.silent:
                             shell.events.trigger("post_run_cell", result)
             else:
+                # What shell.run_cell does, minus transforming the cell a second time.
                 with self._gate.raising():
-                    result = shell.run_cell(
-                        opts.code, store_history=opts.store_history, silent=opts.silent
-                    )
+                    try:
+                        result = _pseudo_sync_runner(
+                            shell.run_cell_async(
+                                opts.code,
+                                store_history=opts.store_history,
+                                silent=opts.silent,
+                                transformed_cell=transformed,
+                                preprocessing_exc_tuple=preprocessing_exc,
+                            )
+                        )
+                    finally:
+                        shell.events.trigger("post_execute")
+                        if not opts.silent:
+                            shell.events.trigger("post_run_cell", result)
         except (KeyboardInterrupt, asyncio.CancelledError) as exc:
             # Interrupted outside the user's code (IPython's own steps): report it the same.
             shell.showtraceback()
