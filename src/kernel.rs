@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -23,6 +23,7 @@ use crate::heartbeat;
 use crate::iopub::Iopub;
 use crate::kernel_info;
 use crate::outbox::Outbox;
+use crate::pool::{Placement, Pool, PoolPolicy, Role};
 use crate::signer::Signer;
 use crate::wire::{self, Incoming};
 use crate::worker::{self, Frames, WorkerConfig, WorkerEvent, WorkerId};
@@ -37,6 +38,16 @@ pub struct KernelConfig {
     /// The workers' Python version, if known before the first worker is up
     /// (recorded by `kernelvisor install`), so `kernel_info` needs no worker.
     pub python_version: Option<String>,
+    /// The worker pool's idle policy.
+    pub pool: PoolPolicy,
+    /// Resident memory a worker may use before it is killed ("out of memory").
+    pub memory_limit: Option<u64>,
+    /// A busy worker that has not been heard from (not even a `pong` on `aux`) for this
+    /// long is killed as unresponsive (a deadlock in C code holding the GIL).
+    pub unresponsive_timeout: Option<Duration>,
+    /// After an interrupt, a cell still running after this long gets its worker killed.
+    /// (A second interrupt of the same cell always does.)
+    pub interrupt_grace: Option<Duration>,
 }
 
 /// Which client socket a message came on.
@@ -57,17 +68,17 @@ impl Channel {
     }
 }
 
-/// Shell requests a worker answers (besides `execute_request`, which is queued).
-const WORKER_REQUESTS: &[&str] = &[
+/// Shell requests a worker answers on its `aux` connection, even while a cell runs.
+const AUX_REQUESTS: &[&str] = &[
     "complete_request",
     "inspect_request",
     "is_complete_request",
     "history_request",
     "comm_info_request",
-    "comm_open",
-    "comm_msg",
-    "comm_close",
 ];
+
+/// Shell messages for the worker's event loop (`main` connection), in order with cells.
+const MAIN_MESSAGES: &[&str] = &["comm_open", "comm_msg", "comm_close"];
 
 /// A request handed to a worker, waiting for its reply.
 #[derive(Debug)]
@@ -94,16 +105,31 @@ struct WorkerCtrl<'a> {
     stop_on_error: Option<bool>,
 }
 
-/// A worker that said hello.
+/// The execute request running in the main worker.
 #[derive(Debug)]
-struct LiveWorker {
-    id: WorkerId,
-    pid: u32,
-    tx: mpsc::UnboundedSender<Frames>,
+struct Running {
+    id: u64,
+    worker: WorkerId,
+    /// Interrupts sent to it so far, and when the first one was.
+    interrupts: u32,
+    first_interrupt: Option<Instant>,
 }
 
 /// How long workers get to exit after a `shutdown` before they are killed.
 const WORKER_EXIT_GRACE: Duration = Duration::from_millis(300);
+
+/// How often the watchdog checks memory, liveness, grace periods and the idle pool.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Largest content + buffers of a client message handed to a worker: the IPC frame limit
+/// (1 GiB) less room for the headers.
+const MAX_REQUEST_BYTES: usize = crate::ipc::MAX_BODY - (1 << 20);
+
+/// How long a dead worker's exit waits for its `main` connection to be drained.
+const DRAIN_WAIT: Duration = Duration::from_millis(500);
+
+/// How often a busy worker is pinged when an unresponsive timeout is set.
+const PING_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the kernel until a shutdown request or SIGTERM.
 pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
@@ -151,6 +177,8 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
             .python_version
             .as_deref()
             .map(kernel_info::language_info),
+        pool: Pool::new(cfg.pool),
+        cfg,
         outbox,
         iopub,
         shell,
@@ -161,22 +189,28 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         started_at: chrono::Utc::now(),
         next_worker: 0,
         next_request: 0,
-        main: None,
-        starting: HashMap::new(),
         pending: HashMap::new(),
         execute_queue: VecDeque::new(),
         waiting_for_worker: VecDeque::new(),
         running: None,
         deferred_kernel_info: Vec::new(),
+        kill_reasons: HashMap::new(),
+        drained: Default::default(),
+        exits: HashMap::new(),
+        last_heard: Instant::now(),
+        last_ping: Instant::now(),
+        ping_seq: 0,
         exiting: false,
     };
     info!(
-        transport = %conn.transport,
-        ip = %conn.ip,
-        shell = conn.shell_port,
+        transport = %kernel.cfg.connection.transport,
+        ip = %kernel.cfg.connection.ip,
+        shell = kernel.cfg.connection.shell_port,
         "kernelvisor {} ready",
         env!("CARGO_PKG_VERSION")
     );
+    // Only the main worker at first: spares start once it is ready, so they do not
+    // compete with it for the CPU during start-up.
     kernel.spawn_worker();
     kernel.serve().await;
     kernel.stop_workers().await;
@@ -198,6 +232,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
 }
 
 struct Kernel {
+    cfg: KernelConfig,
     worker_cfg: WorkerConfig,
     language_info: Option<Value>,
     outbox: std::sync::Arc<Outbox>,
@@ -210,18 +245,24 @@ struct Kernel {
     started_at: chrono::DateTime<chrono::Utc>,
     next_worker: WorkerId,
     next_request: u64,
-    /// The worker that runs cells (the namespace).
-    main: Option<LiveWorker>,
-    /// Spawned, not yet connected: id → pid.
-    starting: HashMap<WorkerId, u32>,
+    pool: Pool,
     pending: HashMap<u64, Pending>,
     execute_queue: VecDeque<Incoming>,
-    /// Non-execute requests that arrived while no worker was connected.
+    /// Shell requests that arrived while no worker was connected.
     waiting_for_worker: VecDeque<Incoming>,
-    /// The request id of the execute running in the main worker.
-    running: Option<u64>,
+    running: Option<Running>,
     /// `kernel_info` requests that arrived before the Python version was known.
     deferred_kernel_info: Vec<(Channel, Incoming)>,
+    /// Why we killed a worker, for its crash report.
+    kill_reasons: HashMap<WorkerId, String>,
+    /// Workers whose `main` connection has ended (all its messages handled).
+    drained: std::collections::HashSet<WorkerId>,
+    /// Exits waiting for their `main` connection to drain (bounded by `DRAIN_WAIT`).
+    exits: HashMap<WorkerId, (ExitStatus, Vec<String>, Instant)>,
+    /// When the main worker last sent anything (liveness).
+    last_heard: Instant,
+    last_ping: Instant,
+    ping_seq: u64,
     exiting: bool,
 }
 
@@ -229,12 +270,15 @@ impl Kernel {
     async fn serve(&mut self) {
         let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.exiting {
             tokio::select! {
                 Some(m) = self.shell.next() => self.on_client(Channel::Shell, m).await,
                 Some(m) = self.control.next() => self.on_client(Channel::Control, m).await,
                 Some(m) = self.stdin.next() => self.on_client(Channel::Stdin, m).await,
                 Some(ev) = self.events_rx.recv() => self.on_worker_event(ev).await,
+                _ = tick.tick() => self.watchdog().await,
                 _ = sigint.recv() => self.interrupt("SIGINT"),
                 _ = sigterm.recv() => {
                     info!("SIGTERM: shutting down");
@@ -254,7 +298,7 @@ impl Kernel {
                 return;
             }
         };
-        let msg = match wire::parse(frames, self.outbox_signer()) {
+        let msg = match wire::parse(frames, self.outbox.signer()) {
             Ok(msg) => msg,
             Err(e) => {
                 warn!(channel = channel.name(), error = %e, "refused a client message");
@@ -262,6 +306,11 @@ impl Kernel {
             }
         };
         debug!(channel = channel.name(), msg_type = %msg.header.msg_type, msg_id = %msg.header.msg_id, "received");
+        let size = msg.content.len() + msg.buffers.iter().map(Bytes::len).sum::<usize>();
+        if size > MAX_REQUEST_BYTES {
+            self.too_large(channel, msg, size).await;
+            return;
+        }
         match (channel, msg.header.msg_type.as_str()) {
             (Channel::Shell | Channel::Control, "kernel_info_request") => {
                 self.kernel_info(channel, msg).await
@@ -274,22 +323,30 @@ impl Kernel {
                 self.answer(channel, &msg, "interrupt_reply", br#"{"status":"ok"}"#)
                     .await;
             }
+            (Channel::Control, "kernelvisor_info_request") => {
+                let content = json!({"status": "ok", "pool": self.pool.describe(Instant::now())});
+                self.answer(
+                    channel,
+                    &msg,
+                    "kernelvisor_info_reply",
+                    content.to_string().as_bytes(),
+                )
+                .await;
+            }
             (Channel::Shell, "execute_request") => {
                 self.execute_queue.push_back(msg);
                 self.dispatch_execute();
             }
-            (Channel::Shell, t) if WORKER_REQUESTS.contains(&t) => self.forward(msg),
+            (Channel::Shell, t) if AUX_REQUESTS.contains(&t) || MAIN_MESSAGES.contains(&t) => {
+                self.forward(msg)
+            }
             (Channel::Stdin, "input_reply") => {
-                if let Some(w) = &self.main {
-                    let _ = w.tx.send(request_frames(0, Channel::Stdin, &msg));
+                if let Some(w) = self.pool.main() {
+                    w.send_aux(request_frames(0, Channel::Stdin, &msg));
                 }
             }
             (_, t) => self.unknown(channel, t.to_string(), msg).await,
         }
-    }
-
-    fn outbox_signer(&self) -> &Signer {
-        self.outbox.signer()
     }
 
     async fn kernel_info(&mut self, channel: Channel, msg: Incoming) {
@@ -346,6 +403,24 @@ impl Kernel {
         date < self.started_at && age < chrono::Duration::seconds(5)
     }
 
+    /// Refuses a message too large to hand to a worker (the IPC carries at most 1 GiB).
+    async fn too_large(&mut self, channel: Channel, msg: Incoming, size: usize) {
+        let msg_type = msg.header.msg_type.clone();
+        warn!(channel = channel.name(), %msg_type, size, "refused an oversized message");
+        if let Some(prefix) = msg_type.strip_suffix("_request") {
+            let reply = json!({"status": "error", "ename": "MessageTooLarge",
+                "evalue": format!("{msg_type} of {} MiB exceeds the {} MiB limit", size >> 20, MAX_REQUEST_BYTES >> 20),
+                "traceback": []});
+            self.answer(
+                channel,
+                &msg,
+                &format!("{prefix}_reply"),
+                reply.to_string().as_bytes(),
+            )
+            .await;
+        }
+    }
+
     async fn unknown(&mut self, channel: Channel, msg_type: String, msg: Incoming) {
         warn!(channel = channel.name(), %msg_type, "unknown message type");
         if let Some(prefix) = msg_type.strip_suffix("_request") {
@@ -392,14 +467,43 @@ impl Kernel {
         self.iopub.send(self.outbox.status(parent, state));
     }
 
-    fn interrupt(&self, why: &str) {
-        match (&self.main, self.running) {
-            (Some(w), Some(_)) => {
-                info!(worker = w.id, why, "interrupting the running cell");
-                signal_pid(w.pid, libc::SIGINT);
-            }
-            _ => debug!(why, "interrupt while idle: nothing to do"),
+    /// Interrupts the running cell: SIGINT to its worker the first time; the second time
+    /// (the cell ignored it, or sits in C code), the worker is killed and replaced.
+    fn interrupt(&mut self, why: &str) {
+        let Some(running) = self.running.as_mut() else {
+            debug!(why, "interrupt while idle: nothing to do");
+            return;
+        };
+        let Some(pid) = self
+            .pool
+            .main()
+            .filter(|w| w.id == running.worker)
+            .map(|w| w.pid)
+        else {
+            return;
+        };
+        running.interrupts += 1;
+        if running.interrupts == 1 {
+            info!(
+                worker = running.worker,
+                why, "interrupting the running cell"
+            );
+            running.first_interrupt = Some(Instant::now());
+            signal_pid(pid, libc::SIGINT);
+        } else {
+            let worker = running.worker;
+            self.kill_worker(
+                worker,
+                pid,
+                "killed: the cell did not stop when interrupted (it ignored SIGINT or is stuck in C code), so it was interrupted again".into(),
+            );
         }
+    }
+
+    fn kill_worker(&mut self, id: WorkerId, pid: u32, reason: String) {
+        warn!(worker = id, pid, reason, "killing worker");
+        self.kill_reasons.insert(id, reason);
+        signal_pid(pid, libc::SIGKILL);
     }
 
     // ---- requests handed to workers ----
@@ -425,7 +529,7 @@ impl Kernel {
         if self.running.is_some() {
             return;
         }
-        let Some(wid) = self.main.as_ref().map(|w| w.id) else {
+        let Some(wid) = self.pool.main().map(|w| w.id) else {
             return;
         };
         let Some(msg) = self.execute_queue.pop_front() else {
@@ -433,24 +537,32 @@ impl Kernel {
         };
         let id = self.register(Channel::Shell, &msg, wid);
         self.publish_status(&msg.header_bytes, "busy");
-        self.running = Some(id);
-        self.to_main(request_frames(id, Channel::Shell, &msg));
+        self.running = Some(Running {
+            id,
+            worker: wid,
+            interrupts: 0,
+            first_interrupt: None,
+        });
+        self.last_heard = Instant::now();
+        if let Some(w) = self.pool.main() {
+            w.send_main(request_frames(id, Channel::Shell, &msg));
+        }
     }
 
     fn forward(&mut self, msg: Incoming) {
-        let Some(wid) = self.main.as_ref().map(|w| w.id) else {
+        let Some(wid) = self.pool.main().map(|w| w.id) else {
             self.waiting_for_worker.push_back(msg);
             return;
         };
         let id = self.register(Channel::Shell, &msg, wid);
         self.publish_status(&msg.header_bytes, "busy");
-        self.to_main(request_frames(id, Channel::Shell, &msg));
-    }
-
-    fn to_main(&self, frames: Frames) {
-        if let Some(w) = &self.main {
-            // A closed channel means the worker is gone; its exit event cleans up.
-            let _ = w.tx.send(frames);
+        let frames = request_frames(id, Channel::Shell, &msg);
+        if let Some(w) = self.pool.main() {
+            if MAIN_MESSAGES.contains(&msg.header.msg_type.as_str()) {
+                w.send_main(frames);
+            } else {
+                w.send_aux(frames);
+            }
         }
     }
 
@@ -458,13 +570,20 @@ impl Kernel {
 
     async fn on_worker_event(&mut self, ev: WorkerEvent) {
         match ev {
-            WorkerEvent::Ready { hello, tx } => self.worker_ready(hello, tx).await,
+            WorkerEvent::Connected { hello, tx } => self.worker_connected(hello, tx).await,
             WorkerEvent::Message(id, frames) => self.worker_message(id, frames).await,
-            WorkerEvent::Disconnected(id) => {
-                debug!(worker = id, "worker disconnected");
-                if self.main.as_ref().is_some_and(|w| w.id == id) {
-                    let pid = self.main.as_ref().map(|w| w.pid).unwrap_or_default();
-                    // It should exit on its own; make sure it does.
+            WorkerEvent::Disconnected(id, role) => {
+                debug!(worker = id, ?role, "worker disconnected");
+                if role == worker::Role::Main {
+                    match self.exits.remove(&id) {
+                        Some((status, tail, _)) => self.worker_exited(id, status, tail).await,
+                        None => {
+                            self.drained.insert(id);
+                        }
+                    }
+                }
+                // It should exit on its own; make sure it does.
+                if let Some((_, pid)) = self.pool.all_pids().into_iter().find(|(w, _)| *w == id) {
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(2)).await;
                         signal_pid(pid, libc::SIGKILL);
@@ -475,36 +594,57 @@ impl Kernel {
                 id,
                 status,
                 stderr_tail,
-            } => self.worker_exited(id, status, stderr_tail).await,
+            } => {
+                // Handle the death once everything it sent on `main` (its last output) is
+                // through, so the crash error comes after it. A worker that never
+                // connected has nothing to drain.
+                let connected = self.pool.main().is_some_and(|w| w.id == id);
+                if connected && !self.drained.remove(&id) {
+                    self.exits.insert(id, (status, stderr_tail, Instant::now()));
+                } else {
+                    self.drained.remove(&id);
+                    self.worker_exited(id, status, stderr_tail).await;
+                }
+            }
         }
     }
 
-    async fn worker_ready(&mut self, hello: worker::Hello, tx: mpsc::UnboundedSender<Frames>) {
-        let Some(pid) = self.starting.remove(&hello.worker_id) else {
-            warn!(
-                worker = hello.worker_id,
-                "hello from a worker we did not start; ignored"
-            );
+    async fn worker_connected(&mut self, hello: worker::Hello, tx: mpsc::UnboundedSender<Frames>) {
+        let id = hello.worker_id;
+        if hello.role == worker::Role::Aux {
+            if !self.pool.aux_connected(id, tx) {
+                warn!(
+                    worker = id,
+                    "aux connection from a worker we did not start; ignored"
+                );
+            }
             return;
-        };
-        if pid != hello.pid {
-            warn!(
-                worker = hello.worker_id,
-                pid,
-                claimed = hello.pid,
-                "worker pid mismatch"
-            );
         }
-        info!(worker = hello.worker_id, pid, "worker ready");
-        self.language_info = Some(hello.language_info.clone());
-        self.main = Some(LiveWorker {
-            id: hello.worker_id,
-            pid,
-            tx,
-        });
+        let placement = self.pool.ready(id, tx);
+        info!(worker = id, pid = hello.pid, ?placement, "worker ready");
+        match placement {
+            Placement::Unknown => {
+                warn!(
+                    worker = id,
+                    "hello from a worker we did not start (or without aux)"
+                );
+                return;
+            }
+            Placement::Main => self.main_ready().await,
+            Placement::Idle | Placement::Retired => {}
+        }
+        if !hello.language_info.is_null() {
+            self.language_info = Some(hello.language_info);
+        }
         for (channel, msg) in std::mem::take(&mut self.deferred_kernel_info) {
             self.kernel_info(channel, msg).await;
         }
+        self.refill_pool();
+    }
+
+    /// A (new) main worker is up: hand it what waited.
+    async fn main_ready(&mut self) {
+        self.last_heard = Instant::now();
         while let Some(msg) = self.waiting_for_worker.pop_front() {
             self.forward(msg);
         }
@@ -512,6 +652,9 @@ impl Kernel {
     }
 
     async fn worker_message(&mut self, wid: WorkerId, frames: Frames) {
+        if self.pool.main().is_some_and(|w| w.id == wid) {
+            self.last_heard = Instant::now();
+        }
         let ctrl: WorkerCtrl = match serde_json::from_slice(&frames[0]) {
             Ok(c) => c,
             Err(e) => {
@@ -520,7 +663,6 @@ impl Kernel {
             }
         };
         let rest = &frames[1..];
-        debug!(op = ctrl.op, msg_type = ?ctrl.msg_type, "from worker");
         match (ctrl.op, ctrl.msg_type) {
             ("iopub", Some(msg_type)) if rest.len() >= 3 && is_identifier(msg_type) => {
                 let msg = self
@@ -545,7 +687,7 @@ impl Kernel {
                 self.publish_status(&p.header, "idle");
                 if p.is_execute {
                     let failed = ctrl.status == Some("error");
-                    self.execute_done(failed && ctrl.stop_on_error.unwrap_or(true))
+                    self.execute_done(ctrl.id, failed && ctrl.stop_on_error.unwrap_or(true))
                         .await;
                 }
             }
@@ -555,7 +697,7 @@ impl Kernel {
                 };
                 self.publish_status(&p.header, "idle");
                 if p.is_execute {
-                    self.execute_done(false).await;
+                    self.execute_done(ctrl.id, false).await;
                 }
             }
             ("stdin", Some(msg_type)) if rest.len() >= 3 && is_identifier(msg_type) => {
@@ -568,6 +710,7 @@ impl Kernel {
                         .to_peer(&p.identities, msg_type, &rest[0], &rest[1], &rest[2], &[]);
                 self.send(Channel::Stdin, msg).await;
             }
+            ("pong", _) => {}
             (op, msg_type) => {
                 warn!(
                     worker = wid,
@@ -582,7 +725,11 @@ impl Kernel {
 
     /// The running execute finished; abort the queue after an error if asked, then run
     /// the next one.
-    async fn execute_done(&mut self, abort_queue: bool) {
+    async fn execute_done(&mut self, id: Option<u64>, abort_queue: bool) {
+        if self.running.as_ref().map(|r| r.id) != id {
+            warn!(?id, "execute finished that was not the running one");
+            return;
+        }
         self.running = None;
         if abort_queue {
             self.abort_queue().await;
@@ -611,45 +758,56 @@ impl Kernel {
     }
 
     async fn worker_exited(&mut self, id: WorkerId, status: ExitStatus, tail: Vec<String>) {
-        self.starting.remove(&id);
-        let was_main = self.main.as_ref().is_some_and(|w| w.id == id);
-        if !was_main {
-            if !self.exiting {
-                warn!(worker = id, %status, "a starting worker exited: {}", tail.join("\n"));
-            }
-            return;
-        }
-        self.main = None;
+        let reason = self.kill_reasons.remove(&id);
+        let role = self.pool.remove(id);
         if self.exiting {
             return;
         }
-        let cause = describe_exit(status);
-        error!(worker = id, cause, "worker died");
-        // Answer everything that worker owed, the running cell first.
-        let owed: Vec<u64> = self
+        match role {
+            Some(Role::Main) => {}
+            Some(Role::Retiring) => {
+                debug!(worker = id, %status, "retired worker exited");
+                return;
+            }
+            other => {
+                warn!(worker = id, %status, role = ?other, "a spare worker exited: {}", last_words(&tail).join("\n"));
+                self.refill_pool();
+                return;
+            }
+        }
+        let cause = reason.unwrap_or_else(|| describe_exit(status));
+        error!(worker = id, cause, "main worker died");
+        // Answer everything that worker owed, oldest first (the running cell first).
+        let mut owed: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| p.worker == id)
             .map(|(k, _)| *k)
             .collect();
-        let mut owed: Vec<(u64, Pending)> = owed
-            .into_iter()
-            .filter_map(|k| self.pending.remove(&k).map(|p| (k, p)))
-            .collect();
-        owed.sort_by_key(|(k, _)| *k);
-        for (_, p) in owed {
-            self.answer_crash(&p, &cause, &tail).await;
+        owed.sort_unstable();
+        let words = last_words(&tail);
+        for k in owed {
+            if let Some(p) = self.pending.remove(&k) {
+                self.answer_crash(&p, &cause, &words).await;
+            }
         }
         if self.running.take().is_some() {
             self.abort_queue().await;
         }
-        self.spawn_worker();
+        // A warm spare takes over at once; the pool refills behind it.
+        if self.pool.promote_idle().is_some() {
+            info!(worker = ?self.pool.main().map(|w| w.id), "a warm worker took over");
+            self.main_ready().await;
+        }
+        self.refill_pool();
     }
 
-    async fn answer_crash(&mut self, p: &Pending, cause: &str, tail: &[String]) {
+    async fn answer_crash(&mut self, p: &Pending, cause: &str, words: &[String]) {
         let evalue = format!("the worker process died ({cause}); its namespace was lost");
         let mut traceback = vec![format!("\x1b[0;31mWorkerCrashed\x1b[0m: {evalue}")];
-        traceback.extend(tail.iter().cloned());
+        traceback.extend(words.iter().cloned());
+        traceback
+            .push("The next cell runs in a fresh worker: re-run the cells it needs.".to_string());
         let error = json!({"ename": "WorkerCrashed", "evalue": evalue, "traceback": traceback});
         if p.is_execute {
             let msg =
@@ -682,15 +840,114 @@ impl Kernel {
         self.publish_status(&p.header, "idle");
     }
 
+    // ---- the watchdog ----
+
+    /// Runs every `TICK`: overdue exits, memory limit, liveness, interrupt grace, idle
+    /// reaping.
+    async fn watchdog(&mut self) {
+        let now = Instant::now();
+        let overdue: Vec<WorkerId> = self
+            .exits
+            .iter()
+            .filter(|(_, (_, _, at))| now.duration_since(*at) > DRAIN_WAIT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            if let Some((status, tail, _)) = self.exits.remove(&id) {
+                warn!(worker = id, "its connection did not close after it exited");
+                self.worker_exited(id, status, tail).await;
+            }
+        }
+        if let Some(limit) = self.cfg.memory_limit {
+            for (id, pid) in self.pool.all_pids() {
+                if self.kill_reasons.contains_key(&id) {
+                    continue;
+                }
+                if let Some(rss) = worker::rss_bytes(pid).filter(|rss| *rss > limit) {
+                    self.kill_worker(
+                        id,
+                        pid,
+                        format!(
+                            "killed: out of memory (resident memory reached {} MiB; the limit is {} MiB)",
+                            rss >> 20,
+                            limit >> 20
+                        ),
+                    );
+                }
+            }
+        }
+        if let (Some(running), Some((wid, pid))) = (
+            self.running.as_ref(),
+            self.pool.main().map(|w| (w.id, w.pid)),
+        ) {
+            if running.worker == wid && !self.kill_reasons.contains_key(&wid) {
+                if let (Some(grace), Some(first)) =
+                    (self.cfg.interrupt_grace, running.first_interrupt)
+                {
+                    if now.duration_since(first) > grace {
+                        self.kill_worker(
+                            wid,
+                            pid,
+                            format!(
+                                "killed: the cell was still running {:.1} s after an interrupt",
+                                grace.as_secs_f64()
+                            ),
+                        );
+                        return;
+                    }
+                }
+                if let Some(timeout) = self.cfg.unresponsive_timeout {
+                    if now.duration_since(self.last_heard) > timeout {
+                        self.kill_worker(
+                            wid,
+                            pid,
+                            format!(
+                                "killed: unresponsive for {:.1} s (not even its I/O thread answered: a deadlock in C code holding the GIL?)",
+                                timeout.as_secs_f64()
+                            ),
+                        );
+                        return;
+                    }
+                    if now.duration_since(self.last_ping) >= PING_EVERY {
+                        self.last_ping = now;
+                        self.ping_seq += 1;
+                        let ping = format!(r#"{{"op":"ping","seq":{}}}"#, self.ping_seq);
+                        if let Some(w) = self.pool.main() {
+                            w.send_aux(vec![Bytes::from(ping)]);
+                        }
+                    }
+                }
+            }
+        }
+        for id in self.pool.reap(now) {
+            info!(
+                worker = id,
+                "retired an idle worker (IDLE_WORKER_SHUTDOWN_DURATION)"
+            );
+        }
+    }
+
     // ---- worker lifecycle ----
+
+    /// Starts workers until the pool has its main worker and warm spares. Spares only
+    /// start once a main worker is up.
+    fn refill_pool(&mut self) {
+        let missing = self.pool.missing();
+        let allowed = if self.pool.main().is_some() {
+            missing
+        } else {
+            missing.min(1)
+        };
+        for _ in 0..allowed {
+            self.spawn_worker();
+        }
+    }
 
     fn spawn_worker(&mut self) {
         self.next_worker += 1;
         let id = self.next_worker;
         match worker::spawn(&self.worker_cfg, id, self.events_tx.clone()) {
-            Ok(pid) => {
-                self.starting.insert(id, pid);
-            }
+            Ok(pid) => self.pool.started(id, pid),
             Err(e) => error!(
                 python = %self.worker_cfg.python.display(),
                 error = %e,
@@ -701,11 +958,7 @@ impl Kernel {
 
     /// Asks every worker to exit, waits briefly, then kills what is left.
     async fn stop_workers(&mut self) {
-        let mut alive: HashMap<WorkerId, u32> = self.starting.drain().collect();
-        if let Some(w) = self.main.take() {
-            let _ = w.tx.send(vec![Bytes::from_static(br#"{"op":"shutdown"}"#)]);
-            alive.insert(w.id, w.pid);
-        }
+        let mut alive: HashMap<WorkerId, u32> = self.pool.shutdown_all().into_iter().collect();
         let deadline = tokio::time::Instant::now() + WORKER_EXIT_GRACE;
         while !alive.is_empty() {
             match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
@@ -721,6 +974,17 @@ impl Kernel {
             signal_pid(pid, libc::SIGKILL);
         }
     }
+}
+
+/// The part of a dead worker's stderr worth showing: from the last fatal-error report
+/// (faulthandler's "Fatal Python error" and the stacks after it) if there is one, else
+/// the last few lines.
+fn last_words(tail: &[String]) -> Vec<String> {
+    let start = tail
+        .iter()
+        .rposition(|l| l.starts_with("Fatal Python error"))
+        .unwrap_or(tail.len().saturating_sub(20));
+    tail[start..].to_vec()
 }
 
 /// The frames of a `request` to a worker.
@@ -766,8 +1030,55 @@ pub fn describe_exit(status: ExitStatus) -> String {
             libc::SIGINT => "SIGINT",
             _ => "signal",
         };
-        format!("killed by {name} (signal {sig})")
+        let hint = if sig == libc::SIGKILL {
+            " — by someone else, e.g. the system's out-of-memory killer"
+        } else {
+            ""
+        };
+        format!("killed by {name} (signal {sig}){hint}")
     } else {
         format!("exit code {}", status.code().unwrap_or(-1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn exit_descriptions() {
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(libc::SIGSEGV)),
+            "killed by SIGSEGV (signal 11)"
+        );
+        assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exit code 3");
+        assert!(describe_exit(ExitStatus::from_raw(libc::SIGKILL)).contains("out-of-memory"));
+    }
+
+    #[test]
+    fn last_words_start_at_the_fatal_error() {
+        let tail: Vec<String> = [
+            "log",
+            "Fatal Python error: Segmentation fault",
+            "",
+            "  File x",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            last_words(&tail)[0],
+            "Fatal Python error: Segmentation fault"
+        );
+        let many: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+        assert_eq!(last_words(&many).len(), 20);
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(is_identifier("execute_reply"));
+        assert!(!is_identifier("bad\"type"));
+        assert!(!is_identifier(""));
     }
 }

@@ -14,6 +14,7 @@ mod ipc;
 mod kernel;
 mod kernel_info;
 mod outbox;
+mod pool;
 mod signer;
 mod wire;
 mod worker;
@@ -61,6 +62,55 @@ struct RunArgs {
     /// The workers' event-loop backend.
     #[arg(long, value_enum, default_value_t = install::Backend::Asyncio)]
     backend: install::Backend,
+    /// `MAX_IDLE_POOL_INSTANCES`: idle workers kept at most; a worker that becomes idle
+    /// when this many already are is retired at once.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "KERNELVISOR_MAX_IDLE_POOL_INSTANCES",
+        default_value_t = 2
+    )]
+    max_idle_pool_instances: usize,
+    /// `IDLE_WORKER_SHUTDOWN_DURATION`: idle workers older than this many seconds are
+    /// retired (0: never), down to `--warm-workers`.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "KERNELVISOR_IDLE_WORKER_SHUTDOWN_DURATION",
+        default_value_t = 60.0
+    )]
+    idle_worker_shutdown_duration: f64,
+    /// Idle workers always kept ready (IPython imported), so a crash costs a swap, not a
+    /// Python start-up (at most `--max-idle-pool-instances`).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "KERNELVISOR_WARM_WORKERS",
+        default_value_t = 1
+    )]
+    warm_workers: usize,
+    /// Resident memory a worker may use (e.g. 4G, 512M); above it the worker is killed and
+    /// the cell gets an "out of memory" error. Default: no limit.
+    #[arg(long, value_name = "SIZE", env = "KERNELVISOR_MEMORY_LIMIT", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// Kill a busy worker that has not answered the supervisor for this many seconds (a
+    /// deadlock in C code holding the GIL). 0: never (long C calls are legitimate).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "KERNELVISOR_UNRESPONSIVE_TIMEOUT",
+        default_value_t = 0.0
+    )]
+    unresponsive_timeout: f64,
+    /// Kill the worker if an interrupted cell is still running after this many seconds.
+    /// 0: wait for a second interrupt (which always kills).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "KERNELVISOR_INTERRUPT_GRACE",
+        default_value_t = 0.0
+    )]
+    interrupt_grace: f64,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); also
     /// `KERNELVISOR_LOG`.
     #[arg(
@@ -103,6 +153,18 @@ fn run_kernel(args: RunArgs) -> anyhow::Result<()> {
         connection,
         python: args.python,
         python_version: args.python_version,
+        pool: pool::PoolPolicy {
+            max_idle: args.max_idle_pool_instances,
+            idle_shutdown: seconds(
+                args.idle_worker_shutdown_duration,
+                "--idle-worker-shutdown-duration",
+            )?
+            .unwrap_or_default(),
+            warm: args.warm_workers,
+        },
+        memory_limit: args.memory_limit,
+        unresponsive_timeout: seconds(args.unresponsive_timeout, "--unresponsive-timeout")?,
+        interrupt_grace: seconds(args.interrupt_grace, "--interrupt-grace")?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -111,6 +173,39 @@ fn run_kernel(args: RunArgs) -> anyhow::Result<()> {
     // Workers are gone and sockets flushed; do not wait for stray blocking tasks.
     runtime.shutdown_background();
     Ok(())
+}
+
+/// A duration option: `None` for zero (off); an error for negative or non-finite values.
+fn seconds(value: f64, flag: &str) -> anyhow::Result<Option<std::time::Duration>> {
+    if !value.is_finite() || value < 0.0 {
+        anyhow::bail!("{flag} must be a non-negative number of seconds, not {value}");
+    }
+    Ok((value > 0.0).then(|| std::time::Duration::from_secs_f64(value)))
+}
+
+/// Parses a memory size: plain bytes, or with a K/M/G/T suffix (powers of 1024,
+/// optional `B`/`iB`), e.g. `512M`, `4G`, `1.5GiB`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let t = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
+    let (num, shift) = match t.chars().last() {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 512M or 4G"))?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err(format!("{text:?}: the size must be positive"));
+    }
+    Ok((value * (1u64 << shift) as f64) as u64)
 }
 
 /// Asks Linux for SIGTERM when the process that launched us dies, so an orphaned kernel
@@ -125,5 +220,39 @@ fn die_with_parent() {
             // The parent died before the prctl took effect.
             libc::raise(libc::SIGTERM);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("2kb"), Ok(2048));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(seconds(0.0, "x").unwrap(), None);
+        assert_eq!(
+            seconds(1.5, "x").unwrap(),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert!(seconds(-1.0, "x").is_err());
+        assert!(seconds(f64::NAN, "x").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

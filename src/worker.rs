@@ -35,31 +35,46 @@ pub struct WorkerConfig {
     pub socket_path: PathBuf,
 }
 
-/// What a worker says first.
+/// What a worker says first, on each of its two connections.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Hello {
+    /// `main` (cells; the full hello, once ready) or `aux` (introspection, stdin).
+    pub role: Role,
     /// The `--worker-id` it was started with.
     pub worker_id: WorkerId,
     /// Its pid (checked against the spawned child).
     pub pid: u32,
-    /// `language_info` for `kernel_info_reply`, as JSON.
+    /// `language_info` for `kernel_info_reply`, as JSON (on `main`).
+    #[serde(default)]
     pub language_info: serde_json::Value,
+}
+
+/// Which of a worker's two connections (see `worker_py/IPC.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read by the worker's event loop: cells, comms, shutdown.
+    Main,
+    /// Read by a worker thread: answered while a cell blocks the main thread.
+    Aux,
 }
 
 /// Everything a worker does that the kernel must hear about.
 #[derive(Debug)]
 pub enum WorkerEvent {
-    /// The worker connected and is ready; `tx` sends it messages.
-    Ready {
+    /// A worker connected (`aux` first; `main` once it is ready); `tx` sends on that
+    /// connection.
+    Connected {
         /// Its greeting.
         hello: Hello,
-        /// Its message channel.
+        /// The connection's message channel.
         tx: mpsc::UnboundedSender<Frames>,
     },
     /// A message from the worker.
     Message(WorkerId, Frames),
-    /// The IPC connection ended (the process may still be exiting).
-    Disconnected(WorkerId),
+    /// One of its IPC connections ended (the process may still be exiting). Every
+    /// message read on that connection was sent as an event before this one.
+    Disconnected(WorkerId, Role),
     /// The process ended; `stderr_tail` is the last of what it wrote to its original
     /// stderr (a Python start-up error, or faulthandler's stack after a crash).
     Exited {
@@ -192,6 +207,7 @@ async fn serve_connection(stream: UnixStream, events: mpsc::UnboundedSender<Work
             }
         };
     let id = hello.worker_id;
+    let role = hello.role;
     let (tx, mut rx) = mpsc::unbounded_channel::<Frames>();
     tokio::spawn(async move {
         while let Some(frames) = rx.recv().await {
@@ -201,7 +217,7 @@ async fn serve_connection(stream: UnixStream, events: mpsc::UnboundedSender<Work
             }
         }
     });
-    if events.send(WorkerEvent::Ready { hello, tx }).is_err() {
+    if events.send(WorkerEvent::Connected { hello, tx }).is_err() {
         return;
     }
     loop {
@@ -212,11 +228,43 @@ async fn serve_connection(stream: UnixStream, events: mpsc::UnboundedSender<Work
                 }
             }
             Ok(None) => break,
+            // A worker that exits with unread data in its socket resets the connection.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
             Err(e) => {
                 warn!(worker = id, error = %e, "worker IPC protocol error; disconnecting");
                 break;
             }
         }
     }
-    let _ = events.send(WorkerEvent::Disconnected(id));
+    let _ = events.send(WorkerEvent::Disconnected(id, role));
+}
+
+/// Resident memory of a process, from `/proc/PID/statm` (Linux); `None` once it is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).unwrap_or(4096))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_of_this_process() {
+        let rss = rss_bytes(std::process::id()).unwrap();
+        assert!(rss > 1 << 20, "a test binary uses more than 1 MiB: {rss}");
+        assert!(rss_bytes(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn hello_roles() {
+        let aux: Hello =
+            serde_json::from_str(r#"{"op":"hello","role":"aux","worker_id":3,"pid":9}"#).unwrap();
+        assert_eq!(aux.role, Role::Aux);
+        assert!(aux.language_info.is_null());
+        assert!(serde_json::from_str::<Hello>(r#"{"op":"hello","worker_id":3,"pid":9}"#).is_err());
+    }
 }

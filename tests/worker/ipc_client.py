@@ -1,9 +1,13 @@
-"""A tiny stand-in for the supervisor: listens, starts a worker, speaks IPC.md."""
+"""A tiny stand-in for the supervisor: listens, starts a worker, accepts its two
+connections (aux, then main) and speaks IPC.md on them."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import select
+import selectors
 import shutil
 import socket
 import subprocess
@@ -18,12 +22,24 @@ from kernelvisor.ipc import Connection
 
 WORKER_PY = Path(__file__).resolve().parents[2] / "worker_py"
 
+# Requests the supervisor sends on aux (answered while a cell runs); the rest go on main.
+AUX_REQUESTS = frozenset(
+    {
+        "complete_request",
+        "inspect_request",
+        "is_complete_request",
+        "history_request",
+        "comm_info_request",
+    }
+)
+
 
 @dataclass
 class Message:
     op: str
     control: dict[str, Any]
     frames: list[bytes]
+    via: str = "main"  # the connection it came on
 
     @property
     def msg_type(self) -> str:
@@ -76,7 +92,7 @@ class WorkerProcess:
         path = os.path.join(self.dir, "ipc.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
-        listener.listen(1)
+        listener.listen(2)
         listener.settimeout(timeout)
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join(
@@ -93,24 +109,58 @@ class WorkerProcess:
                 env=full_env,
                 cwd=self.dir,
             )
+        self._timeout = timeout
+        self._queue: collections.deque[Message] = collections.deque()
         try:
-            sock, _ = listener.accept()
+            self.aux = self._accept(listener)
+            self.aux_hello = self._recv_hello(self.aux, "aux")
+            self.conn = self._accept(listener)  # main
+            self.hello = self._recv_hello(self.conn, "main")
         finally:
             listener.close()
-        sock.settimeout(timeout)
-        self.conn = Connection(sock)
-        self.hello = self.recv()
+        self._selector = selectors.DefaultSelector()
+        for role, conn in (("main", self.conn), ("aux", self.aux)):
+            self._selector.register(conn.fileno(), selectors.EVENT_READ, role)
+        self._socks = {"main": self.conn, "aux": self.aux}
         self.session = uuid.uuid4().hex
         self._next_id = 1
+
+    @staticmethod
+    def _accept(listener: socket.socket) -> Connection:
+        sock, _ = listener.accept()
+        # Blocking (no timeout), as recv_nowait needs: waits are bounded by recv's select.
+        sock.settimeout(None)
+        return Connection(sock)
+
+    def _recv_hello(self, conn: Connection, role: str) -> Message:
+        messages: list[list[bytes]] = []
+        while not messages:
+            if not select.select([conn], [], [], self._timeout)[0]:
+                raise TimeoutError(f"no hello on {role}")
+            messages = conn.recv_nowait()
+        control = json.loads(messages[0][0])
+        assert control["op"] == "hello" and control["role"] == role, control
+        for frames in messages[1:]:
+            later = json.loads(frames[0])
+            self._queue.append(Message(later["op"], later, frames, role))
+        return Message("hello", control, messages[0], role)
 
     def stderr(self) -> str:
         with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
-    def recv(self) -> Message:
-        frames = self.conn.recv()
-        control = json.loads(frames[0])
-        return Message(control["op"], control, frames)
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message from either connection (in arrival order per connection)."""
+        while not self._queue:
+            ready = self._selector.select(self._timeout if timeout is None else timeout)
+            if not ready:
+                raise TimeoutError("no message from the worker")
+            for key, _ in ready:
+                role = key.data
+                for frames in self._socks[role].recv_nowait():
+                    control = json.loads(frames[0])
+                    self._queue.append(Message(control["op"], control, frames, role))
+        return self._queue.popleft()
 
     def send_request(
         self,
@@ -118,7 +168,9 @@ class WorkerProcess:
         content: dict[str, Any],
         channel: str = "shell",
         buffers: tuple[bytes, ...] = (),
+        via: str | None = None,
     ) -> int:
+        """Send a request on ``via`` (by default where the supervisor sends it)."""
         req_id = self._next_id
         self._next_id += 1
         header = {
@@ -130,7 +182,9 @@ class WorkerProcess:
             "version": "5.3",
         }
         control = {"op": "request", "id": req_id, "channel": channel, "msg_type": msg_type}
-        self.conn.send(
+        if via is None:
+            via = "aux" if msg_type in AUX_REQUESTS or channel == "stdin" else "main"
+        self._socks[via].send(
             [
                 json.dumps(control).encode(),
                 json.dumps(header).encode(),
@@ -151,22 +205,43 @@ class WorkerProcess:
             if msg.op in ("reply", "done") and msg.control.get("id") == req_id:
                 return exchange
 
+    def collect_replies(self, *req_ids: int) -> dict[int, Message]:
+        """The reply (or done) of each request, whatever order they come in (on two
+        connections, a reader may see a later message on one before an earlier one on
+        the other)."""
+        replies: dict[int, Message] = {}
+        while len(replies) < len(req_ids):
+            msg = self.recv()
+            req_id = msg.control.get("id")
+            if msg.op in ("reply", "done") and req_id in req_ids:
+                replies[req_id] = msg
+        return replies
+
     def request(self, msg_type: str, content: dict[str, Any], **kw: Any) -> Exchange:
         return self.collect(self.send_request(msg_type, content, **kw))
 
     def execute(self, code: str, **options: Any) -> Exchange:
         return self.request("execute_request", {"code": code, **options})
 
-    def shutdown(self) -> int:
-        self.conn.send([b'{"op":"shutdown"}'])
+    def send_raw(self, data: bytes, via: str = "main") -> None:
+        """Bytes as they are (e.g. a framing error)."""
+        self._socks[via]._sock.sendall(data)
+
+    def shutdown(self, via: str = "main") -> int:
+        self._socks[via].send([b'{"op":"shutdown"}'])
         try:
             return self.proc.wait(10)
         finally:
             self.close()
 
+    def close_connections(self) -> None:
+        self._selector.close()
+        self.conn.close()
+        self.aux.close()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.conn.close()
+        self.close_connections()
         shutil.rmtree(self.dir, ignore_errors=True)

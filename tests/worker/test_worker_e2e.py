@@ -22,8 +22,15 @@ def _ok(ex: Exchange) -> None:
 
 
 def test_hello(worker: WorkerProcess) -> None:
+    assert worker.aux_hello.control == {
+        "op": "hello",
+        "role": "aux",
+        "worker_id": 1,
+        "pid": worker.proc.pid,
+    }
     hello = worker.hello.control
     assert hello["op"] == "hello"
+    assert hello["role"] == "main"
     assert hello["worker_id"] == 1
     assert hello["pid"] == worker.proc.pid
     assert hello["language_info"]["name"] == "python"
@@ -44,6 +51,7 @@ def test_execute_input_then_streams_in_order(worker: WorkerProcess) -> None:
     assert streams == [("stdout", "a\n"), ("stderr", "b\n"), ("stdout", "c\n")]
     for msg in ex.iopub():
         assert msg.parent["msg_type"] == "execute_request"
+    assert {m.via for m in ex.messages} == {"main"}  # everything of a cell, in order
 
 
 def test_reply_control_and_metadata(worker: WorkerProcess) -> None:
@@ -181,6 +189,39 @@ def test_top_level_await(worker: WorkerProcess) -> None:
     assert _result(ex) == "'awaited'"
 
 
+def test_cells_run_in_order_while_one_awaits(worker: WorkerProcess) -> None:
+    first = worker.send_request(
+        "execute_request", {"code": "import asyncio\nawait asyncio.sleep(0.3)\norder = [1]"}
+    )
+    second = worker.send_request("execute_request", {"code": "order.append(2)"})
+    third = worker.send_request("execute_request", {"code": "await asyncio.sleep(0)\norder"})
+    replies = worker.collect_replies(first, second)
+    assert [replies[i].content["status"] for i in (first, second)] == ["ok", "ok"]
+    assert _result(worker.collect(third)) == "[1, 2]"
+
+
+def test_top_level_async_with_and_for(worker: WorkerProcess) -> None:
+    _ok(
+        worker.execute(
+            "import asyncio, contextlib\n"
+            "@contextlib.asynccontextmanager\n"
+            "async def cm():\n"
+            "    await asyncio.sleep(0)\n"
+            "    yield 'entered'\n"
+            "async def gen():\n"
+            "    for i in range(3):\n"
+            "        await asyncio.sleep(0)\n"
+            "        yield i"
+        )
+    )
+    assert _result(worker.execute("async with cm() as v:\n    pass\nv")) == "'entered'"
+    assert _result(worker.execute("got = []\nasync for i in gen():\n    got.append(i)\ngot")) == (
+        "[0, 1, 2]"
+    )
+    # Top-level await inside a line magic's argument, and a string mentioning await.
+    assert _result(worker.execute("x = 'await'\nx")) == "'await'"
+
+
 def test_user_expressions_and_pager_payload(worker: WorkerProcess) -> None:
     ex = worker.execute("y = 20", user_expressions={"z": "y + 1", "bad": "1/0"})
     exprs = ex.reply.content["user_expressions"]
@@ -234,6 +275,7 @@ def test_input_and_getpass(worker: WorkerProcess) -> None:
         },
     )
     seen = []
+    dones = []
     for prompt, password, value in (("name? ", False, "bob"), ("Password: ", True, "pw")):
         msg = worker.recv()
         while msg.op != "stdin":
@@ -241,11 +283,17 @@ def test_input_and_getpass(worker: WorkerProcess) -> None:
             msg = worker.recv()
         assert msg.control == {"op": "stdin", "id": req, "msg_type": "input_request"}
         assert msg.content == {"prompt": prompt, "password": password}
-        worker.send_request("input_reply", {"value": value}, channel="stdin")
+        assert msg.via == "main"  # after the cell's output, in order
+        dones.append(worker.send_request("input_reply", {"value": value}, channel="stdin"))
     assert [m.content.get("text") for m in seen if m.msg_type == "stream"] == ["pre\n"]
     ex = worker.collect(req)
     _ok(ex)
     assert ex.stream_text() == "bob pw\n"
+    assert ex.reply.via == "main"
+    # Each input_reply is done on aux (in no particular order with main's messages).
+    done = {m.control["id"]: m for m in seen + ex.messages if m.op == "done"}
+    done.update(worker.collect_replies(*(d for d in dones if d not in done)))
+    assert {i: (m.op, m.via) for i, m in done.items()} == {d: ("done", "aux") for d in dones}
 
 
 def test_interrupt_while_waiting_for_input(worker: WorkerProcess) -> None:
@@ -258,7 +306,7 @@ def test_interrupt_while_waiting_for_input(worker: WorkerProcess) -> None:
 
 
 def test_complete_is_answered_while_a_cell_runs(worker: WorkerProcess) -> None:
-    req = worker.send_request("execute_request", {"code": "import time; time.sleep(1.5)"})
+    req = worker.send_request("execute_request", {"code": "import time; time.sleep(2)"})
     time.sleep(0.2)
     start = time.perf_counter()
     complete = worker.send_request("complete_request", {"code": "import o", "cursor_pos": 8})
@@ -266,6 +314,7 @@ def test_complete_is_answered_while_a_cell_runs(worker: WorkerProcess) -> None:
     while msg.op != "reply":
         msg = worker.recv()
     assert msg.control["id"] == complete, "the execute reply came first"
+    assert msg.via == "aux"
     assert time.perf_counter() - start < 1.0
     assert msg.control["msg_type"] == "complete_reply"
     assert "os" in msg.content["matches"]
@@ -354,16 +403,152 @@ def test_shutdown_exits_promptly(fresh_worker: WorkerProcess) -> None:
 
 
 def test_shutdown_while_a_cell_runs(fresh_worker: WorkerProcess) -> None:
+    # The main thread is busy, so it does not read main: a shutdown on aux is seen.
     fresh_worker.send_request("execute_request", {"code": "import time; time.sleep(60)"})
     time.sleep(0.2)
     start = time.perf_counter()
-    assert fresh_worker.shutdown() == 0
+    assert fresh_worker.shutdown(via="aux") == 0
     assert time.perf_counter() - start < 5
 
 
+def test_shutdown_on_aux_when_idle(fresh_worker: WorkerProcess) -> None:
+    _ok(fresh_worker.execute("pass"))
+    assert fresh_worker.shutdown(via="aux") == 0
+
+
 def test_eof_ends_worker(fresh_worker: WorkerProcess) -> None:
-    fresh_worker.conn.close()
+    fresh_worker.conn.close()  # main only
     assert fresh_worker.proc.wait(5) == 0
+
+
+def test_eof_on_aux_ends_worker(fresh_worker: WorkerProcess) -> None:
+    fresh_worker.aux.close()
+    assert fresh_worker.proc.wait(5) == 0
+
+
+def test_eof_while_a_cell_runs(fresh_worker: WorkerProcess) -> None:
+    fresh_worker.send_request("execute_request", {"code": "import time; time.sleep(60)"})
+    time.sleep(0.2)
+    start = time.perf_counter()
+    fresh_worker.close_connections()
+    assert fresh_worker.proc.wait(5) == 0
+    assert time.perf_counter() - start < 5
+
+
+def test_protocol_error_on_main_exits_1(fresh_worker: WorkerProcess) -> None:
+    fresh_worker.send_raw(bytes.fromhex("0000000400000000"))  # zero frames
+    assert fresh_worker.proc.wait(5) == 1
+    assert "IPC connection broken (main)" in fresh_worker.stderr()
+
+
+# --- requests on the "wrong" connection are still handled where they belong -------------
+
+
+def test_execute_and_comm_on_aux(worker: WorkerProcess) -> None:
+    ex = worker.collect(worker.send_request("execute_request", {"code": "6*7"}, via="aux"))
+    _ok(ex)
+    assert _result(ex) == "42"
+    assert {m.via for m in ex.messages} == {"main"}
+    ex = worker.collect(worker.send_request("comm_msg", {"comm_id": "nope", "data": {}}, via="aux"))
+    assert ex.reply.op == "done" and ex.reply.via == "main"
+
+
+def test_aux_requests_on_main(worker: WorkerProcess) -> None:
+    for msg_type, content in (
+        ("complete_request", {"code": "import o", "cursor_pos": 8}),
+        ("is_complete_request", {"code": "x = 1"}),
+        ("comm_info_request", {}),
+        ("frobnicate_request", {}),
+    ):
+        ex = worker.collect(worker.send_request(msg_type, content, via="main"))
+        assert ex.reply.op == "reply" and ex.reply.via == "aux"
+        assert ex.reply.control["msg_type"] == msg_type.replace("_request", "_reply")
+    assert (
+        "os"
+        in worker.request(
+            "complete_request", {"code": "import o", "cursor_pos": 8}, via="main"
+        ).reply.content["matches"]
+    )
+
+
+def test_complete_on_main_while_a_cell_runs_waits_for_it(worker: WorkerProcess) -> None:
+    # Nothing reads main while a cell runs: the request is answered after the cell.
+    req = worker.send_request("execute_request", {"code": "import time; time.sleep(0.5)"})
+    complete = worker.send_request("is_complete_request", {"code": "x"}, via="main")
+    replies = worker.collect_replies(req, complete)
+    assert replies[req].content["status"] == "ok"
+    assert replies[complete].content["status"] == "complete"
+
+
+def test_input_reply_on_main(worker: WorkerProcess) -> None:
+    # While input() waits, the main thread reads main itself.
+    req = worker.send_request(
+        "execute_request", {"code": "print(input('?') * 2)", "allow_stdin": True}
+    )
+    msg = worker.recv()
+    while msg.op != "stdin":
+        msg = worker.recv()
+    done = worker.send_request("input_reply", {"value": "ab"}, channel="stdin", via="main")
+    replies = worker.collect_replies(req, done)
+    assert replies[req].content["status"] == "ok"
+    assert replies[done].op == "done" and replies[done].via == "aux"
+    _ok(worker.execute("pass"))
+
+
+def test_comm_msg_during_input_runs_after_the_cell(worker: WorkerProcess) -> None:
+    # A message read early by a waiting input() still runs on the main thread, in order.
+    _ok(
+        worker.execute(
+            "import comm\n"
+            "log = []\n"
+            "def target(c, msg):\n"
+            "    log.append('open')\n"
+            "comm.get_comm_manager().register_target('late', target)"
+        )
+    )
+    req = worker.send_request(
+        "execute_request", {"code": "log.append(input())", "allow_stdin": True}
+    )
+    msg = worker.recv()
+    while msg.op != "stdin":
+        msg = worker.recv()
+    opened = worker.send_request("comm_open", {"comm_id": "l1", "target_name": "late", "data": {}})
+    time.sleep(0.2)  # the waiting input() reads it now
+    answered = worker.send_request("input_reply", {"value": "answer"}, channel="stdin")
+    replies = worker.collect_replies(req, opened, answered)
+    assert replies[req].content["status"] == "ok"
+    assert replies[opened].op == "done"
+    assert _result(worker.execute("log")) == "['answer', 'open']"
+
+
+def test_cells_keep_their_order_across_a_waiting_input(worker: WorkerProcess) -> None:
+    # B may arrive with A (read before A runs); C arrives while A waits in input(), and
+    # is read by that wait: C must still run after B.
+    a = worker.send_request("execute_request", {"code": "seq = [input()]", "allow_stdin": True})
+    b = worker.send_request("execute_request", {"code": "seq.append('B')"})
+    msg = worker.recv()
+    while msg.op != "stdin":
+        msg = worker.recv()
+    c = worker.send_request("execute_request", {"code": "seq.append('C')"})
+    time.sleep(0.2)
+    worker.send_request("input_reply", {"value": "A"}, channel="stdin")
+    replies = worker.collect_replies(a, b, c)
+    assert all(r.content["status"] == "ok" for r in replies.values())
+    assert _result(worker.execute("seq")) == "['A', 'B', 'C']"
+
+
+def test_sigint_while_input_waits_with_main_traffic(worker: WorkerProcess) -> None:
+    req = worker.send_request("execute_request", {"code": "input()", "allow_stdin": True})
+    msg = worker.recv()
+    while msg.op != "stdin":
+        msg = worker.recv()
+    closed = worker.send_request("comm_close", {"comm_id": "none", "data": {}})
+    time.sleep(0.1)
+    os.kill(worker.proc.pid, signal.SIGINT)
+    replies = worker.collect_replies(req, closed)
+    assert replies[req].content["ename"] == "KeyboardInterrupt"
+    assert replies[closed].op == "done"
+    _ok(worker.execute("pass"))
 
 
 def test_logs_go_to_original_stderr(ipython_dir: str) -> None:

@@ -47,6 +47,9 @@ class FdCapture:
         # write after a flush drains (OutStream.write).
         self._lock = threading.RLock()
         self._pipes: list[_Pipe] = []
+        # drain() asks "anything there?" with one poll() of both pipes rather than a
+        # read() of each: it runs before every message the worker sends.
+        self._drain_poller = select.poll()
 
     def start(self) -> None:
         """Point fds 1 and 2 at new pipes and start reading them."""
@@ -60,6 +63,7 @@ class FdCapture:
             os.dup2(write_fd, target)  # inheritable: child processes write here too
             os.close(write_fd)
             self._pipes.append(_Pipe(read_fd, name))
+            self._drain_poller.register(read_fd, select.POLLIN)
         threading.Thread(target=self._loop, name="kernelvisor-fd-capture", daemon=True).start()
 
     def _loop(self) -> None:
@@ -102,9 +106,16 @@ class FdCapture:
     def drain(self) -> None:
         """Move everything already written to fds 1 and 2 into the buffer."""
         with self._lock:
-            for pipe in self._pipes:
-                while self._read_once(pipe):
-                    pass
+            ready = self._drain_poller.poll(0)
+            if not ready:
+                return
+            fds = {fd for fd, _events in ready}
+            for pipe in self._pipes:  # stdout first, as written
+                if pipe.fd in fds:
+                    while self._read_once(pipe):
+                        pass
+                    if not pipe.open:  # at EOF a pipe stays readable: stop asking
+                        self._drain_poller.unregister(pipe.fd)
 
 
 class CStdio:
@@ -132,8 +143,11 @@ class CStdio:
             log.debug("C stdio not reachable", exc_info=True)
 
     def flush(self) -> None:
+        # Once per cell: plain try/except is cheaper than contextlib.suppress.
         for original in (sys.__stdout__, sys.__stderr__):
-            with contextlib.suppress(AttributeError, ValueError, OSError):
+            try:  # noqa: SIM105
                 original.flush()  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                pass
         if self._fflush is not None:
             self._fflush(None)

@@ -42,6 +42,12 @@ def _in_cell_code(frame: FrameType | None) -> bool:
     return False
 
 
+def _may_be_async(cell: str) -> bool:
+    """False when the cell certainly has no top-level ``await``, ``async for`` or
+    ``async with``: then IPython's check (which compiles the whole cell) is skipped."""
+    return "await" in cell or "async" in cell
+
+
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -91,6 +97,7 @@ class Executor:
         # async cell must not interleave with the next one (stdin, SIGINT state, counts).
         self._one_at_a_time = asyncio.Lock()
         self._history_save: asyncio.TimerHandle | None = None
+        self._last_cell_end = 0.0
 
     async def execute(self, req: Request) -> None:
         """Run the request to its reply. Never raises: the supervisor waits for a reply."""
@@ -131,16 +138,26 @@ class Executor:
         self._schedule_history_save()
 
     def _schedule_history_save(self) -> None:
-        """Write cached history once no cell has run for a moment (see shell_config)."""
-        if self._history_save is not None:
-            self._history_save.cancel()
+        """Write cached history once no cell has run for a moment (see shell_config).
+
+        One timer at a time: a cell only notes when it ended, and a timer that fires
+        too early waits for the rest (cheaper than replacing the timer every cell)."""
+        loop = asyncio.get_running_loop()
+        self._last_cell_end = loop.time()
+        if self._history_save is None:
+            self._history_save = loop.call_later(HISTORY_SAVE_DELAY, self._history_quiet)
+
+    def _history_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        remaining = self._last_cell_end + HISTORY_SAVE_DELAY - loop.time()
+        if remaining > 0:
+            self._history_save = loop.call_later(remaining, self._history_quiet)
+            return
+        self._history_save = None
         history = self._shell.history_manager
         save_flag = getattr(history, "save_flag", None) if history is not None else None
-        if save_flag is None:  # history disabled, or no saving thread
-            return
-        self._history_save = asyncio.get_running_loop().call_later(
-            HISTORY_SAVE_DELAY, save_flag.set
-        )
+        if save_flag is not None:  # None: history disabled, or no saving thread
+            save_flag.set()
 
     async def _run(self, req: Request, opts: _Options) -> dict[str, Any]:
         shell = self._shell
@@ -189,6 +206,7 @@ class Executor:
             if (
                 _asyncio_runner is not None
                 and shell.loop_runner is _asyncio_runner
+                and _may_be_async(transformed)
                 and shell.should_run_async(
                     opts.code,
                     transformed_cell=transformed,

@@ -34,6 +34,7 @@ class SigintGate:
         self._action: Action | None = None
         self._holds = 0
         self._pending = False
+        self._hold = _Hold(self)
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -69,19 +70,34 @@ class SigintGate:
         """While inside, SIGINT calls ``action`` (e.g. to cancel an awaited task)."""
         return self._acting(action)
 
-    @contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self) -> AbstractContextManager[None]:
         """Defer SIGINT until the block ends (used around IPC sends)."""
-        if threading.get_ident() != self._main_ident:
-            yield
-            return
-        self._holds += 1
-        try:
-            yield
-        finally:
-            self._holds -= 1
-            if not self._holds and self._pending:
-                self._pending = False
-                action = self._action
-                if action is not None:
-                    action(sys._getframe())  # its callers lead to the interrupted code
+        return self._hold
+
+    def _release(self) -> None:
+        self._holds -= 1
+        if not self._holds and self._pending:
+            self._pending = False
+            action = self._action
+            if action is not None:
+                action(sys._getframe(2))  # its callers lead to the interrupted code
+
+
+class _Hold:
+    """``SigintGate.hold()``: one reusable object (it runs around every send), its state
+    kept in the gate."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: SigintGate) -> None:
+        self._gate = gate
+
+    def __enter__(self) -> None:
+        gate = self._gate
+        if threading.get_ident() == gate._main_ident:
+            gate._holds += 1
+
+    def __exit__(self, *exc: object) -> None:
+        gate = self._gate
+        if threading.get_ident() == gate._main_ident:
+            gate._release()

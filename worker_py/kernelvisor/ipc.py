@@ -6,6 +6,7 @@ all integers big-endian.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import struct
@@ -22,6 +23,8 @@ _HEAD = struct.Struct("!II")
 # Frames this large are handed to sendmsg as they are; smaller ones are copied into
 # one contiguous chunk together with the length prefixes (fewer iovecs, fewer syscalls).
 _ZERO_COPY_MIN = 64 * 1024
+# What one non-blocking read asks for: every request of a cell fits many times over.
+_RECV_SIZE = 64 * 1024
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
@@ -59,6 +62,25 @@ def _pieces(frames: Iterable[BytesLike]) -> list[BytesLike]:
     return pieces
 
 
+def _encode_small(frames: Sequence[BytesLike]) -> bytes | None:
+    """The wire bytes of a message of a few small ``bytes`` frames (the usual message),
+    in one piece; None for anything else."""
+    parts: list[BytesLike] = [b""]
+    body_len = 4
+    pack = _U32.pack
+    for frame in frames:
+        if frame.__class__ is not bytes:
+            return None
+        n = len(frame)
+        body_len += 4 + n
+        parts.append(pack(n))
+        parts.append(frame)
+    if body_len >= _ZERO_COPY_MIN or len(parts) == 1:
+        return None
+    parts[0] = _HEAD.pack(body_len, len(frames))
+    return b"".join(parts)
+
+
 def encode(frames: Sequence[BytesLike]) -> bytes:
     """The complete wire encoding of one message (length prefix included)."""
     return b"".join(_pieces(frames))
@@ -92,6 +114,51 @@ def decode_body(body: BytesLike) -> list[bytes]:
     return frames
 
 
+class Decoder:
+    """Incremental decoding of a byte stream: feed bytes as they arrive, in pieces of
+    any size; each call returns the messages those bytes complete, in order.
+
+    A ``ProtocolError`` leaves the decoder unusable (the stream cannot be resynchronized).
+    """
+
+    def __init__(self) -> None:
+        # Bytes of an incomplete message (only ever the start of one message).
+        self._partial = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes held of a message not yet complete (0 at a message boundary)."""
+        return len(self._partial)
+
+    def feed(self, data: BytesLike) -> list[list[bytes]]:
+        partial = self._partial
+        if partial:
+            partial += data
+            src: BytesLike = partial
+        else:
+            # The usual case: a read that starts at a message boundary is decoded where
+            # it lies, and only an incomplete tail is copied.
+            src = _view(data)
+        size = len(src)
+        messages: list[list[bytes]] = []
+        pos = 0
+        while size - pos >= 4:
+            (body_len,) = _U32.unpack_from(src, pos)
+            if body_len > MAX_BODY:
+                raise ProtocolError(f"body_len {body_len} exceeds {MAX_BODY}")
+            end = pos + 4 + body_len
+            if end > size:
+                break
+            messages.append(decode_body(memoryview(src)[pos + 4 : end]))
+            pos = end
+        if src is partial:
+            if pos:
+                del partial[:pos]
+        elif pos < size:
+            partial += src[pos:]
+        return messages
+
+
 def decode(message: BytesLike) -> list[bytes]:
     """Decode one complete message (length prefix included)."""
     view = _view(message)
@@ -108,14 +175,22 @@ def decode(message: BytesLike) -> list[bytes]:
 class Connection:
     """A connected stream socket speaking the framing above.
 
-    ``send`` may be called from any thread (a lock keeps messages whole); ``recv`` is
-    meant for a single reader thread.
+    ``send`` may be called from any thread (a lock keeps messages whole). A connection is
+    read in one of two ways, by one reader: ``recv`` blocks for the next message (a
+    reader thread), ``recv_nowait`` returns what has arrived (an event loop callback,
+    registered on ``fileno()``). The socket itself stays blocking, so that senders block
+    normally when the peer is slow to read.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._send_lock = threading.Lock()
-        self._reader = sock.makefile("rb")
+        self._reader: io.BufferedReader | None = None
+        self._decoder = Decoder()
+        self._scratch: memoryview | None = None
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     @classmethod
     def connect(cls, path: str) -> Connection:
@@ -128,7 +203,8 @@ class Connection:
         return cls(sock)
 
     def send(self, frames: Sequence[BytesLike]) -> None:
-        pieces = _pieces(frames)
+        data = _encode_small(frames)
+        pieces: list[BytesLike] = _pieces(frames) if data is None else [data]
         with self._send_lock:
             self._send_all(pieces)
 
@@ -157,6 +233,38 @@ class Connection:
         if interrupted is not None:
             raise interrupted
 
+    def recv_nowait(self) -> list[list[bytes]]:
+        """The messages completed by what the socket holds now, without blocking (maybe
+        none). Raises EOFError on a clean close between messages, once the messages
+        before it have been returned; ProtocolError on a close inside a message.
+
+        A read that does not fill the buffer ends the call without the extra read that
+        would only report EAGAIN: a level-triggered reader is called again if more came.
+        The socket must have no timeout (Python would wait for data before reading).
+        """
+        if self._scratch is None:
+            if self._sock.gettimeout() is not None:
+                raise ValueError("recv_nowait needs a socket without a timeout")
+            self._scratch = memoryview(bytearray(_RECV_SIZE))
+        scratch = self._scratch
+        messages: list[list[bytes]] = []
+        while True:
+            try:
+                n = self._sock.recv_into(scratch, _RECV_SIZE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return messages
+            if n == 0:
+                if messages:
+                    return messages  # the next call sees the end again
+                if self._decoder.pending:
+                    raise ProtocolError(
+                        f"connection closed inside a message ({self._decoder.pending} bytes)"
+                    )
+                raise EOFError("connection closed")
+            messages += self._decoder.feed(scratch[:n])
+            if n < _RECV_SIZE:
+                return messages
+
     def recv(self) -> list[bytes]:
         """Read one message. Raises EOFError on a clean close between messages."""
         head = self._read_exact(4, eof_ok=True)
@@ -166,6 +274,8 @@ class Connection:
         return decode_body(self._read_exact(body_len))
 
     def _read_exact(self, n: int, eof_ok: bool = False) -> bytes:
+        if self._reader is None:
+            self._reader = self._sock.makefile("rb")
         data = self._reader.read(n)
         if len(data) == n:
             return data
@@ -174,5 +284,6 @@ class Connection:
         raise ProtocolError(f"connection closed inside a message ({len(data)} of {n} bytes)")
 
     def close(self) -> None:
-        self._reader.close()
+        if self._reader is not None:
+            self._reader.close()
         self._sock.close()

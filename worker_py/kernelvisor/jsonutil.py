@@ -42,20 +42,18 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_default
+)
+
+
 def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON for a frame."""
     try:
-        text = json.dumps(
-            obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_default
-        )
+        text = _ENCODER.encode(obj)
     except ValueError:
-        text = json.dumps(
-            _finite(obj),
-            ensure_ascii=False,
-            separators=(",", ":"),
-            allow_nan=False,
-            default=_default,
-        )
+        text = _ENCODER.encode(_finite(obj))
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:

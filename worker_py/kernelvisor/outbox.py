@@ -1,9 +1,12 @@
-"""The one ordered way out to the supervisor.
+"""The ordered ways out to the supervisor.
 
-Every message the worker sends goes through ``Outbox`` under one lock, and buffered
-stream output (including bytes still in the fd pipes) is flushed first, so a client
-sees output in the order it was produced and all of a request's output before its
-reply or ``done`` (IPC.md, "Ordering").
+Everything that belongs to a request running on the main thread (iopub of any kind,
+stream output, ``stdin`` input requests, the reply or ``done``) goes on the ``main``
+connection under one lock, and buffered stream output (including bytes still in the fd
+pipes) is flushed first, so a client sees output in the order it was produced and all
+of a request's output before its reply or ``done`` (IPC.md, "Ordering"). Replies to the
+requests answered off the main thread go on ``aux``, without that lock: they have no
+output to order, and must not wait behind a cell's sends.
 """
 
 from __future__ import annotations
@@ -34,20 +37,27 @@ def _json(value: JsonLike | None) -> bytes:
     return value if isinstance(value, bytes) else dumps(value)
 
 
-def _control(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, separators=(",", ":")).encode()
+_CONTROL_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def control_frame(fields: dict[str, Any]) -> bytes:
+    """A control frame (frame 0)."""
+    return _CONTROL_ENCODER.encode(fields).encode()
 
 
 class Outbox:
     def __init__(
         self,
-        conn: Connection,
+        aux: Connection,
         buffer: OutputBuffer,
         gate: SigintGate,
         drain: Callable[[], None],
         orphan_output: Callable[[str, str], None],
     ) -> None:
-        self._conn = conn
+        self._aux = aux
+        # Until attach_main, what belongs on main goes on aux (nothing should: main is
+        # connected before any request can arrive).
+        self._main = aux
         self._buffer = buffer
         self._gate = gate
         self._drain = drain
@@ -56,28 +66,40 @@ class Outbox:
         # Reentrant: a finalizer run by the GC during a send may publish (e.g. a comm close).
         self._lock = threading.RLock()
         self._iopub_controls: dict[str, bytes] = {}
-        self._broken = False
+        self._broken: set[Connection] = set()
+
+    def attach_main(self, main: Connection) -> None:
+        """Send on ``main`` from now on (its hello already sent)."""
+        with self._lock:
+            self._main = main
 
     def _send(self, frames: Sequence[BytesLike], flush: bool = True) -> None:
         # hold(): a SIGINT arriving mid-send is raised once the message is out whole.
         with self._gate.hold(), self._lock:
             if flush:
                 self._flush_locked()
-            self._write(frames)
+            self._write(self._main, frames)
 
-    def _write(self, frames: Sequence[BytesLike]) -> None:
-        if self._broken:
+    def _write(self, conn: Connection, frames: Sequence[BytesLike]) -> None:
+        if conn in self._broken:
             return
         try:
-            self._conn.send(frames)
+            conn.send(frames)
         except OSError:
-            # The supervisor is gone; the reader thread sees EOF and ends the worker.
-            self._broken = True
+            # The supervisor is gone; the readers see EOF and end the worker.
+            self._broken.add(conn)
             log.exception("sending to the supervisor failed")
 
-    def flush_streams(self) -> None:
-        with self._gate.hold(), self._lock:
-            self._flush_locked()
+    def flush_streams(self, timeout: float = -1) -> None:
+        """Send buffered output (not if another send holds the lock beyond ``timeout``)."""
+        with self._gate.hold():
+            if not self._lock.acquire(timeout=timeout):
+                log.warning("could not flush output: a send is stuck")
+                return
+            try:
+                self._flush_locked()
+            finally:
+                self._lock.release()
 
     def _flush_locked(self) -> None:
         self._drain()
@@ -92,17 +114,14 @@ class Outbox:
             for start in range(0, len(text), STREAM_CHUNK_CHARS):
                 chunk = text[start : start + STREAM_CHUNK_CHARS]
                 content = dumps({"name": run.name, "text": chunk})
-                self._write([self._iopub_control("stream"), run.parent, EMPTY, content])
+                self._write(self._main, [self._iopub_control("stream"), run.parent, EMPTY, content])
 
     def _iopub_control(self, msg_type: str) -> bytes:
         control = self._iopub_controls.get(msg_type)
         if control is None:
-            control = _control({"op": "iopub", "msg_type": msg_type})
+            control = control_frame({"op": "iopub", "msg_type": msg_type})
             self._iopub_controls[msg_type] = control
         return control
-
-    def hello(self, fields: dict[str, Any]) -> None:
-        self._send([_control({"op": "hello", **fields})], flush=False)
 
     def iopub(
         self,
@@ -134,11 +153,21 @@ class Outbox:
         control = {"op": "reply", "id": req_id, "msg_type": msg_type, "status": status}
         if extra:
             control.update(extra)
-        self._send([_control(control), _json(metadata), _json(content)])
+        self._send([control_frame(control), _json(metadata), _json(content)])
 
     def done(self, req_id: int) -> None:
-        self._send([_control({"op": "done", "id": req_id})])
+        self._send([control_frame({"op": "done", "id": req_id})])
+
+    # --- aux: answers computed off the main thread ------------------------------------
+
+    def aux_reply(self, req_id: int, msg_type: str, content: dict[str, Any]) -> None:
+        status = content.get("status", "ok")
+        control = {"op": "reply", "id": req_id, "msg_type": msg_type, "status": status}
+        self._write(self._aux, [control_frame(control), EMPTY, dumps(content)])
+
+    def aux_done(self, req_id: int) -> None:
+        self._write(self._aux, [control_frame({"op": "done", "id": req_id})])
 
     def stdin_request(self, req_id: int, parent: bytes, content: JsonLike) -> None:
         control = {"op": "stdin", "id": req_id, "msg_type": "input_request"}
-        self._send([_control(control), parent, EMPTY, _json(content)])
+        self._send([control_frame(control), parent, EMPTY, _json(content)])

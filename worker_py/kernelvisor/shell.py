@@ -18,7 +18,6 @@ from traitlets.config import Config
 
 from kernelvisor.messages import loads_object
 
-
 # Inputs cached before IPython writes history to sqlite on its own.
 HISTORY_CACHE_SIZE = 1000
 
@@ -184,7 +183,8 @@ class ZMQInteractiveShell(InteractiveShell):
         """The payloads of the cell that just ran, cleared for the next one."""
         assert self.payload_manager is not None
         payloads: list[dict[str, Any]] = self.payload_manager.read_payload()
-        self.payload_manager.clear_payload()
+        if payloads:  # clearing sets a trait (validation, observers): only when needed
+            self.payload_manager.clear_payload()
         return payloads
 
     def enable_gui(self, gui: str | None = None) -> None:

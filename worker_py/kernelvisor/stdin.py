@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import getpass
+import os
 import queue
+import select
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +17,13 @@ from typing import Any
 from kernelvisor.interrupts import SigintGate
 from kernelvisor.outbox import Outbox
 
-# How long a wait for input_reply sleeps between checks, so SIGINT is handled promptly.
-_POLL_SECONDS = 0.1
+# A wait for input_reply wakes up this often even if nothing happens (SIGINT interrupts
+# the wait at once anyway).
+_POLL_MS = 1000
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -30,8 +38,18 @@ class StdinBridge:
         self._outbox = outbox
         self._gate = gate
         self._replies: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # deliver() writes a byte here to wake a waiting input().
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         # The execute request that input() would ask for (one runs at a time).
         self._asker: _Asker | None = None
+        # While input() waits, the main thread does not run the event loop that reads
+        # the main connection: the wait watches this fd and calls on_watch_readable
+        # (the worker's main-connection reader), so an input_reply sent on main, or a
+        # shutdown, is still seen.
+        self.watch_fd: int | None = None
+        self.on_watch_readable: Callable[[], None] = _nothing
 
     def install(self) -> None:
         builtins.input = self.input
@@ -46,8 +64,10 @@ class StdinBridge:
             self._asker = None
 
     def deliver(self, value: str) -> None:
-        """An input_reply arrived (called from the IPC reader thread)."""
+        """An input_reply arrived (called from any thread)."""
         self._replies.put(value)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
 
     def input(self, prompt: Any = "") -> str:
         return self._ask(str(prompt), password=False, what="input")
@@ -88,6 +108,19 @@ class StdinBridge:
     def _wait(self) -> str:
         while True:
             try:
-                return self._replies.get(timeout=_POLL_SECONDS)
+                return self._replies.get_nowait()
             except queue.Empty:
-                continue
+                pass
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            watch = self.watch_fd
+            if watch is not None:
+                poller.register(watch, select.POLLIN)
+            for fd, _events in poller.poll(_POLL_MS):
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                elif fd == watch:
+                    # Whole messages only: a SIGINT waits until they are read.
+                    with self._gate.hold():
+                        self.on_watch_readable()

@@ -1,8 +1,10 @@
 """Worker entry point: ``python -m kernelvisor.worker --connect PATH --worker-id N``.
 
-Threads: the main thread runs an asyncio loop where cells and comm handlers run; one
-thread reads the IPC socket and dispatches; one answers introspection requests (so they
-are served while a cell runs); the flusher and the fd capture threads move output.
+Connections (IPC.md): ``aux`` is read by a thread, which answers introspection requests
+on another one (so they are served while a cell runs) and hands ``input_reply`` to a
+waiting ``input()``; ``main`` is read by the main thread's event loop itself, where
+cells and comm handlers run, so a cell starts without any thread hop. The flusher and
+the fd capture threads move output.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import collections
+import collections.abc
 import contextvars
 import faulthandler
 import json
@@ -21,7 +25,7 @@ import sys
 import threading
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from contextvars import ContextVar
 from typing import Any, TextIO
 
@@ -31,7 +35,7 @@ from kernelvisor.capture import CStdio, FdCapture
 from kernelvisor.interrupts import SigintGate
 from kernelvisor.ipc import Connection, ProtocolError
 from kernelvisor.messages import Request
-from kernelvisor.outbox import Outbox
+from kernelvisor.outbox import Outbox, control_frame
 from kernelvisor.stdin import StdinBridge
 from kernelvisor.streams import STDERR, STDOUT, Flusher, OutputBuffer, OutStream
 
@@ -90,27 +94,77 @@ class _SerialThread:
                 log.exception("request handler failed")
 
 
+# Python >= 3.11: create_task takes the context the first step ran in.
+_EAGER = sys.version_info >= (3, 11)
+
+
+class _Resumed(collections.abc.Coroutine[Any, Any, None]):
+    """A coroutine already stepped once (it yielded ``awaiting``), for a Task to finish:
+    the Task sees ``awaiting`` first, as if it had taken that step itself."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None], awaiting: Any) -> None:
+        self._coro = coro
+        self._awaiting: Any = awaiting
+        self._first = True
+
+    def send(self, value: Any) -> Any:
+        if self._first:
+            self._first = False
+            awaiting, self._awaiting = self._awaiting, None
+            return awaiting
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._first = False
+        self._awaiting = None
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("only a Task drives a _Resumed coroutine")
+
+
 class Worker:
     """One worker process's wiring. Holds every connection and thread, so that a forked
     copy can build its own instead of inheriting module-level state."""
 
-    def __init__(self, conn: Connection, worker_id: int, diag: TextIO) -> None:
-        self.conn = conn
+    def __init__(self, path: str, aux: Connection, worker_id: int, diag: TextIO) -> None:
+        self.path = path
+        self.aux_conn = aux
+        self.main_conn: Connection | None = None
+        self._main_inbox: collections.deque[list[bytes]] = collections.deque()
         self.worker_id = worker_id
         self.engine_id = str(uuid.uuid4())
         self.diag = diag
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self._exited = threading.Event()
+        self._shutdown_lock = threading.Lock()
+        self._shutting_down = False
 
         self.gate = SigintGate()
         self.gate.install()
         self.buffer = OutputBuffer(ContextVar("kernelvisor_parent", default=None))
         self.capture = FdCapture(self.buffer)
-        self.outbox = Outbox(conn, self.buffer, self.gate, self.capture.drain, self._orphan_output)
+        self.outbox = Outbox(aux, self.buffer, self.gate, self.capture.drain, self._orphan_output)
         self.flusher = Flusher(self.outbox.flush_streams)
         self.buffer.on_first_write = self.flusher.wake
         self.buffer.before_first_write = self.capture.drain
+
+    @classmethod
+    def connect(cls, path: str, worker_id: int, diag: TextIO) -> Worker:
+        """Open ``aux`` and say hello on it at once (the supervisor then knows the pid)."""
+        aux = Connection.connect(path)
+        aux.send([control_frame({"op": "hello", "role": "aux", **cls._identity(worker_id)})])
+        return cls(path, aux, worker_id, diag)
+
+    @staticmethod
+    def _identity(worker_id: int) -> dict[str, Any]:
+        return {"worker_id": worker_id, "pid": os.getpid()}
 
     def _orphan_output(self, name: str, text: str) -> None:
         self.diag.write(text)
@@ -128,7 +182,7 @@ class Worker:
 
     def start_shell(self) -> None:
         # IPython is imported here, not at module level: the worker is only ready (and
-        # says hello) once it is loaded and the shell exists.
+        # opens main) once it is loaded and the shell exists.
         from kernelvisor.execute import Executor
         from kernelvisor.handlers import HANDLERS
         from kernelvisor.shell import ZMQInteractiveShell, shell_config
@@ -154,28 +208,37 @@ class Worker:
         self.handlers = HANDLERS
         self.aux = _SerialThread("kernelvisor-aux")
 
-    def say_hello(self) -> None:
-        self.outbox.hello(
-            {
-                "worker_id": self.worker_id,
-                "pid": os.getpid(),
-                "language_info": {
-                    "name": "python",
-                    "version": platform.python_version(),
-                    "mimetype": "text/x-python",
-                    "codemirror_mode": {"name": "ipython", "version": 3},
-                    "pygments_lexer": "ipython3",
-                    "nbconvert_exporter": "python",
-                    "file_extension": ".py",
-                },
-                "implementation_version": kernelvisor.__version__,
-                "banner": self.shell.banner,
-            }
-        )
+    def connect_main(self) -> None:
+        """Open ``main`` and send the full hello on it: the worker is ready."""
+        conn = Connection.connect(self.path)
+        hello = {
+            "op": "hello",
+            "role": "main",
+            **self._identity(self.worker_id),
+            "language_info": {
+                "name": "python",
+                "version": platform.python_version(),
+                "mimetype": "text/x-python",
+                "codemirror_mode": {"name": "ipython", "version": 3},
+                "pygments_lexer": "ipython3",
+                "nbconvert_exporter": "python",
+                "file_extension": ".py",
+            },
+            "implementation_version": kernelvisor.__version__,
+            "banner": self.shell.banner,
+        }
+        conn.send([control_frame(hello)])
+        self.main_conn = conn
+        self.outbox.attach_main(conn)
 
     def run(self) -> None:
         """Serve until shutdown; never returns."""
-        threading.Thread(target=self._read_loop, name="kernelvisor-ipc", daemon=True).start()
+        assert self.main_conn is not None, "connect_main first"
+        threading.Thread(target=self._aux_loop, name="kernelvisor-aux-reader", daemon=True).start()
+        main_fd = self.main_conn.fileno()
+        self.loop.add_reader(main_fd, self._read_main)
+        self.stdin.watch_fd = main_fd
+        self.stdin.on_watch_readable = self._read_main
         while True:
             try:
                 self.loop.run_forever()
@@ -184,11 +247,13 @@ class Worker:
                 # Escaped a task step (a SIGINT landing in IPython's own code of an async
                 # cell); the task got it as its exception, so the loop can go on.
                 log.warning("KeyboardInterrupt escaped a task; resuming the event loop")
+                if self._main_inbox:  # messages read but not yet handled
+                    self.loop.call_soon(self._handle_main_inbox)
             except BaseException:
                 log.exception("the main loop stopped")
                 break
         # Shutdown stopped the loop: run exit hooks (IPython saves history) while the
-        # reader thread's deadline allows, then leave without waiting for user threads.
+        # shutdown deadline allows, then leave without waiting for user threads.
         try:
             atexit._run_exitfuncs()
         except BaseException:
@@ -197,55 +262,132 @@ class Worker:
 
     def _exit(self, code: int) -> None:
         try:
-            self.outbox.flush_streams()
+            # Bounded: the main thread may be stuck in a send to a supervisor not reading.
+            self.outbox.flush_streams(timeout=SHUTDOWN_GRACE_SECONDS)
         finally:
             self._exited.set()
             os._exit(code)
 
-    # --- reader thread ---------------------------------------------------------------
+    def _shutdown(self) -> None:
+        """Stop taking work and stop the main loop; from any thread. The process exits
+        after about SHUTDOWN_GRACE_SECONDS even if a cell keeps the main thread busy."""
+        with self._shutdown_lock:
+            if self._shutting_down:
+                return
+            self._shutting_down = True
+        self._stop_reading_main()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        threading.Thread(
+            target=self._exit_after_grace, name="kernelvisor-exit", daemon=True
+        ).start()
 
-    def _read_loop(self) -> None:
-        while True:
+    def _exit_after_grace(self) -> None:
+        if not self._exited.wait(SHUTDOWN_GRACE_SECONDS):
+            self._exit(0)
+
+    # --- main connection: read by the main thread --------------------------------------
+
+    def _read_main(self) -> None:
+        """The event loop's reader of ``main`` (also called by a waiting input())."""
+        conn = self.main_conn
+        if conn is None:
+            return
+        if self._shutting_down:
+            self._stop_reading_main()
+            return
+        try:
+            messages = conn.recv_nowait()
+        except EOFError:
+            log.info("supervisor closed the main connection")
+            self._shutdown()
+            return
+        except (ProtocolError, OSError):
+            log.exception("IPC connection broken (main)")
+            self._stop_reading_main()
+            self._exit(1)
+            return
+        self._main_inbox.extend(messages)
+        self._handle_main_inbox()
+
+    def _handle_main_inbox(self) -> None:
+        # Through one queue, so that a nested call (from an input() waiting inside a
+        # cell started by an outer call) still handles messages in arrival order.
+        inbox = self._main_inbox
+        while inbox and not self._shutting_down:
+            self._on_message(inbox.popleft(), "main")
+
+    def _stop_reading_main(self) -> None:
+        self.stdin.watch_fd = None
+        if self.main_conn is not None and threading.current_thread() is threading.main_thread():
+            self.loop.remove_reader(self.main_conn.fileno())
+
+    # --- aux connection: read by a thread ----------------------------------------------
+
+    def _aux_loop(self) -> None:
+        while not self._shutting_down:
             try:
-                frames = self.conn.recv()
-                control = json.loads(frames[0])
-                if not isinstance(control, dict):
-                    raise ProtocolError("control frame is not a JSON object")
+                frames = self.aux_conn.recv()
             except EOFError:
-                log.info("supervisor closed the connection")
+                log.info("supervisor closed the aux connection")
                 self._shutdown()
                 return
-            except (ProtocolError, ValueError, OSError):
-                log.exception("IPC connection broken")
+            except (ProtocolError, OSError):
+                log.exception("IPC connection broken (aux)")
                 self._exit(1)
                 return
+            self._on_message(frames, "aux")
+
+    # --- both ----------------------------------------------------------------------------
+
+    def _on_message(self, frames: list[bytes], via: str) -> None:
+        """Route one message by what it is, whichever connection it came on."""
+        try:
+            control = json.loads(frames[0])
+            if not isinstance(control, dict):
+                raise ProtocolError("control frame is not a JSON object")
             op = control.get("op")
             if op == "shutdown":
                 self._shutdown()
                 return
-            if op != "request":
-                log.warning("ignoring unknown op %r", op)
-                continue
-            try:
-                req = Request.from_frames(control, frames)
-            except ProtocolError:
-                log.exception("bad request")
-                self._exit(1)
+            if op == "ping":
+                # Liveness: answered by the reading thread itself, so a pong proves only
+                # that this process can still take the GIL (a cell may be running). The
+                # supervisor reads and writes us from separate tasks: no deadlock here.
+                self.aux_conn.send([control_frame({"op": "pong", "seq": control.get("seq")})])
                 return
-            self._dispatch(req)
+            if op != "request":
+                log.warning("ignoring unknown op %r on %s", op, via)
+                return
+            req = Request.from_frames(control, frames)
+        except (ProtocolError, ValueError):
+            log.exception("bad message on %s", via)
+            self._exit(1)
+            return
+        self._dispatch(req)
 
     def _dispatch(self, req: Request) -> None:
+        """Where each request runs. Readers never send here: a send blocked on a full
+        socket (the supervisor busy writing to us) would stop us reading and deadlock
+        both sides."""
         msg_type = req.msg_type
-        # This thread never sends: if the supervisor is busy writing to us, a send
-        # blocked on a full socket would stop us reading and deadlock both sides.
-        if req.channel == "stdin" or msg_type == "input_reply":
-            self.stdin.deliver(str(req.content_json().get("value", "")))
-            self.aux.submit(lambda: self.outbox.done(req.id))
-        elif msg_type == "execute_request":
-            self.loop.call_soon_threadsafe(self._start_execute, req)
+        on_main = threading.current_thread() is threading.main_thread()
+        if msg_type == "execute_request":
+            if on_main:
+                self._start_execute(req)
+            else:
+                self.loop.call_soon_threadsafe(self._start_execute, req)
         elif msg_type in COMM_MESSAGES:
             # A fresh context per message: its parent header must not leak into others.
-            self.loop.call_soon_threadsafe(self._handle_comm, req, context=contextvars.Context())
+            # Queued behind any cell that arrived first, as cells and comms keep order.
+            if on_main:
+                self.loop.call_soon(self._handle_comm, req, context=contextvars.Context())
+            else:
+                self.loop.call_soon_threadsafe(
+                    self._handle_comm, req, context=contextvars.Context()
+                )
+        elif req.channel == "stdin" or msg_type == "input_reply":
+            self.stdin.deliver(str(req.content_json().get("value", "")))
+            self.aux.submit(lambda: self.outbox.aux_done(req.id))
         elif msg_type == "comm_info_request":
             self.aux.submit(lambda: self._answer(req, self._comm_info))
         elif msg_type in self.handlers:
@@ -277,18 +419,27 @@ class Worker:
                 "evalue": str(exc),
                 "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
             }
-        self.outbox.reply(req.id, req.reply_type, content)
-
-    def _shutdown(self) -> None:
-        """Stop the main loop; exit regardless if a cell keeps the main thread busy."""
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        if not self._exited.wait(SHUTDOWN_GRACE_SECONDS):
-            self._exit(0)
+        self.outbox.aux_reply(req.id, req.reply_type, content)
 
     # --- main thread -----------------------------------------------------------------
 
     def _start_execute(self, req: Request) -> None:
-        self.loop.create_task(self.executor.execute(req))
+        """Run the request's first step now (a cell that never awaits runs to its reply
+        right here), and only what remains after an ``await`` as a task."""
+        coro = self.executor.execute(req)
+        if not _EAGER:
+            self.loop.create_task(coro)
+            return
+        # Its own context, as a task would have: a cell's context variables stay its own.
+        context = contextvars.copy_context()
+        try:
+            awaiting = context.run(coro.send, None)
+        except StopIteration:
+            return
+        except BaseException:  # execute() reports its own errors; never lose the loop
+            log.exception("execute_request %s failed", req.id)
+            return
+        self.loop.create_task(_Resumed(coro, awaiting), context=context)
 
     def _handle_comm(self, req: Request) -> None:
         self.buffer.parent_var.set(req.header)
@@ -305,14 +456,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     diag = setup_diagnostics()
     try:
-        conn = Connection.connect(args.connect)
+        worker = Worker.connect(args.connect, args.worker_id, diag)
     except OSError:
         log.exception("cannot connect to %s", args.connect)
         sys.exit(1)
-    worker = Worker(conn, args.worker_id, diag)
     worker.start_capture()
     worker.start_shell()
-    worker.say_hello()
+    try:
+        worker.connect_main()
+    except OSError:
+        log.exception("cannot connect to %s", args.connect)
+        os._exit(1)
     log.info("worker %d ready (pid %d)", args.worker_id, os.getpid())
     worker.run()
 
