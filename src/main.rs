@@ -140,9 +140,12 @@ fn main() -> ExitCode {
 fn run_kernel(args: RunArgs) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&args.log_level)
         .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", args.log_level))?;
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: Jupyter servers capture stderr into log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let Some(path) = args.connection_file else {
         anyhow::bail!("no connection file: run `kernelvisor -f CONNECTION_FILE` (see --help)");
