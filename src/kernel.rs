@@ -925,18 +925,24 @@ impl Kernel {
                 "retired an idle worker (IDLE_WORKER_SHUTDOWN_DURATION)"
             );
         }
+        self.refill_pool();
     }
 
     // ---- worker lifecycle ----
 
-    /// Starts workers until the pool has its main worker and warm spares. Spares only
-    /// start once a main worker is up.
+    /// Starts workers until the pool has its main worker and warm spares. A missing main
+    /// worker starts at once; spares only while no cell runs or waits, so that warming
+    /// them (a Python start-up each) never competes with a cell for the CPU. The watchdog
+    /// tick calls this too, so spares follow within a tick of the kernel going quiet.
     fn refill_pool(&mut self) {
         let missing = self.pool.missing();
-        let allowed = if self.pool.main().is_some() {
+        let quiet = self.running.is_none() && self.execute_queue.is_empty();
+        let allowed = if self.pool.main().is_none() {
+            missing.min(1)
+        } else if quiet {
             missing
         } else {
-            missing.min(1)
+            0
         };
         for _ in 0..allowed {
             self.spawn_worker();
