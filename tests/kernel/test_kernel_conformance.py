@@ -56,3 +56,10 @@ class TestIpykernelConformance(PythonKernelSamples):
 
 # The base class has no kernel of its own; keep pytest from collecting it a third time.
 del PythonKernelSamples
+
+
+class TestKernelvisorIopubWelcome(jkt.IopubWelcomeTests):
+    """JEP 65: IOPub is XPUB, and a new subscriber's first message is `iopub_welcome`."""
+
+    kernel_name = "kernelvisor"
+    support_iopub_welcome = True
