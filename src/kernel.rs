@@ -367,15 +367,8 @@ impl Kernel {
             // A request older than this process was meant for the kernel we replaced
             // (jupyter_client can deliver it to a fast restart on the same ports).
             warn!(msg_id = %msg.header.msg_id, "ignored a shutdown_request sent before this kernel started");
-            let reply = json!({"status": "error", "ename": "StaleShutdown",
-                "evalue": "shutdown_request predates this kernel; ignored", "traceback": []});
-            self.answer(
-                channel,
-                &msg,
-                "shutdown_reply",
-                reply.to_string().as_bytes(),
-            )
-            .await;
+            let evalue = "shutdown_request predates this kernel; ignored".to_string();
+            self.refuse(channel, &msg, "StaleShutdown", evalue).await;
             return;
         }
         info!(restart, "shutdown requested");
@@ -405,36 +398,36 @@ impl Kernel {
 
     /// Refuses a message too large to hand to a worker (the IPC carries at most 1 GiB).
     async fn too_large(&mut self, channel: Channel, msg: Incoming, size: usize) {
-        let msg_type = msg.header.msg_type.clone();
-        warn!(channel = channel.name(), %msg_type, size, "refused an oversized message");
-        if let Some(prefix) = msg_type.strip_suffix("_request") {
-            let reply = json!({"status": "error", "ename": "MessageTooLarge",
-                "evalue": format!("{msg_type} of {} MiB exceeds the {} MiB limit", size >> 20, MAX_REQUEST_BYTES >> 20),
-                "traceback": []});
-            self.answer(
-                channel,
-                &msg,
-                &format!("{prefix}_reply"),
-                reply.to_string().as_bytes(),
-            )
-            .await;
-        }
+        warn!(channel = channel.name(), msg_type = %msg.header.msg_type, size, "refused an oversized message");
+        let evalue = format!(
+            "{} of {} MiB exceeds the {} MiB limit",
+            msg.header.msg_type,
+            size >> 20,
+            MAX_REQUEST_BYTES >> 20
+        );
+        self.refuse(channel, &msg, "MessageTooLarge", evalue).await;
     }
 
     async fn unknown(&mut self, channel: Channel, msg_type: String, msg: Incoming) {
         warn!(channel = channel.name(), %msg_type, "unknown message type");
-        if let Some(prefix) = msg_type.strip_suffix("_request") {
-            let reply = json!({"status": "error", "ename": "UnknownMessageType",
-                "evalue": format!("kernelvisor does not handle {msg_type} on {}", channel.name()),
-                "traceback": []});
-            self.answer(
-                channel,
-                &msg,
-                &format!("{prefix}_reply"),
-                reply.to_string().as_bytes(),
-            )
+        let evalue = format!(
+            "kernelvisor does not handle {msg_type} on {}",
+            channel.name()
+        );
+        self.refuse(channel, &msg, "UnknownMessageType", evalue)
             .await;
-        }
+    }
+
+    /// Answers a request (`<x>_request`) with an error `<x>_reply`; other messages have no
+    /// reply, so the log line is all they get.
+    async fn refuse(&mut self, channel: Channel, msg: &Incoming, ename: &str, evalue: String) {
+        let Some(prefix) = msg.header.msg_type.strip_suffix("_request") else {
+            return;
+        };
+        let reply_type = format!("{prefix}_reply");
+        let reply = json!({"status": "error", "ename": ename, "evalue": evalue, "traceback": []});
+        self.answer(channel, msg, &reply_type, reply.to_string().as_bytes())
+            .await;
     }
 
     /// Sends a reply the supervisor made itself, wrapped in busy/idle.
