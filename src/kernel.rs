@@ -89,6 +89,8 @@ struct Pending {
     msg_type: String,
     worker: WorkerId,
     is_execute: bool,
+    /// Runs in a worker lent from the pool (a `# process` cell), not in the main one.
+    borrowed: bool,
 }
 
 /// The control frame of a worker message (see `worker_py/IPC.md`).
@@ -191,10 +193,12 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         next_request: 0,
         pending: HashMap::new(),
         execute_queue: VecDeque::new(),
+        process_queue: VecDeque::new(),
         waiting_for_worker: VecDeque::new(),
         running: None,
         deferred_kernel_info: Vec::new(),
         kill_reasons: HashMap::new(),
+        execution_counts: HashMap::new(),
         drained: Default::default(),
         exits: HashMap::new(),
         last_heard: Instant::now(),
@@ -248,11 +252,15 @@ struct Kernel {
     pool: Pool,
     pending: HashMap<u64, Pending>,
     execute_queue: VecDeque<Incoming>,
+    /// `# process` cells waiting for a worker to borrow.
+    process_queue: VecDeque<Incoming>,
     /// Shell requests that arrived while no worker was connected.
     waiting_for_worker: VecDeque<Incoming>,
     running: Option<Running>,
     /// `kernel_info` requests that arrived before the Python version was known.
     deferred_kernel_info: Vec<(Channel, Incoming)>,
+    /// The execution count each worker announced last (`execute_input`).
+    execution_counts: HashMap<WorkerId, u64>,
     /// Why we killed a worker, for its crash report.
     kill_reasons: HashMap<WorkerId, String>,
     /// Workers whose `main` connection has ended (all its messages handled).
@@ -332,6 +340,10 @@ impl Kernel {
                     content.to_string().as_bytes(),
                 )
                 .await;
+            }
+            (Channel::Shell, "execute_request") if run_mode(&msg.content) == RunMode::Process => {
+                self.process_queue.push_back(msg);
+                self.dispatch_process();
             }
             (Channel::Shell, "execute_request") => {
                 self.execute_queue.push_back(msg);
@@ -513,6 +525,7 @@ impl Kernel {
                 msg_type: msg.header.msg_type.clone(),
                 worker,
                 is_execute: msg.header.msg_type == "execute_request",
+                borrowed: self.pool.borrowed(worker).is_some(),
             },
         );
         id
@@ -539,6 +552,29 @@ impl Kernel {
         self.last_heard = Instant::now();
         if let Some(w) = self.pool.main() {
             w.send_main(request_frames(id, Channel::Shell, &msg));
+        }
+    }
+
+    /// Runs waiting `# process` cells, each in a worker borrowed from the idle pool; starts
+    /// a worker when none is idle (and none is on its way).
+    fn dispatch_process(&mut self) {
+        while !self.process_queue.is_empty() {
+            let Some(wid) = self.pool.borrow().map(|w| w.id) else {
+                if !self.pool.any_starting() {
+                    self.spawn_worker();
+                }
+                return;
+            };
+            let msg = self.process_queue.pop_front().expect("not empty");
+            let id = self.register(Channel::Shell, &msg, wid);
+            info!(
+                worker = wid,
+                "running a `# process` cell in a borrowed worker"
+            );
+            self.publish_status(&msg.header_bytes, "busy");
+            if let Some(w) = self.pool.borrowed(wid) {
+                w.send_main(request_frames(id, Channel::Shell, &msg));
+            }
         }
     }
 
@@ -624,7 +660,8 @@ impl Kernel {
                 return;
             }
             Placement::Main => self.main_ready().await,
-            Placement::Idle | Placement::Retired => {}
+            Placement::Idle => self.dispatch_process(),
+            Placement::Retired => {}
         }
         if !hello.language_info.is_null() {
             self.language_info = Some(hello.language_info);
@@ -658,6 +695,12 @@ impl Kernel {
         let rest = &frames[1..];
         match (ctrl.op, ctrl.msg_type) {
             ("iopub", Some(msg_type)) if rest.len() >= 3 && is_identifier(msg_type) => {
+                if msg_type == "execute_input" {
+                    // Remembered for a crash reply: the spec wants the cell's count there.
+                    if let Some(n) = execution_count(&rest[2]) {
+                        self.execution_counts.insert(wid, n);
+                    }
+                }
                 let msg = self
                     .outbox
                     .iopub(msg_type, &rest[0], &rest[1], &rest[2], &rest[3..]);
@@ -678,7 +721,12 @@ impl Kernel {
                 );
                 self.send(p.channel, reply).await;
                 self.publish_status(&p.header, "idle");
-                if p.is_execute {
+                if p.borrowed {
+                    // A fresh namespace before it goes back to the pool.
+                    if let Some(w) = self.pool.borrowed(wid) {
+                        w.send_main(vec![Bytes::from_static(br#"{"op":"reset"}"#)]);
+                    }
+                } else if p.is_execute {
                     let failed = ctrl.status == Some("error");
                     self.execute_done(ctrl.id, failed && ctrl.stop_on_error.unwrap_or(true))
                         .await;
@@ -704,6 +752,12 @@ impl Kernel {
                 self.send(Channel::Stdin, msg).await;
             }
             ("pong", _) => {}
+            ("reset_done", _) => {
+                if let Some(placement) = self.pool.give_back(wid) {
+                    debug!(worker = wid, ?placement, "borrowed worker returned");
+                }
+                self.dispatch_process();
+            }
             (op, msg_type) => {
                 warn!(
                     worker = wid,
@@ -752,38 +806,40 @@ impl Kernel {
 
     async fn worker_exited(&mut self, id: WorkerId, status: ExitStatus, tail: Vec<String>) {
         let reason = self.kill_reasons.remove(&id);
+        let count = self.execution_counts.remove(&id);
         let role = self.pool.remove(id);
         if self.exiting {
             return;
         }
         match role {
             Some(Role::Main) => {}
+            Some(Role::Borrowed) => {
+                let cause = reason.unwrap_or_else(|| describe_exit(status));
+                error!(
+                    worker = id,
+                    cause, "a borrowed worker died; the main namespace is intact"
+                );
+                self.answer_owed(id, count, &cause, &last_words(&tail), false)
+                    .await;
+                self.dispatch_process();
+                self.refill_pool();
+                return;
+            }
             Some(Role::Retiring) => {
                 debug!(worker = id, %status, "retired worker exited");
                 return;
             }
             other => {
                 warn!(worker = id, %status, role = ?other, "a spare worker exited: {}", last_words(&tail).join("\n"));
+                self.dispatch_process();
                 self.refill_pool();
                 return;
             }
         }
         let cause = reason.unwrap_or_else(|| describe_exit(status));
         error!(worker = id, cause, "main worker died");
-        // Answer everything that worker owed, oldest first (the running cell first).
-        let mut owed: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.worker == id)
-            .map(|(k, _)| *k)
-            .collect();
-        owed.sort_unstable();
-        let words = last_words(&tail);
-        for k in owed {
-            if let Some(p) = self.pending.remove(&k) {
-                self.answer_crash(&p, &cause, &words).await;
-            }
-        }
+        self.answer_owed(id, count, &cause, &last_words(&tail), true)
+            .await;
         if self.running.take().is_some() {
             self.abort_queue().await;
         }
@@ -795,12 +851,49 @@ impl Kernel {
         self.refill_pool();
     }
 
-    async fn answer_crash(&mut self, p: &Pending, cause: &str, words: &[String]) {
-        let evalue = format!("the worker process died ({cause}); its namespace was lost");
+    /// Answers everything a dead worker owed, oldest first (the running cell first).
+    async fn answer_owed(
+        &mut self,
+        id: WorkerId,
+        count: Option<u64>,
+        cause: &str,
+        words: &[String],
+        main: bool,
+    ) {
+        let mut owed: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.worker == id)
+            .map(|(k, _)| *k)
+            .collect();
+        owed.sort_unstable();
+        for k in owed {
+            if let Some(p) = self.pending.remove(&k) {
+                self.answer_crash(&p, count, cause, words, main).await;
+            }
+        }
+    }
+
+    async fn answer_crash(
+        &mut self,
+        p: &Pending,
+        count: Option<u64>,
+        cause: &str,
+        words: &[String],
+        main: bool,
+    ) {
+        let evalue = if main {
+            format!("the worker process died ({cause}); its namespace was lost")
+        } else {
+            format!("the `# process` worker died ({cause}); the main namespace is intact")
+        };
         let mut traceback = vec![format!("\x1b[0;31mWorkerCrashed\x1b[0m: {evalue}")];
         traceback.extend(words.iter().cloned());
-        traceback
-            .push("The next cell runs in a fresh worker: re-run the cells it needs.".to_string());
+        if main {
+            traceback.push(
+                "The next cell runs in a fresh worker: re-run the cells it needs.".to_string(),
+            );
+        }
         let error = json!({"ename": "WorkerCrashed", "evalue": evalue, "traceback": traceback});
         if p.is_execute {
             let msg =
@@ -811,7 +904,7 @@ impl Kernel {
         let mut reply = error;
         reply["status"] = json!("error");
         if p.is_execute {
-            reply["execution_count"] = Value::Null;
+            reply["execution_count"] = json!(count);
         }
         let reply_type = match p.msg_type.strip_suffix("_request") {
             Some(prefix) => format!("{prefix}_reply"),
@@ -986,6 +1079,34 @@ fn last_words(tail: &[String]) -> Vec<String> {
     tail[start..].to_vec()
 }
 
+/// Where an execute request runs, from its code's first line (async-kernel's run-mode
+/// comments: `# queue` (default), `# task`, `# thread …`, and kernelvisor's `# process`;
+/// `##process` too). Only `process` changes anything in the supervisor so far.
+#[derive(Debug, PartialEq, Eq)]
+enum RunMode {
+    Queue,
+    Process,
+}
+
+fn run_mode(content: &[u8]) -> RunMode {
+    #[derive(Deserialize)]
+    struct Code<'a> {
+        #[serde(borrow)]
+        code: std::borrow::Cow<'a, str>,
+    }
+    let Ok(Code { code }) = serde_json::from_slice::<Code>(content) else {
+        return RunMode::Queue;
+    };
+    let first = code.lines().next().unwrap_or("").trim();
+    let Some(comment) = first.strip_prefix('#') else {
+        return RunMode::Queue;
+    };
+    match comment.trim_start_matches('#').split_whitespace().next() {
+        Some("process") => RunMode::Process,
+        _ => RunMode::Queue,
+    }
+}
+
 /// The frames of a `request` to a worker.
 fn request_frames(id: u64, channel: Channel, msg: &Incoming) -> Frames {
     let ctrl = json!({"op": "request", "id": id, "channel": channel.name(),
@@ -998,6 +1119,17 @@ fn request_frames(id: u64, channel: Channel, msg: &Incoming) -> Frames {
     frames.push(msg.content.clone());
     frames.extend(msg.buffers.iter().cloned());
     frames
+}
+
+/// The `execution_count` of an `execute_input` content.
+fn execution_count(content: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Input {
+        execution_count: u64,
+    }
+    serde_json::from_slice::<Input>(content)
+        .ok()
+        .map(|i| i.execution_count)
 }
 
 /// Message types from workers go into headers unescaped: only accept identifiers.
@@ -1072,6 +1204,18 @@ mod tests {
         );
         let many: Vec<String> = (0..50).map(|i| i.to_string()).collect();
         assert_eq!(last_words(&many).len(), 20);
+    }
+
+    #[test]
+    fn run_modes() {
+        let mode = |code: &str| run_mode(json!({"code": code}).to_string().as_bytes());
+        assert_eq!(mode("# process\nx = 1"), RunMode::Process);
+        assert_eq!(mode("##process"), RunMode::Process);
+        assert_eq!(mode("  #  process  \n"), RunMode::Process);
+        assert_eq!(mode("# processing\n"), RunMode::Queue);
+        assert_eq!(mode("x = 1 # process"), RunMode::Queue);
+        assert_eq!(mode("# thread name='w'"), RunMode::Queue);
+        assert_eq!(run_mode(b"not json"), RunMode::Queue);
     }
 
     #[test]

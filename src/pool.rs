@@ -88,6 +88,8 @@ pub struct Pool {
     main: Option<Worker>,
     idle: VecDeque<(Worker, Instant)>,
     starting: HashMap<WorkerId, Starting>,
+    /// Workers lent out to run `# process` cells.
+    borrowed: HashMap<WorkerId, Worker>,
     /// Workers asked to exit, not yet gone: id → pid.
     retiring: HashMap<WorkerId, u32>,
 }
@@ -100,6 +102,7 @@ impl Pool {
             main: None,
             idle: VecDeque::new(),
             starting: HashMap::new(),
+            borrowed: HashMap::new(),
             retiring: HashMap::new(),
         }
     }
@@ -160,6 +163,30 @@ impl Pool {
         self.retiring.insert(worker.id, worker.pid);
     }
 
+    /// Lends the most recently idle worker out (for a `# process` cell).
+    pub fn borrow(&mut self) -> Option<&Worker> {
+        let (worker, _) = self.idle.pop_back()?;
+        let id = worker.id;
+        self.borrowed.insert(id, worker);
+        self.borrowed.get(&id)
+    }
+
+    /// A lent worker, by id.
+    pub fn borrowed(&self, id: WorkerId) -> Option<&Worker> {
+        self.borrowed.get(&id)
+    }
+
+    /// A lent worker (reset since) becomes idle again — or is retired, by the policy.
+    pub fn give_back(&mut self, id: WorkerId) -> Option<Placement> {
+        let worker = self.borrowed.remove(&id)?;
+        Some(self.make_idle(worker))
+    }
+
+    /// Whether a worker is starting (it will join the idle pool, or become main).
+    pub fn any_starting(&self) -> bool {
+        !self.starting.is_empty()
+    }
+
     /// Promotes the longest-ready idle worker to main, if any.
     pub fn promote_idle(&mut self) -> Option<&Worker> {
         if self.main.is_none() {
@@ -181,6 +208,9 @@ impl Pool {
         }
         if self.starting.remove(&id).is_some() {
             return Some(Role::Starting);
+        }
+        if self.borrowed.remove(&id).is_some() {
+            return Some(Role::Borrowed);
         }
         self.retiring.remove(&id).map(|_| Role::Retiring)
     }
@@ -220,6 +250,7 @@ impl Pool {
         let mut out: Vec<(WorkerId, u32)> = self.main.iter().map(|w| (w.id, w.pid)).collect();
         out.extend(self.idle.iter().map(|(w, _)| (w.id, w.pid)));
         out.extend(self.starting.iter().map(|(id, s)| (*id, s.pid)));
+        out.extend(self.borrowed.values().map(|w| (w.id, w.pid)));
         out.extend(self.retiring.iter().map(|(id, pid)| (*id, *pid)));
         out
     }
@@ -232,6 +263,12 @@ impl Pool {
         while let Some((w, _)) = self.idle.pop_front() {
             self.retire(w);
         }
+        let lent: Vec<WorkerId> = self.borrowed.keys().copied().collect();
+        for id in lent {
+            if let Some(w) = self.borrowed.remove(&id) {
+                self.retire(w);
+            }
+        }
         self.all_pids()
     }
 
@@ -243,6 +280,7 @@ impl Pool {
                 "id": w.id, "pid": w.pid, "idle_seconds": now.duration_since(*since).as_secs_f64()
             })).collect::<Vec<_>>(),
             "starting": self.starting.iter().map(|(id, s)| serde_json::json!({"id": id, "pid": s.pid})).collect::<Vec<_>>(),
+            "borrowed": self.borrowed.values().map(|w| serde_json::json!({"id": w.id, "pid": w.pid})).collect::<Vec<_>>(),
             "retiring": self.retiring.iter().map(|(id, pid)| serde_json::json!({"id": id, "pid": pid})).collect::<Vec<_>>(),
             "max_idle": self.policy.max_idle,
             "idle_shutdown_seconds": self.policy.idle_shutdown.as_secs_f64(),
@@ -260,6 +298,8 @@ pub enum Role {
     Idle,
     /// It had not said hello yet.
     Starting,
+    /// It was lent out to run a `# process` cell.
+    Borrowed,
     /// It had been asked to exit.
     Retiring,
 }
@@ -334,6 +374,24 @@ mod tests {
         connect(&mut never, 1);
         connect(&mut never, 2);
         assert!(never.reap(later).is_empty(), "zero duration: no reaper");
+    }
+
+    #[test]
+    fn borrowed_workers_come_back_by_the_policy() {
+        let mut pool = Pool::new(policy(1, 0, 1));
+        connect(&mut pool, 1);
+        connect(&mut pool, 2);
+        assert_eq!(pool.borrow().map(|w| w.id), Some(2));
+        assert!(pool.borrow().is_none(), "no idle worker left");
+        connect(&mut pool, 3);
+        assert_eq!(
+            pool.give_back(2),
+            Some(Placement::Retired),
+            "idle == max_idle: retired"
+        );
+        assert_eq!(pool.borrow().map(|w| w.id), Some(3));
+        assert_eq!(pool.give_back(3), Some(Placement::Idle));
+        assert_eq!(pool.remove(2), Some(Role::Retiring));
     }
 
     #[test]
