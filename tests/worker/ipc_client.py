@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,32 @@ class WorkerProcess:
                     control = json.loads(frames[0])
                     self._queue.append(Message(control["op"], control, frames, role))
         return self._queue.popleft()
+
+    def recv_until_closed(self, timeout: float | None = None) -> list[Message]:
+        """Every message (queued ones first) until the worker closes ``main``: it exited
+        or died. A message cut off by the close raises ProtocolError."""
+        messages = list(self._queue)
+        self._queue.clear()
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        open_roles = {"main", "aux"}
+        while "main" in open_roles:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the worker did not close main")
+            for key, _ in self._selector.select(remaining):
+                role = key.data
+                if role not in open_roles:
+                    continue
+                try:
+                    batch = self._socks[role].recv_nowait()
+                except EOFError:
+                    open_roles.discard(role)
+                    self._selector.unregister(key.fd)
+                    continue
+                for frames in batch:
+                    control = json.loads(frames[0])
+                    messages.append(Message(control["op"], control, frames, role))
+        return messages
 
     def send_request(
         self,

@@ -16,6 +16,7 @@ import os
 import select
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from kernelvisor.streams import STDERR, STDOUT, OutputBuffer
@@ -106,16 +107,34 @@ class FdCapture:
     def drain(self) -> None:
         """Move everything already written to fds 1 and 2 into the buffer."""
         with self._lock:
-            ready = self._drain_poller.poll(0)
-            if not ready:
-                return
-            fds = {fd for fd, _events in ready}
-            for pipe in self._pipes:  # stdout first, as written
-                if pipe.fd in fds:
-                    while self._read_once(pipe):
-                        pass
-                    if not pipe.open:  # at EOF a pipe stays readable: stop asking
-                        self._drain_poller.unregister(pipe.fd)
+            self._drain_locked()
+
+    def drain_before(self, deadline: float) -> bool:
+        """``drain`` for a process about to end: waits for the lock (the reader thread
+        may hold it) no later than ``deadline``, and not at all if this very thread holds
+        it (it was stopped inside a read: its state cannot be trusted). True if drained."""
+        lock = self._lock
+        if lock._is_owned():  # type: ignore[attr-defined]
+            return False
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            self._drain_locked()
+        finally:
+            lock.release()
+        return True
+
+    def _drain_locked(self) -> None:
+        ready = self._drain_poller.poll(0)
+        if not ready:
+            return
+        fds = {fd for fd, _events in ready}
+        for pipe in self._pipes:  # stdout first, as written
+            if pipe.fd in fds:
+                while self._read_once(pipe):
+                    pass
+                if not pipe.open:  # at EOF a pipe stays readable: stop asking
+                    self._drain_poller.unregister(pipe.fd)
 
 
 class CStdio:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 MAX_BODY = 1 << 30
@@ -232,6 +234,36 @@ class Connection:
                 i += 1
         if interrupted is not None:
             raise interrupted
+
+    def send_before(self, frames: Sequence[BytesLike], deadline: float) -> bool:
+        """Send one message, or give up at ``deadline`` (``time.monotonic()``); True if
+        it went out whole. Never blocks past the deadline, neither on the send lock (which
+        another thread may hold mid-send) nor on a full socket: for a process about to
+        end, which must not hang. A message cut off by the deadline is left incomplete
+        (the peer sees the connection close inside it)."""
+        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            view = memoryview(encode(frames))
+            poller: select.poll | None = None
+            while view.nbytes:
+                try:
+                    sent = self._sock.send(view, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    if poller is None:
+                        poller = select.poll()
+                        poller.register(self._sock.fileno(), select.POLLOUT)
+                    poller.poll(max(1, int(remaining * 1000)))
+                    continue
+                view = view[sent:]
+            return True
+        except OSError:
+            return False
+        finally:
+            self._send_lock.release()
 
     def recv_nowait(self) -> list[list[bytes]]:
         """The messages completed by what the socket holds now, without blocking (maybe

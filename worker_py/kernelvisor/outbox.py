@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kernelvisor.interrupts import SigintGate
 from kernelvisor.ipc import BytesLike, Connection
 from kernelvisor.jsonutil import dumps
-from kernelvisor.streams import OutputBuffer
+from kernelvisor.streams import OutputBuffer, Run
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,12 @@ class Outbox:
         runs = self._buffer.take()
         if not runs:
             return
+        for frames in self._stream_messages(runs):
+            self._write(self._main, frames)
+
+    def _stream_messages(self, runs: list[Run]) -> Iterator[list[bytes]]:
+        """The ``stream`` messages of ``runs``; output with no parent goes to the orphan
+        channel on the way."""
         for run in runs:
             text = run.text
             if run.parent is None:
@@ -114,7 +121,30 @@ class Outbox:
             for start in range(0, len(text), STREAM_CHUNK_CHARS):
                 chunk = text[start : start + STREAM_CHUNK_CHARS]
                 content = dumps({"name": run.name, "text": chunk})
-                self._write(self._main, [self._iopub_control("stream"), run.parent, EMPTY, content])
+                yield [self._iopub_control("stream"), run.parent, EMPTY, content]
+
+    def flush_final(self, deadline: float, drain: Callable[[float], object]) -> bool:
+        """The last flush of a process about to end (a fatal signal, ``os._exit``): sends
+        buffered output, after moving what ``drain(deadline)`` finds, without waiting past
+        ``deadline`` (``time.monotonic()``) for a lock or the socket. Skipped if this very
+        thread is inside a send or a flush (the socket may hold half a message, the output
+        it took may be half sent). True if everything went out."""
+        lock = self._lock
+        if lock._is_owned():  # type: ignore[attr-defined]
+            return False
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            drain(deadline)
+            conn = self._main
+            if conn in self._broken:
+                return False
+            for frames in self._stream_messages(self._buffer.take()):
+                if not conn.send_before(frames, deadline):
+                    return False
+            return True
+        finally:
+            lock.release()
 
     def _iopub_control(self, msg_type: str) -> bytes:
         control = self._iopub_controls.get(msg_type)
@@ -157,6 +187,10 @@ class Outbox:
 
     def done(self, req_id: int) -> None:
         self._send([control_frame({"op": "done", "id": req_id})])
+
+    def control(self, control: dict[str, Any]) -> None:
+        """A control-only message on main (e.g. ``reset_done``), after buffered output."""
+        self._send([control_frame(control)])
 
     # --- aux: answers computed off the main thread ------------------------------------
 

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import kernelvisor
 from kernelvisor import comms
 from kernelvisor.capture import CStdio, FdCapture
+from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
 from kernelvisor.interrupts import SigintGate
 from kernelvisor.ipc import Connection, ProtocolError
 from kernelvisor.messages import Request
@@ -56,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_diagnostics() -> TextIO:
-    """Keep the original stderr (the supervisor logs it) for crash dumps and our logs."""
+    """Keep the original stderr (the supervisor logs it) for crash dumps and our logs.
+
+    faulthandler's handlers chain to those installed before (a FatalSignalFlush's)."""
     diag_fd = os.dup(2)
     faulthandler.enable(file=diag_fd, all_threads=True)
     diag = open(  # noqa: SIM115 - lives as long as the process
@@ -132,7 +135,14 @@ class Worker:
     """One worker process's wiring. Holds every connection and thread, so that a forked
     copy can build its own instead of inheriting module-level state."""
 
-    def __init__(self, path: str, aux: Connection, worker_id: int, diag: TextIO) -> None:
+    def __init__(
+        self,
+        path: str,
+        aux: Connection,
+        worker_id: int,
+        diag: TextIO,
+        fatal_signals: FatalSignalFlush | None = None,
+    ) -> None:
         self.path = path
         self.aux_conn = aux
         self.main_conn: Connection | None = None
@@ -154,13 +164,21 @@ class Worker:
         self.flusher = Flusher(self.outbox.flush_streams)
         self.buffer.on_first_write = self.flusher.wake
         self.buffer.before_first_write = self.capture.drain
+        # Keeps the C handler's callback alive; armed by start_capture.
+        self.fatal_signals = fatal_signals if fatal_signals is not None else FatalSignalFlush()
 
     @classmethod
-    def connect(cls, path: str, worker_id: int, diag: TextIO) -> Worker:
+    def connect(
+        cls,
+        path: str,
+        worker_id: int,
+        diag: TextIO,
+        fatal_signals: FatalSignalFlush | None = None,
+    ) -> Worker:
         """Open ``aux`` and say hello on it at once (the supervisor then knows the pid)."""
         aux = Connection.connect(path)
         aux.send([control_frame({"op": "hello", "role": "aux", **cls._identity(worker_id)})])
-        return cls(path, aux, worker_id, diag)
+        return cls(path, aux, worker_id, diag, fatal_signals)
 
     @staticmethod
     def _identity(worker_id: int) -> dict[str, Any]:
@@ -179,6 +197,19 @@ class Worker:
         sys.stderr = OutStream(self.buffer, self.flusher, STDERR, 2)
         self.flusher.start()
         self.c_stdio = CStdio()
+        # Nothing printed is lost when user code ends the process (crash.py).
+        self.fatal_signals.arm(self._last_words)
+        flush_on_os_exit(self._last_words_before_exit, SHUTDOWN_GRACE_SECONDS)
+
+    def _last_words(self, deadline: float) -> None:
+        """Inside a fatal signal's handler: buffered output and what the fd pipes hold,
+        never waiting past ``deadline``."""
+        self.outbox.flush_final(deadline, self.capture.drain_before)
+
+    def _last_words_before_exit(self, deadline: float) -> None:
+        """Before user code's ``os._exit``: as at the end of a cell, C stdio buffers too."""
+        self.c_stdio.flush()
+        self.outbox.flush_final(deadline, self.capture.drain_before)
 
     def start_shell(self) -> None:
         # IPython is imported here, not at module level: the worker is only ready (and
@@ -266,7 +297,7 @@ class Worker:
             self.outbox.flush_streams(timeout=SHUTDOWN_GRACE_SECONDS)
         finally:
             self._exited.set()
-            os._exit(code)
+            really_exit(code)  # not os._exit: that flushes again
 
     def _shutdown(self) -> None:
         """Stop taking work and stop the main loop; from any thread. The process exits
@@ -355,6 +386,11 @@ class Worker:
                 # supervisor reads and writes us from separate tasks: no deadlock here.
                 self.aux_conn.send([control_frame({"op": "pong", "seq": control.get("seq")})])
                 return
+            if op == "reset":
+                # Back to the idle pool after a `# process` cell: a fresh namespace, warm
+                # imports kept. Runs on the main loop, after anything queued before it.
+                self.loop.call_soon_threadsafe(self._reset)
+                return
             if op != "request":
                 log.warning("ignoring unknown op %r on %s", op, via)
                 return
@@ -423,6 +459,12 @@ class Worker:
 
     # --- main thread -----------------------------------------------------------------
 
+    def _reset(self) -> None:
+        """Clear the user namespace and history counters (IPython's %reset), then say so."""
+        self.shell.reset(new_session=False)
+        self.shell.execution_count = 1
+        self.outbox.control({"op": "reset_done"})
+
     def _start_execute(self, req: Request) -> None:
         """Run the request's first step now (a cell that never awaits runs to its reply
         right here), and only what remains after an ``await`` as a task."""
@@ -454,9 +496,12 @@ class Worker:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Before faulthandler: a fatal signal dumps the stacks first, then flushes output.
+    fatal_signals = FatalSignalFlush()
+    fatal_signals.install()
     diag = setup_diagnostics()
     try:
-        worker = Worker.connect(args.connect, args.worker_id, diag)
+        worker = Worker.connect(args.connect, args.worker_id, diag, fatal_signals)
     except OSError:
         log.exception("cannot connect to %s", args.connect)
         sys.exit(1)
@@ -466,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         worker.connect_main()
     except OSError:
         log.exception("cannot connect to %s", args.connect)
-        os._exit(1)
+        really_exit(1)
     log.info("worker %d ready (pid %d)", args.worker_id, os.getpid())
     worker.run()
 
