@@ -475,8 +475,19 @@ impl Kernel {
     /// Interrupts the running cell: SIGINT to its worker the first time; the second time
     /// (the cell ignored it, or sits in C code), the worker is killed and replaced.
     fn interrupt(&mut self, why: &str) {
+        // `# process` cells are interrupted too (once per interrupt; no escalation: a stuck
+        // one costs only its own worker, which the user can kill by restarting).
+        let lent: Vec<u32> = self
+            .pending
+            .values()
+            .filter(|p| p.borrowed && p.is_execute)
+            .filter_map(|p| self.pool.borrowed(p.worker).map(|w| w.pid))
+            .collect();
+        for pid in lent {
+            signal_pid(pid, libc::SIGINT);
+        }
         let Some(running) = self.running.as_mut() else {
-            debug!(why, "interrupt while idle: nothing to do");
+            debug!(why, "no cell running in the main worker");
             return;
         };
         let Some(pid) = self

@@ -80,3 +80,20 @@ def test_a_returned_worker_is_reset() -> None:
         second = k.kc.execute("# process\nimport os; print(os.getpid(), 'leftover' in globals())")
         out = stdout(collect(k.kc, [second])[second]).split()
         assert out[1] == "False", (pid, out)
+
+
+def test_an_interrupt_reaches_a_process_cell() -> None:
+    with running_kernel("kernelvisor") as k:
+        execute(k.kc, "x = 1")
+        mid = k.kc.execute("# process\nimport time\nprint('start', flush=True)\ntime.sleep(60)")
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # wait until the cell is running
+            assert time.monotonic() < deadline, "the process cell never started"
+            msg = k.kc.get_iopub_msg(timeout=TIMEOUT)
+            if msg["parent_header"].get("msg_id") == mid and msg["msg_type"] == "stream":
+                break
+        k.km.interrupt_kernel()
+        reply = k.kc.get_shell_msg(timeout=TIMEOUT)
+        assert reply["parent_header"]["msg_id"] == mid
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert result_text(execute(k.kc, "x")[1]) == "1"
