@@ -132,19 +132,20 @@ class Outbox:
         lock = self._lock
         if lock._is_owned():  # type: ignore[attr-defined]
             return False
-        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            return False
-        try:
-            drain(deadline)
-            conn = self._main
-            if conn in self._broken:
+        with self._gate.hold():
+            if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 return False
-            for frames in self._stream_messages(self._buffer.take()):
-                if not conn.send_before(frames, deadline):
+            try:
+                drain(deadline)
+                conn = self._main
+                if conn in self._broken:
                     return False
-            return True
-        finally:
-            lock.release()
+                for frames in self._stream_messages(self._buffer.take()):
+                    if not conn.send_before(frames, deadline):
+                        return False
+                return True
+            finally:
+                lock.release()
 
     def _iopub_control(self, msg_type: str) -> bytes:
         control = self._iopub_controls.get(msg_type)
