@@ -1,0 +1,256 @@
+"""Interrupts: SIGINT to the kernel's process group (signal mode, what jupyter_client does) and
+interrupt_request on control; escalation for cells that ignore them; idle workers untouched."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+
+import pytest
+from isolation_support import (
+    assert_crashed,
+    assert_healthy,
+    assert_heartbeat,
+    assert_name_lost,
+    describe,
+    finish_cell,
+    idle_workers,
+    is_running,
+    kv_info,
+    kv_kernel,
+    main_worker,
+    settled,
+    start_cell_marked,
+    supervisor_pid,
+    wait_pool,
+)
+from jupyter_client.blocking.client import BlockingKernelClient
+from kvharness import TIMEOUT, Kernel, Msg, execute, get_reply, parent_id, result_text
+
+SLEEP_MARKED = 'import time\nprint("sleeping", flush=True)\ntime.sleep(30)'
+
+# A cell that swallows every KeyboardInterrupt, saying so each time. Its marker is printed inside
+# the try: a SIGINT landing while print() sends it is raised when print() returns.
+STUBBORN = """\
+import time
+started = False
+while True:
+    try:
+        if not started:
+            started = True
+            print("looping", flush=True)
+        time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("caught", flush=True)
+"""
+
+# An interrupt is asynchronous (a signal, or a message handled by the supervisor in its own
+# time); this pause lets one sent while idle be handled before the next cell is sent. It only
+# orders events, nothing is asserted about durations.
+SETTLE = 0.5
+
+
+def interrupt_by_signal(k: Kernel) -> None:
+    """What a frontend does with interrupt_mode "signal": SIGINT to the kernel's process group."""
+    assert k.km.kernel_spec is not None
+    assert k.km.kernel_spec.interrupt_mode == "signal"
+    k.km.interrupt_kernel()
+
+
+def interrupt_by_message(k: Kernel) -> None:
+    """interrupt_request on the control channel; the supervisor acknowledges it at once."""
+    msg = k.kc.session.msg("interrupt_request", {})
+    k.kc.control_channel.send(msg)
+    reply = get_reply(k.kc, msg["header"]["msg_id"], channel="control")
+    assert reply["msg_type"] == "interrupt_reply"
+    assert reply["content"]["status"] == "ok", reply["content"]
+
+
+INTERRUPTS = {"signal": interrupt_by_signal, "message": interrupt_by_message}
+
+
+def wait_for_output(kc: BlockingKernelClient, msg_id: str, text: str, seen: list[Msg]) -> None:
+    """Waits for ``text`` on the cell's stdout (appending what arrives to ``seen``), failing if
+    the cell ends first."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no {text!r} from {msg_id}; got {describe(seen)}")
+        try:
+            msg = kc.get_iopub_msg(timeout=remaining)
+        except queue.Empty:
+            continue
+        if parent_id(msg) != msg_id:
+            continue
+        seen.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            raise AssertionError(f"cell ended before printing {text!r}: {describe(seen)}")
+        if msg["msg_type"] == "stream" and text in msg["content"]["text"]:
+            return
+
+
+def no_reply_yet(kc: BlockingKernelClient, msg_id: str) -> bool:
+    try:
+        msg = kc.get_shell_msg(timeout=0.2)
+    except queue.Empty:
+        return True
+    raise AssertionError(
+        f"unexpected shell message while the cell runs: {msg['msg_type']} "
+        f"(parent {parent_id(msg)}, cell {msg_id}): {msg['content']}"
+    )
+
+
+@pytest.mark.parametrize("how", list(INTERRUPTS))
+def test_interrupt_raises_keyboard_interrupt_and_keeps_namespace(kernel: Kernel, how: str) -> None:
+    kc = kernel.kc
+    execute(kc, "survivor = 11")
+    before = main_worker(kc)
+    msg_id, seen = start_cell_marked(kc, SLEEP_MARKED, "sleeping")
+
+    INTERRUPTS[how](kernel)
+
+    reply, iopub = finish_cell(kc, msg_id, seen)
+    assert reply["content"]["status"] == "error", reply["content"]
+    assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+    errors = [m for m in iopub if m["msg_type"] == "error"]
+    assert [e["content"]["ename"] for e in errors] == ["KeyboardInterrupt"], describe(iopub)
+    # The same worker, its namespace intact, and it goes on working.
+    assert main_worker(kc) == before
+    reply, iopub = execute(kc, "survivor")
+    assert result_text(iopub) == "11", describe(iopub)
+
+
+@pytest.mark.parametrize("how", list(INTERRUPTS))
+def test_second_interrupt_kills_a_cell_that_ignores_the_first(kernel: Kernel, how: str) -> None:
+    kc = kernel.kc
+    execute(kc, "survivor = 1")
+    _, pid = main_worker(kc)
+    msg_id, seen = start_cell_marked(kc, STUBBORN, "looping")
+
+    INTERRUPTS[how](kernel)
+    # The cell caught it and runs on: nothing visible but its own output.
+    wait_for_output(kc, msg_id, "caught", seen)
+    assert no_reply_yet(kc, msg_id)
+    assert is_running(pid)
+
+    INTERRUPTS[how](kernel)
+
+    reply, iopub = finish_cell(kc, msg_id, seen)
+    assert_crashed(reply, iopub, "interrupted again")
+    assert "did not stop when interrupted" in reply["content"]["evalue"], reply["content"]
+    assert not is_running(pid)
+    assert_name_lost(kc, "survivor")
+    assert_healthy(kc)
+
+
+def test_interrupt_grace_kills_after_one_interrupt() -> None:
+    with kv_kernel(interrupt_grace=1) as k:
+        kc = k.kc
+        _, pid = main_worker(kc)
+        msg_id, seen = start_cell_marked(kc, STUBBORN, "looping")
+        interrupt_by_signal(k)
+        wait_for_output(kc, msg_id, "caught", seen)
+        # No second interrupt: the grace period runs out.
+        reply, iopub = finish_cell(kc, msg_id, seen)
+        assert_crashed(reply, iopub, "still running 1.0 s after an interrupt")
+        assert not is_running(pid)
+        assert_healthy(kc)
+
+
+def test_interrupt_grace_spares_a_cell_that_stops() -> None:
+    """With a grace period, a cell that does stop gets its KeyboardInterrupt and keeps its
+    worker, even after the grace period has passed."""
+    with kv_kernel(interrupt_grace=1) as k:
+        kc = k.kc
+        execute(kc, "survivor = 3")
+        before = main_worker(kc)
+        msg_id, seen = start_cell_marked(kc, SLEEP_MARKED, "sleeping")
+        interrupt_by_signal(k)
+        reply, _ = finish_cell(kc, msg_id, seen)
+        assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+        # Longer than the grace period, then a cell that runs past it without interrupts.
+        reply, iopub = execute(kc, "import time; time.sleep(2); survivor")
+        assert reply["content"]["status"] == "ok", (reply["content"], describe(iopub))
+        assert result_text(iopub) == "3"
+        assert main_worker(kc) == before
+
+
+@pytest.mark.parametrize("how", list(INTERRUPTS))
+def test_interrupt_while_idle_is_harmless(kernel: Kernel, how: str) -> None:
+    kc = kernel.kc
+    execute(kc, "survivor = 2")
+    before = main_worker(kc)
+    for _ in range(2):  # twice: an idle interrupt must not count towards escalation either
+        INTERRUPTS[how](kernel)
+        kv_info(kc)
+        time.sleep(SETTLE)
+    assert main_worker(kc) == before
+    assert_healthy(kc)
+    _, iopub = execute(kc, "survivor")
+    assert result_text(iopub) == "2", describe(iopub)
+    assert main_worker(kc) == before
+
+
+def test_group_sigint_does_not_reach_idle_workers() -> None:
+    # Two warm workers, so that more than one idle process is exposed to the signal.
+    with kv_kernel(warm_workers=2) as k:
+        kc = k.kc
+        execute(kc, "survivor = 4")
+        pool = wait_pool(kc, lambda p: settled(p, 2), "a main and two idle workers")
+        main = main_worker(kc)
+        idle = sorted(idle_workers(pool))
+        pgid = os.getpgid(supervisor_pid(k))
+
+        # While idle: the whole group gets SIGINT.
+        os.killpg(pgid, signal.SIGINT)
+        kv_info(kc)
+        time.sleep(SETTLE)
+        pool = kv_info(kc)
+        assert sorted(idle_workers(pool)) == idle, pool
+        assert all(is_running(pid) for _, pid in idle)
+
+        # While a cell runs: it is interrupted, the idle workers are not.
+        msg_id, seen = start_cell_marked(kc, SLEEP_MARKED, "sleeping")
+        os.killpg(pgid, signal.SIGINT)
+        reply, _ = finish_cell(kc, msg_id, seen)
+        assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+        pool = kv_info(kc)
+        assert sorted(idle_workers(pool)) == idle, pool
+        assert all(is_running(pid) for _, pid in idle)
+        assert main_worker(kc) == main
+        assert result_text(execute(kc, "survivor")[1]) == "4"
+
+
+# Stuck in C code with the GIL held (see test_isolation.DEADLOCK): SIGINT cannot get through.
+DEADLOCK_MARKED = (
+    "import ctypes\nlibc = ctypes.PyDLL(None)\nm = ctypes.create_string_buffer(64)\n"
+    'libc.pthread_mutex_init(m, None)\nlibc.pthread_mutex_lock(m)\nprint("stuck", flush=True)\n'
+    "libc.pthread_mutex_lock(m)"
+)
+
+
+def test_second_interrupt_frees_a_worker_stuck_in_c_code(kernel: Kernel) -> None:
+    kc = kernel.kc
+    execute(kc, "survivor = 1")
+    _, pid = main_worker(kc)
+    msg_id, seen = start_cell_marked(kc, DEADLOCK_MARKED, "stuck")
+    # The kernel itself stays responsive meanwhile.
+    info_id = kc.kernel_info()
+    assert get_reply(kc, info_id)["content"]["status"] == "ok"
+    assert_heartbeat(kc)
+
+    interrupt_by_signal(kernel)
+    kv_info(kc)
+    assert no_reply_yet(kc, msg_id)
+    assert is_running(pid)
+
+    interrupt_by_signal(kernel)
+
+    reply, iopub = finish_cell(kc, msg_id, seen)
+    assert_crashed(reply, iopub, "interrupted again")
+    assert not is_running(pid)
+    assert_name_lost(kc, "survivor")
+    assert_healthy(kc)
