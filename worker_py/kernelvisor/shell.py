@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,11 +14,14 @@ from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell, InteractiveShellABC
+from IPython.utils import process as ipython_process
 from traitlets import Any as AnyTrait
 from traitlets import CBool, Type
 from traitlets.config import Config
 
+from kernelvisor.compiler import CellCompiler
 from kernelvisor.messages import loads_object
+from kernelvisor.streams import OutStream
 
 # Inputs cached before IPython writes history to sqlite on its own.
 HISTORY_CACHE_SIZE = 1000
@@ -85,6 +90,11 @@ class IpcDisplayPublisher(DisplayPublisher):
         self.shell.publish("clear_output", {"wait": bool(wait)})  # type: ignore[union-attr]
 
 
+def _is_worker_stdout(stream: object) -> bool:
+    """Whether ``stream`` is the worker's own stdout, the stream of what fd 1 receives."""
+    return isinstance(stream, OutStream) and stream.fileno() == 1
+
+
 class _KernelShim:
     """What ipywidgets' Output widget reads from ``get_ipython().kernel``."""
 
@@ -100,6 +110,8 @@ class _KernelShim:
 class ZMQInteractiveShell(InteractiveShell):
     displayhook_class = Type(IpcDisplayHook)
     display_pub_class = Type(IpcDisplayPublisher)
+    # Cells are named <tempdir>/kernelvisor_<pid>/<hash>.py, as ipykernel names them.
+    compiler_class = Type(CellCompiler)
     # Line editing has no meaning without a terminal.
     readline_use = CBool(False)
     autoindent = CBool(False)
@@ -203,14 +215,58 @@ class ZMQInteractiveShell(InteractiveShell):
         self._last_traceback = stb
         self._last_error = (etype.__name__, evalue_text)
 
-    def system_raw(self, cmd: str) -> None:
-        super().system_raw(cmd)
-        # The child is done: queue its output before anything the cell prints next.
-        self.drain_output()
+    # `!cmd` runs in one of two ways, chosen per call. Normally the child inherits fds 1
+    # and 2, which the worker captures: fast, and its stdout and stderr stay apart. But
+    # when sys.stdout is not the worker's stream (%%capture, contextlib.redirect_stdout),
+    # the child's output has to reach whatever sys.stdout is now, so it runs under a pty
+    # (IPython's pexpect-based system) whose output is copied there, as ipykernel does.
+    # The command is expanded ({var}, $var) here, with the locals of the code running it.
+    def system(self, cmd: str) -> None:
+        cmd = self.var_expand(cmd, depth=1)
+        code = self._run_raw(cmd) if _is_worker_stdout(sys.stdout) else self._run_piped(cmd)
+        # As _set_exit_code, inline: one kernel frame fewer in a CalledProcessError's
+        # traceback, as with ipykernel.
+        self.user_ns["_exit_code"] = code
+        if self.system_raise_on_error and code != 0:
+            raise subprocess.CalledProcessError(code, cmd)
 
-    # The child writes straight to the captured fds; IPython's default would run it
-    # under pexpect and copy its output through Python.
-    system = system_raw
+    def system_raw(self, cmd: str) -> None:
+        cmd = self.var_expand(cmd, depth=1)
+        self._set_exit_code(cmd, self._run_raw(cmd))
+
+    def system_piped(self, cmd: str) -> None:
+        cmd = self.var_expand(cmd, depth=1)
+        self._set_exit_code(cmd, self._run_piped(cmd))
+
+    def _set_exit_code(self, cmd: str, code: int) -> None:
+        # Not returned: a value would be shown as the cell's result.
+        self.user_ns["_exit_code"] = code
+        if self.system_raise_on_error and code != 0:
+            raise subprocess.CalledProcessError(code, cmd)
+
+    def _run_raw(self, cmd: str) -> int:
+        """IPython's system_raw (POSIX) for an expanded command: the exit code, or minus
+        the signal that killed the child. Without system_raw's hint to use %pip, %conda or
+        %cd instead (ipykernel does not give it either)."""
+        try:
+            try:
+                code = subprocess.call(cmd, shell=True, executable=os.environ.get("SHELL"))
+            finally:
+                # The child is done: queue its output before anything printed next.
+                self.drain_output()
+        except KeyboardInterrupt:
+            # A long traceback is of no use here.
+            print("\n" + self.get_exception_only(), file=sys.stderr)
+            code = 130
+        return -(code - 128) if code > 128 else code
+
+    def _run_piped(self, cmd: str) -> int:
+        """IPython's system_piped for an expanded command."""
+        if cmd.rstrip().endswith("&"):
+            # The pty is read until the child exits: a background process cannot work.
+            raise OSError("Background processes not supported.")
+        code: int = ipython_process.system(cmd)
+        return code
 
     @contextlib.contextmanager
     def _tee(self, channel: str) -> Iterator[None]:

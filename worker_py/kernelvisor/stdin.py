@@ -26,6 +26,15 @@ def _nothing() -> None:
     pass
 
 
+def _stdin_not_implemented(what: str) -> Exception:
+    from IPython.core.error import StdinNotImplementedError
+
+    # ipykernel's message, word for word: frontends and tests match on it.
+    return StdinNotImplementedError(
+        f"{what} was called, but this frontend does not support input requests."
+    )
+
+
 @dataclass(frozen=True)
 class _Asker:
     req_id: int
@@ -70,23 +79,28 @@ class StdinBridge:
             os.write(self._wake_w, b"\0")
 
     def input(self, prompt: Any = "") -> str:
-        return self._ask(str(prompt), password=False, what="input")
-
-    def getpass(self, prompt: str = "Password: ", stream: Any = None, **_: Any) -> str:
-        if stream is not None:
-            warnings.warn(
-                "getpass's stream argument is ignored by kernelvisor", UserWarning, stacklevel=2
-            )
-        return self._ask(str(prompt), password=True, what="getpass")
-
-    def _ask(self, prompt: str, password: bool, what: str) -> str:
         asker = self._asker
         if asker is None or not asker.allow_stdin:
-            from IPython.core.error import StdinNotImplementedError
+            raise _stdin_not_implemented("raw_input")  # the Python 2 name, as ipykernel says
+        return self._ask(asker, str(prompt), password=False)
 
-            raise StdinNotImplementedError(
-                f"{what}() was called, but this frontend does not support input requests."
-            )
+    def getpass(
+        self, prompt: str = "Password: ", stream: Any = None, *, echo_char: str | None = None
+    ) -> str:
+        asker = self._asker
+        if asker is None or not asker.allow_stdin:
+            raise _stdin_not_implemented("getpass")
+        for name, value in (("stream", stream), ("echo_char", echo_char)):
+            if value is not None:
+                warnings.warn(
+                    f"The `{name}` parameter of `getpass.getpass` will have no effect"
+                    " when using kernelvisor",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return self._ask(asker, str(prompt), password=True)
+
+    def _ask(self, asker: _Asker, prompt: str, password: bool) -> str:
         while True:  # forget answers to questions nobody is asking any more
             try:
                 self._replies.get_nowait()
