@@ -6,6 +6,7 @@
 //! `kernelvisor install` writes the kernelspec.
 
 mod connection;
+mod exit;
 mod header;
 mod heartbeat;
 mod install;
@@ -15,6 +16,7 @@ mod kernel;
 mod kernel_info;
 mod outbox;
 mod pool;
+mod run_mode;
 mod signer;
 mod wire;
 mod worker;

@@ -239,6 +239,16 @@ async fn serve_connection(stream: UnixStream, events: mpsc::UnboundedSender<Work
     let _ = events.send(WorkerEvent::Disconnected(id, role));
 }
 
+/// Sends a signal to a worker process.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    if pid > 0 {
+        // SAFETY: plain syscall; a stale pid at worst gets a signal meant for a dead child.
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
+    }
+}
+
 /// Resident memory of a process, from `/proc/PID/statm` (Linux); `None` once it is gone.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;

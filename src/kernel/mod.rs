@@ -5,6 +5,10 @@
 //! [`WorkerEvent`]s. Both are handled here, one at a time, so ordering needs no locks.
 //! Nothing here waits on a worker: writes to workers go through per-worker channels.
 
+mod lifecycle;
+mod watchdog;
+mod workers;
+
 use std::collections::{HashMap, VecDeque};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -19,11 +23,13 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::connection::ConnectionInfo;
+use crate::exit::{describe_exit, last_words};
 use crate::heartbeat;
 use crate::iopub::Iopub;
 use crate::kernel_info;
 use crate::outbox::Outbox;
 use crate::pool::{Placement, Pool, PoolPolicy, Role};
+use crate::run_mode::{run_mode, RunMode};
 use crate::signer::Signer;
 use crate::wire::{self, Incoming};
 use crate::worker::{self, Frames, WorkerConfig, WorkerEvent, WorkerId};
@@ -484,7 +490,7 @@ impl Kernel {
             .filter_map(|p| self.pool.borrowed(p.worker).map(|w| w.pid))
             .collect();
         for pid in lent {
-            signal_pid(pid, libc::SIGINT);
+            worker::signal(pid, libc::SIGINT);
         }
         let Some(running) = self.running.as_mut() else {
             debug!(why, "no cell running in the main worker");
@@ -505,7 +511,7 @@ impl Kernel {
                 why, "interrupting the running cell"
             );
             running.first_interrupt = Some(Instant::now());
-            signal_pid(pid, libc::SIGINT);
+            worker::signal(pid, libc::SIGINT);
         } else {
             let worker = running.worker;
             self.kill_worker(
@@ -519,7 +525,7 @@ impl Kernel {
     fn kill_worker(&mut self, id: WorkerId, pid: u32, reason: String) {
         warn!(worker = id, pid, reason, "killing worker");
         self.kill_reasons.insert(id, reason);
-        signal_pid(pid, libc::SIGKILL);
+        worker::signal(pid, libc::SIGKILL);
     }
 
     // ---- requests handed to workers ----
@@ -605,517 +611,6 @@ impl Kernel {
             }
         }
     }
-
-    // ---- worker events ----
-
-    async fn on_worker_event(&mut self, ev: WorkerEvent) {
-        match ev {
-            WorkerEvent::Connected { hello, tx } => self.worker_connected(hello, tx).await,
-            WorkerEvent::Message(id, frames) => self.worker_message(id, frames).await,
-            WorkerEvent::Disconnected(id, role) => {
-                debug!(worker = id, ?role, "worker disconnected");
-                if role == worker::Role::Main {
-                    match self.exits.remove(&id) {
-                        Some((status, tail, _)) => self.worker_exited(id, status, tail).await,
-                        None => {
-                            self.drained.insert(id);
-                        }
-                    }
-                }
-                // It should exit on its own; make sure it does.
-                if let Some((_, pid)) = self.pool.all_pids().into_iter().find(|(w, _)| *w == id) {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                        signal_pid(pid, libc::SIGKILL);
-                    });
-                }
-            }
-            WorkerEvent::Exited {
-                id,
-                status,
-                stderr_tail,
-            } => {
-                // Handle the death once everything it sent on `main` (its last output) is
-                // through, so the crash error comes after it. A worker that never
-                // connected has nothing to drain.
-                let connected = self.pool.main().is_some_and(|w| w.id == id);
-                if connected && !self.drained.remove(&id) {
-                    self.exits.insert(id, (status, stderr_tail, Instant::now()));
-                } else {
-                    self.drained.remove(&id);
-                    self.worker_exited(id, status, stderr_tail).await;
-                }
-            }
-        }
-    }
-
-    async fn worker_connected(&mut self, hello: worker::Hello, tx: mpsc::UnboundedSender<Frames>) {
-        let id = hello.worker_id;
-        if hello.role == worker::Role::Aux {
-            if !self.pool.aux_connected(id, tx) {
-                warn!(
-                    worker = id,
-                    "aux connection from a worker we did not start; ignored"
-                );
-            }
-            return;
-        }
-        let placement = self.pool.ready(id, tx);
-        info!(worker = id, pid = hello.pid, ?placement, "worker ready");
-        match placement {
-            Placement::Unknown => {
-                warn!(
-                    worker = id,
-                    "hello from a worker we did not start (or without aux)"
-                );
-                return;
-            }
-            Placement::Main => self.main_ready().await,
-            Placement::Idle => self.dispatch_process(),
-            Placement::Retired => {}
-        }
-        if !hello.language_info.is_null() {
-            self.language_info = Some(hello.language_info);
-        }
-        for (channel, msg) in std::mem::take(&mut self.deferred_kernel_info) {
-            self.kernel_info(channel, msg).await;
-        }
-        self.refill_pool();
-    }
-
-    /// A (new) main worker is up: hand it what waited.
-    async fn main_ready(&mut self) {
-        self.last_heard = Instant::now();
-        while let Some(msg) = self.waiting_for_worker.pop_front() {
-            self.forward(msg);
-        }
-        self.dispatch_execute();
-    }
-
-    async fn worker_message(&mut self, wid: WorkerId, frames: Frames) {
-        if self.pool.main().is_some_and(|w| w.id == wid) {
-            self.last_heard = Instant::now();
-        }
-        let ctrl: WorkerCtrl = match serde_json::from_slice(&frames[0]) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(worker = wid, error = %e, "bad control frame from worker");
-                return;
-            }
-        };
-        let rest = &frames[1..];
-        match (ctrl.op, ctrl.msg_type) {
-            ("iopub", Some(msg_type)) if rest.len() >= 3 && is_identifier(msg_type) => {
-                if msg_type == "execute_input" {
-                    // Remembered for a crash reply: the spec wants the cell's count there.
-                    if let Some(n) = execution_count(&rest[2]) {
-                        self.execution_counts.insert(wid, n);
-                    }
-                }
-                let msg = self
-                    .outbox
-                    .iopub(msg_type, &rest[0], &rest[1], &rest[2], &rest[3..]);
-                self.iopub.send(msg);
-            }
-            ("reply", Some(msg_type)) if rest.len() >= 2 && is_identifier(msg_type) => {
-                let Some(p) = ctrl.id.and_then(|id| self.pending.remove(&id)) else {
-                    warn!(worker = wid, id = ?ctrl.id, "reply to no pending request");
-                    return;
-                };
-                let reply = self.outbox.to_peer(
-                    &p.identities,
-                    msg_type,
-                    &p.header,
-                    &rest[0],
-                    &rest[1],
-                    &rest[2..],
-                );
-                self.send(p.channel, reply).await;
-                self.publish_status(&p.header, "idle");
-                if p.borrowed {
-                    // A fresh namespace before it goes back to the pool.
-                    if let Some(w) = self.pool.borrowed(wid) {
-                        w.send_main(vec![Bytes::from_static(br#"{"op":"reset"}"#)]);
-                    }
-                } else if p.is_execute {
-                    let failed = ctrl.status == Some("error");
-                    self.execute_done(ctrl.id, failed && ctrl.stop_on_error.unwrap_or(true))
-                        .await;
-                }
-            }
-            ("done", _) => {
-                let Some(p) = ctrl.id.and_then(|id| self.pending.remove(&id)) else {
-                    return;
-                };
-                self.publish_status(&p.header, "idle");
-                if p.is_execute {
-                    self.execute_done(ctrl.id, false).await;
-                }
-            }
-            ("stdin", Some(msg_type)) if rest.len() >= 3 && is_identifier(msg_type) => {
-                let Some(p) = ctrl.id.and_then(|id| self.pending.get(&id)) else {
-                    warn!(worker = wid, "input_request for no pending request");
-                    return;
-                };
-                let msg =
-                    self.outbox
-                        .to_peer(&p.identities, msg_type, &rest[0], &rest[1], &rest[2], &[]);
-                self.send(Channel::Stdin, msg).await;
-            }
-            ("pong", _) => {}
-            ("reset_done", _) => {
-                if let Some(placement) = self.pool.give_back(wid) {
-                    debug!(worker = wid, ?placement, "borrowed worker returned");
-                }
-                self.dispatch_process();
-            }
-            (op, msg_type) => {
-                warn!(
-                    worker = wid,
-                    op,
-                    ?msg_type,
-                    frames = frames.len(),
-                    "malformed worker message"
-                )
-            }
-        }
-    }
-
-    /// The running execute finished; abort the queue after an error if asked, then run
-    /// the next one.
-    async fn execute_done(&mut self, id: Option<u64>, abort_queue: bool) {
-        if self.running.as_ref().map(|r| r.id) != id {
-            warn!(?id, "execute finished that was not the running one");
-            return;
-        }
-        self.running = None;
-        if abort_queue {
-            self.abort_queue().await;
-        }
-        self.dispatch_execute();
-    }
-
-    /// Answers every queued execute request with `status: aborted`, as ipykernel does
-    /// after an error with `stop_on_error`.
-    async fn abort_queue(&mut self) {
-        let queued: Vec<Incoming> = self.execute_queue.drain(..).collect();
-        for msg in queued {
-            debug!(msg_id = %msg.header.msg_id, "aborting queued execute");
-            let frames = self.outbox.to_peer(
-                &msg.identities,
-                "execute_reply",
-                &msg.header_bytes,
-                br#"{"status":"aborted"}"#,
-                br#"{"status":"aborted","execution_count":null}"#,
-                &[],
-            );
-            self.publish_status(&msg.header_bytes, "busy");
-            self.send(Channel::Shell, frames).await;
-            self.publish_status(&msg.header_bytes, "idle");
-        }
-    }
-
-    async fn worker_exited(&mut self, id: WorkerId, status: ExitStatus, tail: Vec<String>) {
-        let reason = self.kill_reasons.remove(&id);
-        let count = self.execution_counts.remove(&id);
-        let role = self.pool.remove(id);
-        if self.exiting {
-            return;
-        }
-        match role {
-            Some(Role::Main) => {}
-            Some(Role::Borrowed) => {
-                let cause = reason.unwrap_or_else(|| describe_exit(status));
-                error!(
-                    worker = id,
-                    cause, "a borrowed worker died; the main namespace is intact"
-                );
-                self.answer_owed(id, count, &cause, &last_words(&tail), false)
-                    .await;
-                self.dispatch_process();
-                self.refill_pool();
-                return;
-            }
-            Some(Role::Retiring) => {
-                debug!(worker = id, %status, "retired worker exited");
-                return;
-            }
-            other => {
-                warn!(worker = id, %status, role = ?other, "a spare worker exited: {}", last_words(&tail).join("\n"));
-                self.dispatch_process();
-                self.refill_pool();
-                return;
-            }
-        }
-        let cause = reason.unwrap_or_else(|| describe_exit(status));
-        error!(worker = id, cause, "main worker died");
-        self.answer_owed(id, count, &cause, &last_words(&tail), true)
-            .await;
-        if self.running.take().is_some() {
-            self.abort_queue().await;
-        }
-        // A warm spare takes over at once; the pool refills behind it.
-        if self.pool.promote_idle().is_some() {
-            info!(worker = ?self.pool.main().map(|w| w.id), "a warm worker took over");
-            self.main_ready().await;
-        }
-        self.refill_pool();
-    }
-
-    /// Answers everything a dead worker owed, oldest first (the running cell first).
-    async fn answer_owed(
-        &mut self,
-        id: WorkerId,
-        count: Option<u64>,
-        cause: &str,
-        words: &[String],
-        main: bool,
-    ) {
-        let mut owed: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.worker == id)
-            .map(|(k, _)| *k)
-            .collect();
-        owed.sort_unstable();
-        for k in owed {
-            if let Some(p) = self.pending.remove(&k) {
-                self.answer_crash(&p, count, cause, words, main).await;
-            }
-        }
-    }
-
-    async fn answer_crash(
-        &mut self,
-        p: &Pending,
-        count: Option<u64>,
-        cause: &str,
-        words: &[String],
-        main: bool,
-    ) {
-        let evalue = if main {
-            format!("the worker process died ({cause}); its namespace was lost")
-        } else {
-            format!("the `# process` worker died ({cause}); the main namespace is intact")
-        };
-        let mut traceback = vec![format!("\x1b[0;31mWorkerCrashed\x1b[0m: {evalue}")];
-        traceback.extend(words.iter().cloned());
-        if main {
-            traceback.push(
-                "The next cell runs in a fresh worker: re-run the cells it needs.".to_string(),
-            );
-        }
-        let error = json!({"ename": "WorkerCrashed", "evalue": evalue, "traceback": traceback});
-        if p.is_execute {
-            let msg =
-                self.outbox
-                    .iopub("error", &p.header, b"{}", error.to_string().as_bytes(), &[]);
-            self.iopub.send(msg);
-        }
-        let mut reply = error;
-        reply["status"] = json!("error");
-        if p.is_execute {
-            reply["execution_count"] = json!(count);
-        }
-        let reply_type = match p.msg_type.strip_suffix("_request") {
-            Some(prefix) => format!("{prefix}_reply"),
-            // comm messages have no reply: just end their busy.
-            None => {
-                self.publish_status(&p.header, "idle");
-                return;
-            }
-        };
-        let frames = self.outbox.to_peer(
-            &p.identities,
-            &reply_type,
-            &p.header,
-            br#"{"status":"error"}"#,
-            reply.to_string().as_bytes(),
-            &[],
-        );
-        self.send(p.channel, frames).await;
-        self.publish_status(&p.header, "idle");
-    }
-
-    // ---- the watchdog ----
-
-    /// Runs every `TICK`: overdue exits, memory limit, liveness, interrupt grace, idle
-    /// reaping.
-    async fn watchdog(&mut self) {
-        let now = Instant::now();
-        let overdue: Vec<WorkerId> = self
-            .exits
-            .iter()
-            .filter(|(_, (_, _, at))| now.duration_since(*at) > DRAIN_WAIT)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in overdue {
-            if let Some((status, tail, _)) = self.exits.remove(&id) {
-                warn!(worker = id, "its connection did not close after it exited");
-                self.worker_exited(id, status, tail).await;
-            }
-        }
-        if let Some(limit) = self.cfg.memory_limit {
-            for (id, pid) in self.pool.all_pids() {
-                if self.kill_reasons.contains_key(&id) {
-                    continue;
-                }
-                if let Some(rss) = worker::rss_bytes(pid).filter(|rss| *rss > limit) {
-                    self.kill_worker(
-                        id,
-                        pid,
-                        format!(
-                            "killed: out of memory (resident memory reached {} MiB; the limit is {} MiB)",
-                            rss >> 20,
-                            limit >> 20
-                        ),
-                    );
-                }
-            }
-        }
-        if let (Some(running), Some((wid, pid))) = (
-            self.running.as_ref(),
-            self.pool.main().map(|w| (w.id, w.pid)),
-        ) {
-            if running.worker == wid && !self.kill_reasons.contains_key(&wid) {
-                if let (Some(grace), Some(first)) =
-                    (self.cfg.interrupt_grace, running.first_interrupt)
-                {
-                    if now.duration_since(first) > grace {
-                        self.kill_worker(
-                            wid,
-                            pid,
-                            format!(
-                                "killed: the cell was still running {:.1} s after an interrupt",
-                                grace.as_secs_f64()
-                            ),
-                        );
-                        return;
-                    }
-                }
-                if let Some(timeout) = self.cfg.unresponsive_timeout {
-                    if now.duration_since(self.last_heard) > timeout {
-                        self.kill_worker(
-                            wid,
-                            pid,
-                            format!(
-                                "killed: unresponsive for {:.1} s (not even its I/O thread answered: a deadlock in C code holding the GIL?)",
-                                timeout.as_secs_f64()
-                            ),
-                        );
-                        return;
-                    }
-                    if now.duration_since(self.last_ping) >= PING_EVERY {
-                        self.last_ping = now;
-                        self.ping_seq += 1;
-                        let ping = format!(r#"{{"op":"ping","seq":{}}}"#, self.ping_seq);
-                        if let Some(w) = self.pool.main() {
-                            w.send_aux(vec![Bytes::from(ping)]);
-                        }
-                    }
-                }
-            }
-        }
-        for id in self.pool.reap(now) {
-            info!(
-                worker = id,
-                "retired an idle worker (IDLE_WORKER_SHUTDOWN_DURATION)"
-            );
-        }
-        self.refill_pool();
-    }
-
-    // ---- worker lifecycle ----
-
-    /// Starts workers until the pool has its main worker and warm spares. A missing main
-    /// worker starts at once; spares only while no cell runs or waits, so that warming
-    /// them (a Python start-up each) never competes with a cell for the CPU. The watchdog
-    /// tick calls this too, so spares follow within a tick of the kernel going quiet.
-    fn refill_pool(&mut self) {
-        let missing = self.pool.missing();
-        let quiet = self.running.is_none() && self.execute_queue.is_empty();
-        let allowed = if self.pool.main().is_none() {
-            missing.min(1)
-        } else if quiet {
-            missing
-        } else {
-            0
-        };
-        for _ in 0..allowed {
-            self.spawn_worker();
-        }
-    }
-
-    fn spawn_worker(&mut self) {
-        self.next_worker += 1;
-        let id = self.next_worker;
-        match worker::spawn(&self.worker_cfg, id, self.events_tx.clone()) {
-            Ok(pid) => self.pool.started(id, pid),
-            Err(e) => error!(
-                python = %self.worker_cfg.python.display(),
-                error = %e,
-                "cannot start a worker"
-            ),
-        }
-    }
-
-    /// Asks every worker to exit, waits briefly, then kills what is left.
-    async fn stop_workers(&mut self) {
-        let mut alive: HashMap<WorkerId, u32> = self.pool.shutdown_all().into_iter().collect();
-        let deadline = tokio::time::Instant::now() + WORKER_EXIT_GRACE;
-        while !alive.is_empty() {
-            match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
-                Ok(Some(WorkerEvent::Exited { id, .. })) => {
-                    alive.remove(&id);
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        for (id, pid) in alive {
-            debug!(worker = id, pid, "killing worker at exit");
-            signal_pid(pid, libc::SIGKILL);
-        }
-    }
-}
-
-/// The part of a dead worker's stderr worth showing: from the last fatal-error report
-/// (faulthandler's "Fatal Python error" and the stacks after it) if there is one, else
-/// the last few lines.
-fn last_words(tail: &[String]) -> Vec<String> {
-    let start = tail
-        .iter()
-        .rposition(|l| l.starts_with("Fatal Python error"))
-        .unwrap_or(tail.len().saturating_sub(20));
-    tail[start..].to_vec()
-}
-
-/// Where an execute request runs, from its code's first line (async-kernel's run-mode
-/// comments: `# queue` (default), `# task`, `# thread …`, and kernelvisor's `# process`;
-/// `##process` too). Only `process` changes anything in the supervisor so far.
-#[derive(Debug, PartialEq, Eq)]
-enum RunMode {
-    Queue,
-    Process,
-}
-
-fn run_mode(content: &[u8]) -> RunMode {
-    #[derive(Deserialize)]
-    struct Code<'a> {
-        #[serde(borrow)]
-        code: std::borrow::Cow<'a, str>,
-    }
-    let Ok(Code { code }) = serde_json::from_slice::<Code>(content) else {
-        return RunMode::Queue;
-    };
-    let first = code.lines().next().unwrap_or("").trim();
-    let Some(comment) = first.strip_prefix('#') else {
-        return RunMode::Queue;
-    };
-    match comment.trim_start_matches('#').split_whitespace().next() {
-        Some("process") => RunMode::Process,
-        _ => RunMode::Queue,
-    }
 }
 
 /// The frames of a `request` to a worker.
@@ -1148,86 +643,9 @@ fn is_identifier(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
 }
 
-fn signal_pid(pid: u32, sig: libc::c_int) {
-    if pid > 0 {
-        // SAFETY: plain syscall; a stale pid at worst gets a signal meant for a dead child.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
-    }
-}
-
-/// Says how a worker ended: "killed by SIGSEGV (signal 11)", "exit code 3".
-pub fn describe_exit(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    if let Some(sig) = status.signal() {
-        let name = match sig {
-            libc::SIGSEGV => "SIGSEGV",
-            libc::SIGABRT => "SIGABRT",
-            libc::SIGKILL => "SIGKILL",
-            libc::SIGBUS => "SIGBUS",
-            libc::SIGFPE => "SIGFPE",
-            libc::SIGILL => "SIGILL",
-            libc::SIGTERM => "SIGTERM",
-            libc::SIGINT => "SIGINT",
-            _ => "signal",
-        };
-        let hint = if sig == libc::SIGKILL {
-            " — by someone else, e.g. the system's out-of-memory killer"
-        } else {
-            ""
-        };
-        format!("killed by {name} (signal {sig}){hint}")
-    } else {
-        format!("exit code {}", status.code().unwrap_or(-1))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::process::ExitStatusExt;
-
-    #[test]
-    fn exit_descriptions() {
-        assert_eq!(
-            describe_exit(ExitStatus::from_raw(libc::SIGSEGV)),
-            "killed by SIGSEGV (signal 11)"
-        );
-        assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exit code 3");
-        assert!(describe_exit(ExitStatus::from_raw(libc::SIGKILL)).contains("out-of-memory"));
-    }
-
-    #[test]
-    fn last_words_start_at_the_fatal_error() {
-        let tail: Vec<String> = [
-            "log",
-            "Fatal Python error: Segmentation fault",
-            "",
-            "  File x",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        assert_eq!(
-            last_words(&tail)[0],
-            "Fatal Python error: Segmentation fault"
-        );
-        let many: Vec<String> = (0..50).map(|i| i.to_string()).collect();
-        assert_eq!(last_words(&many).len(), 20);
-    }
-
-    #[test]
-    fn run_modes() {
-        let mode = |code: &str| run_mode(json!({"code": code}).to_string().as_bytes());
-        assert_eq!(mode("# process\nx = 1"), RunMode::Process);
-        assert_eq!(mode("##process"), RunMode::Process);
-        assert_eq!(mode("  #  process  \n"), RunMode::Process);
-        assert_eq!(mode("# processing\n"), RunMode::Queue);
-        assert_eq!(mode("x = 1 # process"), RunMode::Queue);
-        assert_eq!(mode("# thread name='w'"), RunMode::Queue);
-        assert_eq!(run_mode(b"not json"), RunMode::Queue);
-    }
 
     #[test]
     fn identifiers() {
