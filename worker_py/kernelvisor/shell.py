@@ -126,6 +126,7 @@ class ZMQInteractiveShell(InteractiveShell):
         self.kernel = _KernelShim(self)
         self._last_traceback: list[str] | None = None
         self._last_error = ("", "")
+        self._last_shown: BaseException | None = None
         self._last_traceback_during_displayhook = False
         # tqdm.autonotebook picks its notebook widget only when it finds this section.
         if "IPKernelApp" not in self.config:
@@ -141,6 +142,7 @@ class ZMQInteractiveShell(InteractiveShell):
     def reset_error_state(self) -> None:
         self._last_traceback = None
         self._last_error = ("", "")
+        self._last_shown = None
         self._last_traceback_during_displayhook = False
 
     @property
@@ -214,6 +216,20 @@ class ZMQInteractiveShell(InteractiveShell):
         self.publish("error", {"ename": etype.__name__, "evalue": evalue_text, "traceback": stb})
         self._last_traceback = stb
         self._last_error = (etype.__name__, evalue_text)
+        self._last_shown = evalue
+
+    def _format_exception_for_storage(
+        self, exception: BaseException, filename: Any = None, running_compiled_code: bool = False
+    ) -> dict[str, Any]:
+        # IPython >= 9 formats a cell's exception a second time to keep it in history; the
+        # traceback just shown is the same one (formatting costs ~5 ms: stack_data builds a
+        # new pygments lexer class each time), so reuse it.
+        if exception is self._last_shown and self._last_traceback is not None:
+            ename, evalue = self._last_error
+            return {"ename": ename, "evalue": evalue, "traceback": self._last_traceback}
+        return super()._format_exception_for_storage(  # type: ignore[no-any-return]
+            exception, filename, running_compiled_code
+        )
 
     # `!cmd` runs in one of two ways, chosen per call. Normally the child inherits fds 1
     # and 2, which the worker captures: fast, and its stdout and stderr stay apart. But
