@@ -203,16 +203,14 @@ def start_cell(kc: BlockingKernelClient, code: str, **kwargs: Any) -> str:
             return msg_id
 
 
-def start_cell_marked(kc: BlockingKernelClient, code: str, marker: str) -> tuple[str, list[Msg]]:
-    """Sends a cell whose code prints ``marker`` once it is inside the part to interrupt/kill, and
-    waits for that output; returns the msg_id and the iopub messages seen so far."""
-    msg_id: str = kc.execute(code)
-    seen: list[Msg] = []
+def wait_for_output(kc: BlockingKernelClient, msg_id: str, text: str, seen: list[Msg]) -> None:
+    """Waits for ``text`` on the cell's stdout (appending what arrives to ``seen``), failing if
+    the cell ends first."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise AssertionError(f"cell {msg_id} never printed {marker!r}; got {seen}")
+            raise AssertionError(f"cell {msg_id} never printed {text!r}; got {seen}")
         try:
             msg = kc.get_iopub_msg(timeout=remaining)
         except queue.Empty:
@@ -221,9 +219,18 @@ def start_cell_marked(kc: BlockingKernelClient, code: str, marker: str) -> tuple
             continue
         seen.append(msg)
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            raise AssertionError(f"cell {msg_id} ended before printing {marker!r}: {seen}")
-        if msg["msg_type"] == "stream" and marker in msg["content"]["text"]:
-            return msg_id, seen
+            raise AssertionError(f"cell {msg_id} ended before printing {text!r}: {seen}")
+        if msg["msg_type"] == "stream" and text in msg["content"]["text"]:
+            return
+
+
+def start_cell_marked(kc: BlockingKernelClient, code: str, marker: str) -> tuple[str, list[Msg]]:
+    """Sends a cell whose code prints ``marker`` once it is inside the part to interrupt/kill, and
+    waits for that output; returns the msg_id and the iopub messages seen so far."""
+    msg_id: str = kc.execute(code)
+    seen: list[Msg] = []
+    wait_for_output(kc, msg_id, marker, seen)
+    return msg_id, seen
 
 
 def finish_cell(

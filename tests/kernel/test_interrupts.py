@@ -24,10 +24,11 @@ from isolation_support import (
     settled,
     start_cell_marked,
     supervisor_pid,
+    wait_for_output,
     wait_pool,
 )
 from jupyter_client.blocking.client import BlockingKernelClient
-from kvharness import TIMEOUT, Kernel, Msg, execute, get_reply, parent_id, result_text
+from kvharness import Kernel, execute, get_reply, parent_id, result_text
 
 SLEEP_MARKED = 'import time\nprint("sleeping", flush=True)\ntime.sleep(30)'
 
@@ -69,27 +70,6 @@ def interrupt_by_message(k: Kernel) -> None:
 
 
 INTERRUPTS = {"signal": interrupt_by_signal, "message": interrupt_by_message}
-
-
-def wait_for_output(kc: BlockingKernelClient, msg_id: str, text: str, seen: list[Msg]) -> None:
-    """Waits for ``text`` on the cell's stdout (appending what arrives to ``seen``), failing if
-    the cell ends first."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"no {text!r} from {msg_id}; got {describe(seen)}")
-        try:
-            msg = kc.get_iopub_msg(timeout=remaining)
-        except queue.Empty:
-            continue
-        if parent_id(msg) != msg_id:
-            continue
-        seen.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            raise AssertionError(f"cell ended before printing {text!r}: {describe(seen)}")
-        if msg["msg_type"] == "stream" and text in msg["content"]["text"]:
-            return
 
 
 def no_reply_yet(kc: BlockingKernelClient, msg_id: str) -> bool:
