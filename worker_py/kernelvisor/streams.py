@@ -139,7 +139,23 @@ class Flusher:
                 log.exception("flushing output failed")
 
 
-class OutStream(io.TextIOBase):
+class _WriteOnly:
+    """What a captured output stream says about itself (to ``print``, libraries, ``!cmd``)."""
+
+    def isatty(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+class OutStream(_WriteOnly, io.TextIOBase):
     """``sys.stdout`` / ``sys.stderr`` replacement writing into an OutputBuffer."""
 
     encoding = "utf-8"  # type: ignore[assignment]
@@ -190,18 +206,6 @@ class OutStream(io.TextIOBase):
     def fileno(self) -> int:
         return self._fd
 
-    def isatty(self) -> bool:
-        return False
-
-    def readable(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
     def reconfigure(self, **kwargs: Any) -> None:
         """Accepted and ignored: the stream is always UTF-8 text (scripts often call it)."""
 
@@ -212,7 +216,7 @@ class OutStream(io.TextIOBase):
         return self._binary
 
 
-class BinaryWriter(io.BufferedIOBase):
+class BinaryWriter(_WriteOnly, io.BufferedIOBase):
     """``sys.stdout.buffer``: bytes are decoded as UTF-8 and written as text."""
 
     def __init__(self, stream: OutStream) -> None:
@@ -237,12 +241,3 @@ class BinaryWriter(io.BufferedIOBase):
 
     def fileno(self) -> int:
         return self._stream.fileno()
-
-    def isatty(self) -> bool:
-        return False
-
-    def readable(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
