@@ -22,8 +22,7 @@ from typing import Any, Literal, TypeVar, cast
 import anyio
 import anyio.lowlevel
 import pytest
-from conftest import WORKER_PY
-from ipc_client import WorkerProcess
+from ipc_client import WORKER_PY, WorkerProcess
 from kernelvisor import Caller, Pending, PendingCancelled
 from kernelvisor.caller import FIRST_COMPLETED, FIRST_EXCEPTION, InvalidStateError, PoolStats
 
