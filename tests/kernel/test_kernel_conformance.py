@@ -48,6 +48,9 @@ class PythonKernelSamples(jkt.KernelTests):
 
 class TestKernelvisorConformance(PythonKernelSamples):
     kernel_name = "kernelvisor"
+    # kernelvisor writes cached history out before answering, so a range query by session
+    # number finds the cells just run (ipykernel's save thread may not have written them yet).
+    supported_history_operations = ("tail", "range", "search")
 
 
 class TestIpykernelConformance(PythonKernelSamples):

@@ -75,6 +75,9 @@ def is_complete(shell: InteractiveShell, content: Content) -> Content:
 def history(shell: InteractiveShell, content: Content) -> Content:
     manager = shell.history_manager
     assert manager is not None  # created in InteractiveShell.__init__
+    # Inputs are cached and written when the worker is idle (see shell_config); a range
+    # query for this session by its number reads the database, so write the cache first.
+    manager.writeout_cache()
     kind = content.get("hist_access_type")
     raw = bool(content.get("raw", True))
     output = bool(content.get("output", False))
@@ -99,7 +102,13 @@ def history(shell: InteractiveShell, content: Content) -> Content:
         )
     else:
         entries = []
-    return {"status": "ok", "history": [list(e) for e in entries]}
+    # IPython labels the current session's entries 0 (relative) in range queries; tail and
+    # search give absolute session numbers. Answer absolute ones throughout.
+    current = manager.session_number
+    return {
+        "status": "ok",
+        "history": [[current if e[0] == 0 else e[0], *e[1:]] for e in entries],
+    }
 
 
 HANDLERS: dict[str, Callable[[InteractiveShell, Content], Content]] = {
