@@ -21,6 +21,7 @@ from traitlets.config import Config
 
 from kernelvisor.compiler import CellCompiler
 from kernelvisor.messages import loads_object
+from kernelvisor.startup import user_config
 from kernelvisor.streams import OutStream
 
 # Inputs cached before IPython writes history to sqlite on its own.
@@ -28,7 +29,8 @@ HISTORY_CACHE_SIZE = 1000
 
 
 def shell_config() -> Config:
-    config = Config()
+    """The user's profile config, with the settings the worker relies on on top."""
+    config = user_config()
     # history_request is answered off the main thread. IPython < 9 ties its sqlite
     # connection to the creating thread, and treats the resulting error as a corrupt
     # database (it moves the user's history file away), so lift that restriction.

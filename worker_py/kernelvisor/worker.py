@@ -217,6 +217,7 @@ class Worker:
         from kernelvisor.execute import Executor
         from kernelvisor.handlers import HANDLERS
         from kernelvisor.shell import ZMQInteractiveShell, shell_config
+        from kernelvisor.startup import run_startup
 
         self.shell = ZMQInteractiveShell.instance(
             config=shell_config(),
@@ -238,6 +239,7 @@ class Worker:
         )
         self.handlers = HANDLERS
         self.aux = _SerialThread("kernelvisor-aux")
+        run_startup(self.shell)
 
     def connect_main(self) -> None:
         """Open ``main`` and send the full hello on it: the worker is ready."""
