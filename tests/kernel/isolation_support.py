@@ -4,7 +4,6 @@ KERNELVISOR_* settings, the supervisor's pool state (kernelvisor_info_request), 
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import time
@@ -24,8 +23,9 @@ from kvharness import (
     collect_iopub,
     execute,
     get_reply,
+    iopub_until,
+    is_idle,
     of_type,
-    parent_id,
     process_tree,
     result_text,
 )
@@ -190,38 +190,19 @@ def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
 def start_cell(kc: BlockingKernelClient, code: str, **kwargs: Any) -> str:
     """Sends a cell and waits until it is running (its execute_input is on iopub)."""
     msg_id: str = kc.execute(code, **kwargs)
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"cell {msg_id} never started")
-        try:
-            msg = kc.get_iopub_msg(timeout=remaining)
-        except queue.Empty:
-            continue
-        if parent_id(msg) == msg_id and msg["msg_type"] == "execute_input":
-            return msg_id
+    iopub_until(kc, msg_id, lambda msg: msg["msg_type"] == "execute_input", [])
+    return msg_id
 
 
 def wait_for_output(kc: BlockingKernelClient, msg_id: str, text: str, seen: list[Msg]) -> None:
     """Waits for ``text`` on the cell's stdout (appending what arrives to ``seen``), failing if
     the cell ends first."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"cell {msg_id} never printed {text!r}; got {seen}")
-        try:
-            msg = kc.get_iopub_msg(timeout=remaining)
-        except queue.Empty:
-            continue
-        if parent_id(msg) != msg_id:
-            continue
-        seen.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            raise AssertionError(f"cell {msg_id} ended before printing {text!r}: {seen}")
-        if msg["msg_type"] == "stream" and text in msg["content"]["text"]:
-            return
+
+    def printed_or_ended(msg: Msg) -> bool:
+        return is_idle(msg) or (msg["msg_type"] == "stream" and text in msg["content"]["text"])
+
+    if is_idle(iopub_until(kc, msg_id, printed_or_ended, seen)):
+        raise AssertionError(f"cell {msg_id} ended before printing {text!r}: {seen}")
 
 
 def start_cell_marked(kc: BlockingKernelClient, code: str, marker: str) -> tuple[str, list[Msg]]:

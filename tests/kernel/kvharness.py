@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,24 +87,41 @@ def parent_id(msg: Msg) -> str:
     return str(msg.get("parent_header", {}).get("msg_id", ""))
 
 
-def collect_iopub(kc: BlockingKernelClient, msg_id: str, timeout: float = TIMEOUT) -> list[Msg]:
-    """Every iopub message whose parent is msg_id, up to and including its status: idle."""
+def is_idle(msg: Msg) -> bool:
+    return msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+
+
+def iopub_until(
+    kc: BlockingKernelClient,
+    msg_id: str,
+    stop: Callable[[Msg], bool],
+    seen: list[Msg],
+    timeout: float = TIMEOUT,
+) -> Msg:
+    """Reads iopub, appending the messages whose parent is msg_id to ``seen``, until one of them
+    satisfies ``stop`` (returned); fails after ``timeout``."""
     deadline = time.monotonic() + timeout
-    got: list[Msg] = []
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            types = [m["msg_type"] for m in got]
-            raise AssertionError(f"no idle on iopub for {msg_id} in {timeout}s; got {types}")
+            types = [m["msg_type"] for m in seen]
+            raise AssertionError(f"iopub for {msg_id}: nothing awaited came in {timeout}s; {types}")
         try:
             msg = kc.get_iopub_msg(timeout=remaining)
         except queue.Empty:
             continue
         if parent_id(msg) != msg_id:
             continue
-        got.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return got
+        seen.append(msg)
+        if stop(msg):
+            return msg
+
+
+def collect_iopub(kc: BlockingKernelClient, msg_id: str, timeout: float = TIMEOUT) -> list[Msg]:
+    """Every iopub message whose parent is msg_id, up to and including its status: idle."""
+    got: list[Msg] = []
+    iopub_until(kc, msg_id, is_idle, got, timeout)
+    return got
 
 
 def get_reply(
