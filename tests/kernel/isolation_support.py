@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import psutil
 from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import KernelManager
 from kvharness import (
     KERNELVISOR,
-    STARTUP_TIMEOUT,
     TIMEOUT,
     Kernel,
     Msg,
@@ -25,9 +22,10 @@ from kvharness import (
     get_reply,
     iopub_until,
     is_idle,
+    kernel_process,
     of_type,
-    process_tree,
     result_text,
+    running_kernel,
 )
 
 # How long the pool may take to start a (cold) spare worker on a loaded 2-core box. Only a
@@ -45,36 +43,10 @@ def kv_env(**settings: str | float) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def kv_kernel(**settings: str | float) -> Iterator[Kernel]:
+def kv_kernel(**settings: str | float) -> AbstractContextManager[Kernel]:
     """A started kernelvisor kernel whose supervisor runs with the given KERNELVISOR_* settings
-    (e.g. ``memory_limit="300M"``), with a ready client. On exit it is shut down, and neither the
-    supervisor nor any worker it had may be left running."""
-    km = KernelManager(kernel_name=KERNELVISOR)
-    km.start_kernel(env=kv_env(**settings))
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=STARTUP_TIMEOUT)
-        yield Kernel(KERNELVISOR, km, kc)
-    finally:
-        kc.stop_channels()
-        # After a restart the process is a new one: look it up now, not at the start.
-        proc = kernel_process(km)
-        tree = process_tree(proc.pid) if proc is not None else []
-        if km.has_kernel:
-            km.shutdown_kernel(now=False)
-        if proc is not None:
-            assert proc.poll() is not None, f"kernel process {proc.pid} still running"
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        assert not alive, f"processes left after shutdown: {[p.pid for p in alive]}"
-
-
-def kernel_process(km: KernelManager) -> subprocess.Popen[bytes] | None:
-    """The kernel's process, as jupyter_client's local provisioner launched it (after a restart,
-    the new one)."""
-    proc: subprocess.Popen[bytes] | None = getattr(km.provisioner, "process", None)
-    return proc
+    (e.g. ``memory_limit="300M"``), with a ready client; checked for leftovers on exit."""
+    return running_kernel(KERNELVISOR, env=kv_env(**settings))
 
 
 def supervisor_pid(kernel: Kernel) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,12 +52,15 @@ class Kernel:
 
 
 @contextmanager
-def running_kernel(name: str, **km_kwargs: Any) -> Iterator[Kernel]:
-    """A started kernel with a ready client; on exit, shut it down and check the process is gone."""
+def running_kernel(
+    name: str, env: dict[str, str] | None = None, **km_kwargs: Any
+) -> Iterator[Kernel]:
+    """A started kernel (with ``env`` as its environment, if given) and a ready client; on exit,
+    shut it down and check that neither its process nor any child of it is left running."""
     km = KernelManager(kernel_name=name, **km_kwargs)
-    km.start_kernel()
-    assert km.provisioner is not None
-    proc = km.provisioner.process
+    km.start_kernel(**({"env": env} if env is not None else {}))
+    first = kernel_process(km)
+    assert first is not None
     kc = km.client()
     kc.start_channels()
     try:
@@ -64,15 +68,22 @@ def running_kernel(name: str, **km_kwargs: Any) -> Iterator[Kernel]:
         yield Kernel(name, km, kc)
     finally:
         kc.stop_channels()
-        pid = proc.pid if proc is not None else None
-        tree = process_tree(pid) if pid is not None else []
+        # After a restart the process is a new one: look it up now.
+        proc = kernel_process(km) or first
+        tree = process_tree(proc.pid)
         if km.has_kernel:  # a test may have shut it down through the manager already
             km.shutdown_kernel(now=False)
-        if proc is not None:
-            assert proc.poll() is not None, f"{name} kernel process {pid} still running"
+        assert proc.poll() is not None, f"{name} kernel process {proc.pid} still running"
         # Workers must not outlive the supervisor.
         _, alive = psutil.wait_procs(tree, timeout=10)
         assert not alive, f"{name}: processes left after shutdown: {[p.pid for p in alive]}"
+
+
+def kernel_process(km: KernelManager) -> subprocess.Popen[bytes] | None:
+    """The kernel's process, as jupyter_client's local provisioner launched it (after a restart,
+    the new one)."""
+    proc: subprocess.Popen[bytes] | None = getattr(km.provisioner, "process", None)
+    return proc
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
