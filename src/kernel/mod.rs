@@ -450,12 +450,25 @@ impl Kernel {
 
     /// Sends a reply the supervisor made itself, wrapped in busy/idle.
     async fn answer(&mut self, channel: Channel, msg: &Incoming, reply_type: &str, content: &[u8]) {
+        self.answer_with(channel, msg, reply_type, b"{}", content)
+            .await;
+    }
+
+    /// [`Self::answer`], with reply metadata.
+    async fn answer_with(
+        &mut self,
+        channel: Channel,
+        msg: &Incoming,
+        reply_type: &str,
+        metadata: &[u8],
+        content: &[u8],
+    ) {
         self.publish_status(&msg.header_bytes, "busy");
         let frames = self.outbox.to_peer(
             &msg.identities,
             reply_type,
             &msg.header_bytes,
-            b"{}",
+            metadata,
             content,
             &[],
         );

@@ -200,17 +200,14 @@ impl Kernel {
         let queued: Vec<Incoming> = self.execute_queue.drain(..).collect();
         for msg in queued {
             debug!(msg_id = %msg.header.msg_id, "aborting queued execute");
-            let frames = self.outbox.to_peer(
-                &msg.identities,
+            self.answer_with(
+                Channel::Shell,
+                &msg,
                 "execute_reply",
-                &msg.header_bytes,
                 br#"{"status":"aborted"}"#,
                 br#"{"status":"aborted","execution_count":null}"#,
-                &[],
-            );
-            self.publish_status(&msg.header_bytes, "busy");
-            self.send(Channel::Shell, frames).await;
-            self.publish_status(&msg.header_bytes, "idle");
+            )
+            .await;
         }
     }
 
