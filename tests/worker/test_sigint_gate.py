@@ -1,17 +1,28 @@
+"""The interrupt gate: which running cell a SIGINT (or a targeted interrupt) reaches, and
+how: raised in the code that is executing, cancelled where it awaits."""
+
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
+from kernelvisor.cells import Cell
 from kernelvisor.interrupts import SigintGate
+
+
+def guarded(cell: Cell, body: Callable[[], None]) -> None:
+    """Stands for the executor's frame around a cell's code (the gate's ``guard``)."""
+    body()
 
 
 @pytest.fixture
 def gate() -> Iterator[SigintGate]:
     previous = signal.getsignal(signal.SIGINT)
     g = SigintGate()
+    g.guard = guarded.__code__
     g.install()
     try:
         yield g
@@ -19,50 +30,122 @@ def gate() -> Iterator[SigintGate]:
         signal.signal(signal.SIGINT, previous)
 
 
+def suspended(req_id: int, cancels: list[int]) -> Cell:
+    """A main-thread cell waiting in an await: an interrupt cancels it."""
+    cell = Cell(req_id, b"{}", False)
+    cell.cancel = lambda: cancels.append(req_id)
+    return cell
+
+
 def test_idle_sigint_is_ignored(gate: SigintGate) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
-def test_raising_turns_sigint_into_keyboard_interrupt(gate: SigintGate) -> None:
-    with pytest.raises(KeyboardInterrupt), gate.raising():
-        signal.raise_signal(signal.SIGINT)
-    signal.raise_signal(signal.SIGINT)  # disarmed again
+def test_sigint_raises_in_the_executing_cell(gate: SigintGate) -> None:
+    cell = Cell(1, b"{}", False)
+    with pytest.raises(KeyboardInterrupt), gate.running(cell):
+        guarded(cell, lambda: signal.raise_signal(signal.SIGINT))
+    assert cell.interrupted == "interrupt"
+    signal.raise_signal(signal.SIGINT)  # no cell runs any more: ignored
+
+
+def test_sigint_cancels_awaiting_cells_and_raises_in_the_executing_one(gate: SigintGate) -> None:
+    cancels: list[int] = []
+    waiting = suspended(2, cancels)
+    running = Cell(3, b"{}", False)
+    with gate.running(waiting), pytest.raises(KeyboardInterrupt), gate.running(running):
+        guarded(running, lambda: signal.raise_signal(signal.SIGINT))
+    assert cancels == [2]
+    assert waiting.interrupted == running.interrupted == "interrupt"
+
+
+def test_sigint_outside_any_cell_code_only_cancels(gate: SigintGate) -> None:
+    cancels: list[int] = []
+    with gate.running(suspended(4, cancels)):
+        signal.raise_signal(signal.SIGINT)  # e.g. the event loop waiting: no raise here
+    assert cancels == [4]
 
 
 def test_hold_defers_until_the_block_ends(gate: SigintGate) -> None:
+    cell = Cell(5, b"{}", False)
     reached = []
-    with pytest.raises(KeyboardInterrupt), gate.raising():
+
+    def body() -> None:
         with gate.hold():
             signal.raise_signal(signal.SIGINT)
             reached.append("end of held block")
         reached.append("after")  # not reached: raised on leaving hold()
+
+    with pytest.raises(KeyboardInterrupt), gate.running(cell):
+        guarded(cell, body)
     assert reached == ["end of held block"]
 
 
-def test_pending_interrupt_is_dropped_when_disarmed(gate: SigintGate) -> None:
-    with gate.raising(), gate.hold():
+def test_held_interrupt_is_dropped_when_the_cell_ended(gate: SigintGate) -> None:
+    cell = Cell(6, b"{}", False)
+    with gate.hold(), gate.running(cell):
         signal.raise_signal(signal.SIGINT)
-        gate._action = None  # the cell ended while the send was held
-    signal.raise_signal(signal.SIGINT)
+        # the cell ended while the send was held: nothing left to interrupt
+    assert cell.interrupted is None
 
 
-def test_calling_invokes_action(gate: SigintGate) -> None:
-    calls = []
-    with gate.calling(lambda frame: calls.append(frame is not None)):
-        signal.raise_signal(signal.SIGINT)
-    assert calls == [True]
-
-
-def test_other_threads_cannot_arm(gate: SigintGate) -> None:
-    def arm_elsewhere() -> None:
-        with gate.raising():
-            done.wait(5)
-
-    done = threading.Event()
-    t = threading.Thread(target=arm_elsewhere)
-    t.start()
-    try:
-        signal.raise_signal(signal.SIGINT)  # main thread not armed: ignored
-    finally:
-        done.set()
+def test_targeted_interrupt_reaches_only_its_cell(gate: SigintGate) -> None:
+    cancels: list[int] = []
+    other = suspended(7, cancels)
+    target = suspended(8, cancels)
+    with gate.running(other), gate.running(target):
+        t = threading.Thread(target=gate.interrupt_cell, args=(8, 1.5))
+        t.start()
         t.join()
+        time.sleep(0.05)  # the signal is handled between two bytecodes of this thread
+    assert cancels == [8]
+    assert target.interrupted == 1.5 and other.interrupted is None
+    assert isinstance(target.interrupt_error(KeyboardInterrupt()), TimeoutError)
+
+
+def test_interrupt_raises_in_a_thread_cell_executing_code(gate: SigintGate) -> None:
+    started = threading.Event()
+    outcome: list[str] = []
+
+    def thread_cell() -> None:
+        cell = Cell(9, b"{}", False)
+
+        def spin() -> None:
+            started.set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # pure Python: interruptible
+                pass
+            outcome.append("not interrupted")
+
+        try:
+            with gate.running(cell):
+                guarded(cell, spin)
+        except KeyboardInterrupt:
+            outcome.append("KeyboardInterrupt")
+
+    t = threading.Thread(target=thread_cell)
+    t.start()
+    assert started.wait(5)
+    signal.raise_signal(signal.SIGINT)
+    t.join(10)
+    assert outcome == ["KeyboardInterrupt"]
+
+
+def test_interrupt_cancels_a_thread_cell_that_awaits(gate: SigintGate) -> None:
+    cancels: list[int] = []
+    cell = suspended(10, cancels)
+    ready, done = threading.Event(), threading.Event()
+
+    def thread_cell() -> None:
+        cell.thread_ident = threading.get_ident()
+        with gate.running(cell):
+            ready.set()
+            done.wait(5)  # not in the guard: stands for a loop waiting on the cell's await
+
+    t = threading.Thread(target=thread_cell)
+    t.start()
+    assert ready.wait(5)
+    signal.raise_signal(signal.SIGINT)
+    done.set()
+    t.join(5)
+    assert cancels == [10]

@@ -1,45 +1,38 @@
-"""execute_request: run a cell on the main thread's event loop and reply."""
+"""execute_request: run a cell and reply.
+
+Cells may run concurrently (``task`` cells on the main loop, ``thread`` cells and
+subshells in other threads; see IPC.md "Run modes"), so everything about one cell is
+kept in its ``Cell`` (cells.py), which the shell reads through a context variable.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
+import threading
 import traceback
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from types import FrameType
 from typing import Any
 
-from IPython.core import interactiveshell
+import anyio
 from IPython.core.async_helpers import _pseudo_sync_runner
 
 from kernelvisor.capture import CStdio
+from kernelvisor.cells import Cell, current_cell
 from kernelvisor.interrupts import SigintGate
 from kernelvisor.messages import Request
 from kernelvisor.outbox import Outbox
 from kernelvisor.shell import ZMQInteractiveShell
-from kernelvisor.stdin import StdinBridge
 from kernelvisor.streams import OutputBuffer
 
 log = logging.getLogger(__name__)
 
-_asyncio_runner = getattr(interactiveshell, "_asyncio_runner", None)
-# A cell's code is called by this coroutine, which catches whatever it raises.
-_RUN_CODE = interactiveshell.InteractiveShell.run_code.__code__
-
-
 # Quiet time after a cell before cached history inputs are written to sqlite.
 HISTORY_SAVE_DELAY = 0.5
-
-
-def _in_cell_code(frame: FrameType | None) -> bool:
-    while frame is not None:
-        caller = frame.f_back
-        if caller is not None and caller.f_code is _RUN_CODE:
-            return True
-        frame = caller
-    return False
 
 
 def _may_be_async(cell: str) -> bool:
@@ -50,6 +43,47 @@ def _may_be_async(cell: str) -> bool:
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _in_trio() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _threadsafe_cancel(scope: anyio.CancelScope) -> Callable[[], None]:
+    """A callable that cancels ``scope`` from any thread, in the scope's own loop."""
+    if _in_trio():
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+
+        def cancel_trio() -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(scope.cancel)
+
+        return cancel_trio
+    loop = asyncio.get_running_loop()
+
+    def cancel_asyncio() -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(scope.cancel)
+
+    return cancel_asyncio
+
+
+# What ends an awaiting cell that was interrupted: a cancellation of its task or scope.
+_CANCELLED: tuple[type[BaseException], ...] = (KeyboardInterrupt, asyncio.CancelledError)
+
+
+def _cancelled_types() -> tuple[type[BaseException], ...]:
+    trio = sys.modules.get("trio")
+    return (*_CANCELLED, trio.Cancelled) if trio is not None else _CANCELLED
 
 
 @dataclass(frozen=True)
@@ -82,43 +116,53 @@ class Executor:
         outbox: Outbox,
         buffer: OutputBuffer,
         gate: SigintGate,
-        stdin: StdinBridge,
         c_stdio: CStdio,
         engine_id: str,
+        loop: asyncio.AbstractEventLoop,
+        main_asyncio: bool,
     ) -> None:
         self._shell = shell
         self._outbox = outbox
         self._buffer = buffer
         self._gate = gate
-        self._stdin = stdin
         self._c_stdio = c_stdio
         self._engine_id = engine_id
-        # The supervisor sends one execute_request at a time; should two ever arrive, an
-        # async cell must not interleave with the next one (stdin, SIGINT state, counts).
-        self._one_at_a_time = asyncio.Lock()
+        self._loop = loop
+        # Main-thread cells run as asyncio tasks (not trio): cancelled through their task.
+        self._main_asyncio = main_asyncio
+        self._main_ident = threading.main_thread().ident
+        # Execution counts are reserved one cell at a time, whichever thread starts it.
+        self._count_lock = threading.Lock()
         self._history_save: asyncio.TimerHandle | None = None
         self._last_cell_end = 0.0
+        # SIGINT raises in a main-thread cell while its code runs: while this frame of
+        # it, or IPython's run of a cell with top-level await (a task of its own, in the
+        # cell's context), is on the stack.
+        gate.guard = Executor._run_cell.__code__
+        gate.task_guard = type(shell).run_cell_async.__code__
 
     async def execute(self, req: Request) -> None:
-        """Run the request to its reply. Never raises: the supervisor waits for a reply."""
-        async with self._one_at_a_time:
-            await self._execute(req)
+        """Run the request to its reply. Never raises: the supervisor waits for a reply.
 
-    async def _execute(self, req: Request) -> None:
+        Runs in a context of its own (a task's, or a copy), which becomes the cell's."""
         started = _now_iso()
         stop_on_error = True
+        cell = Cell(req.id, req.header, False)
         try:
             opts = _Options.parse(req.content_json())
             stop_on_error = opts.stop_on_error
-            # Output of this task (and of fds, and of threads it starts) belongs to req.
+            cell = Cell(req.id, req.header, opts.allow_stdin)
+            current_cell.set(cell)
+            # Output of this cell (and of tasks and threads it starts) belongs to req.
             self._buffer.parent_var.set(req.header)
             self._buffer.fallback_parent = req.header
-            content = await self._run(req, opts)
+            with self._gate.running(cell):
+                content = await self._run(cell, opts)
         except BaseException as exc:  # a bug of ours, or an interrupt between the lines
             log.exception("execute_request %s failed in the worker", req.id)
             content = {
                 "status": "error",
-                "execution_count": self._shell.execution_count - 1,
+                "execution_count": cell.count,
                 "ename": type(exc).__name__,
                 "evalue": str(exc),
                 "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
@@ -142,13 +186,16 @@ class Executor:
 
         One timer at a time: a cell only notes when it ended, and a timer that fires
         too early waits for the rest (cheaper than replacing the timer every cell)."""
-        loop = asyncio.get_running_loop()
+        if threading.get_ident() != self._main_ident:
+            self._loop.call_soon_threadsafe(self._schedule_history_save)
+            return
+        loop = self._loop
         self._last_cell_end = loop.time()
         if self._history_save is None:
             self._history_save = loop.call_later(HISTORY_SAVE_DELAY, self._history_quiet)
 
     def _history_quiet(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         remaining = self._last_cell_end + HISTORY_SAVE_DELAY - loop.time()
         if remaining > 0:
             self._history_save = loop.call_later(remaining, self._history_quiet)
@@ -159,41 +206,55 @@ class Executor:
         if save_flag is not None:  # None: history disabled, or no saving thread
             save_flag.set()
 
-    async def _run(self, req: Request, opts: _Options) -> dict[str, Any]:
+    async def _run(self, cell: Cell, opts: _Options) -> dict[str, Any]:
         shell = self._shell
+        with self._count_lock:
+            shell.reserve_count(
+                cell,
+                counts=opts.store_history
+                and not opts.silent
+                and not opts.code.isspace()
+                and bool(opts.code),
+            )
         if not opts.silent:
             self._outbox.iopub(
                 "execute_input",
-                req.header,
+                cell.header,
                 {"code": opts.code, "execution_count": shell.execution_count},
             )
-        shell.reset_error_state()
-        with self._stdin.asking_for(req.id, req.header, opts.allow_stdin):
-            result, interrupt = await self._run_cell(opts)
+        result, interrupt = await self._run_cell(cell, opts)
 
         err = interrupt
         if result is not None:
-            err = result.error_before_exec or result.error_in_exec
-        ok = result is not None and result.success and not shell.traceback_during_displayhook
-        reply: dict[str, Any] = {"execution_count": shell.execution_count - 1}
+            err = result.error_before_exec or result.error_in_exec or err
+        ok = result is not None and result.success and not cell.traceback_during_displayhook
+        ok = ok and interrupt is None
+        reply: dict[str, Any] = {"execution_count": cell.count}
         if ok:
             reply["status"] = "ok"
             reply["user_expressions"] = shell.user_expressions(opts.user_expressions)
         else:
-            # No exception object when only formatting the result failed: use what the
-            # error message said.
-            ename, evalue = (type(err).__name__, str(err)) if err is not None else shell.last_error
+            # What the error message showed; without one (only formatting the result
+            # failed, or nothing was shown), the exception itself.
+            if cell.last_traceback is None and err is not None:
+                shown = cell.interrupt_error(err)
+                ename, evalue = type(shown).__name__, str(shown)
+            else:
+                ename, evalue = cell.last_error
             reply["status"] = "error"
             reply["ename"] = ename
             reply["evalue"] = evalue
-            reply["traceback"] = shell.last_traceback or []
+            reply["traceback"] = cell.last_traceback or []
             reply["user_expressions"] = {}
-        # Payloads (pager, set_next_input, ask_exit) are read and cleared whatever happened.
-        reply["payload"] = shell.take_payloads()
+        # Payloads (pager, set_next_input, ask_exit) are the cell's, whatever happened.
+        reply["payload"] = cell.payloads
         return reply
 
-    async def _run_cell(self, opts: _Options) -> tuple[Any, BaseException | None]:
-        """Run the cell; return (ExecutionResult or None, the interrupt that stopped us)."""
+    async def _run_cell(self, cell: Cell, opts: _Options) -> tuple[Any, BaseException | None]:
+        """Run the cell; return (ExecutionResult or None, the interrupt that stopped us).
+
+        The interrupt gate looks for this frame (``gate.guard``): while it is on the main
+        thread's stack, the cell is executing and SIGINT raises here."""
         shell = self._shell
         try:
             transformed = shell.transform_cell(opts.code)
@@ -203,62 +264,48 @@ class Executor:
             preprocessing_exc = sys.exc_info()
         result = None
         try:
-            if (
-                _asyncio_runner is not None
-                and shell.loop_runner is _asyncio_runner
-                and _may_be_async(transformed)
-                and shell.should_run_async(
+            run = shell.run_cell_async(
+                opts.code,
+                store_history=opts.store_history,
+                silent=opts.silent,
+                transformed_cell=transformed,
+                preprocessing_exc_tuple=preprocessing_exc,
+            )
+            try:
+                if _may_be_async(transformed) and shell.should_run_async(
                     opts.code,
                     transformed_cell=transformed,
                     preprocessing_exc_tuple=preprocessing_exc,
-                )
-            ):
-                task = asyncio.ensure_future(
-                    shell.run_cell_async(
-                        opts.code,
-                        store_history=opts.store_history,
-                        silent=opts.silent,
-                        transformed_cell=transformed,
-                        preprocessing_exc_tuple=preprocessing_exc,
-                    )
-                )
-                loop = asyncio.get_running_loop()
-
-                def interrupt(frame: FrameType | None) -> None:
-                    # Inside the cell's code IPython catches KeyboardInterrupt; anywhere
-                    # else (e.g. the loop waiting on an await) it would break the event
-                    # loop, so the cell's task is cancelled instead.
-                    if _in_cell_code(frame):
-                        raise KeyboardInterrupt
-                    loop.call_soon_threadsafe(task.cancel, "interrupted (SIGINT)")
-
-                with self._gate.calling(interrupt):
-                    try:
-                        result = await task
-                    finally:
-                        # run_cell would trigger these; run_cell_async does not.
-                        shell.events.trigger("post_execute")
-                        if not opts.silent:
-                            shell.events.trigger("post_run_cell", result)
-            else:
-                # What shell.run_cell does, minus transforming the cell a second time.
-                with self._gate.raising():
-                    try:
-                        result = _pseudo_sync_runner(
-                            shell.run_cell_async(
-                                opts.code,
-                                store_history=opts.store_history,
-                                silent=opts.silent,
-                                transformed_cell=transformed,
-                                preprocessing_exc_tuple=preprocessing_exc,
-                            )
-                        )
-                    finally:
-                        shell.events.trigger("post_execute")
-                        if not opts.silent:
-                            shell.events.trigger("post_run_cell", result)
-        except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+                ):
+                    result = await self._await_cell(cell, run)
+                else:
+                    # What shell.run_cell does, minus transforming the cell a second time.
+                    result = _pseudo_sync_runner(run)
+            finally:
+                # run_cell would trigger these; run_cell_async does not.
+                shell.events.trigger("post_execute")
+                if not opts.silent:
+                    shell.events.trigger("post_run_cell", result)
+        except _cancelled_types() as exc:
             # Interrupted outside the user's code (IPython's own steps): report it the same.
             shell.showtraceback()
-            return result, exc
+            return result, cell.interrupt_error(exc)
         return result, None
+
+    async def _await_cell(self, cell: Cell, run: Coroutine[Any, Any, Any]) -> Any:
+        """Await a cell with top-level ``await``, cancellable from any thread."""
+        if self._main_asyncio and cell.thread_ident == self._main_ident:
+            # We may be the first step of a coroutine that is not a task yet (see
+            # Worker._start_execute): the cell gets a task of its own, in its context, so
+            # that its code runs in a task as asyncio code expects; an interrupt
+            # cancels that task while it awaits.
+            task = asyncio.ensure_future(run)
+            loop = self._loop
+            cell.cancel = lambda: loop.call_soon_threadsafe(task.cancel, "interrupted")
+            return await task
+        with anyio.CancelScope() as scope:
+            cell.cancel = _threadsafe_cancel(scope)
+            result = await run
+        if result is None and scope.cancelled_caught:
+            raise KeyboardInterrupt  # cancelled in IPython's steps: the scope ate it
+        return result

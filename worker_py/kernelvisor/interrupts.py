@@ -1,74 +1,153 @@
-"""SIGINT handling: the supervisor interrupts a cell by signalling the worker's pid.
+"""Interrupting cells: SIGINT (from the supervisor) interrupts every running cell; the
+``interrupt`` op interrupts one (its timeout expired).
 
-A signal must only become a KeyboardInterrupt while a cell runs (an idle worker ignores
-it), must not tear an IPC message in half, and must cancel rather than raise while an
-asyncio task is being awaited (raising there would break out of the event loop).
+What an interrupt does depends on where the cell is:
+
+- its code (or IPython's around it) is executing on the main thread: SIGINT's handler
+  raises KeyboardInterrupt right there, which ends the cell with an error;
+- it is suspended in an ``await`` (on any thread's event loop): its task is cancelled.
+  Raising would land in the event loop instead of the cell;
+- its code is executing in another thread: KeyboardInterrupt is raised asynchronously
+  in that thread (``PyThreadState_SetAsyncExc``). It takes effect at the thread's next
+  Python instruction, so a thread blocked in a long C call (``time.sleep``) sees it only
+  when the call returns; a second interrupt then replaces the worker (the supervisor).
+
+A signal never tears an IPC message in half: sends on the main thread ``hold()`` it
+until they are done. An idle worker ignores SIGINT.
 """
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from types import FrameType
+from types import CodeType, FrameType
 
-Action = Callable[[FrameType | None], None]
-"""What a SIGINT does; gets the frame the main thread was executing."""
+from kernelvisor.cells import Cell, current_cell
 
 
-def _raise_keyboard_interrupt(frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+def _cell_on_stack(
+    frame: FrameType | None, guard: CodeType, task_guard: CodeType | None = None
+) -> Cell | None:
+    """The cell executing on this stack (not suspended): the one whose ``guard`` frame
+    (the executor's, around a cell's code) is on it; else, if ``task_guard`` is given and
+    its frame is on it (IPython running a main-thread cell as a task of its own, in the
+    cell's context), the cell of the current context."""
+    in_task = False
+    while frame is not None:
+        code = frame.f_code
+        if code is guard:
+            cell = frame.f_locals.get("cell")
+            return cell if isinstance(cell, Cell) else None
+        if code is task_guard:
+            in_task = True
+        frame = frame.f_back
+    return current_cell.get() if in_task else None
+
+
+def _raise_in_thread(ident: int, exc_type: type[BaseException]) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc_type))
 
 
 class SigintGate:
-    """The SIGINT handler and the state that decides what a signal does.
-
-    Python runs signal handlers in the main thread only, so all state here is touched by
-    the main thread (the context managers are no-ops in other threads).
-    """
+    """The SIGINT handler, and the registry of running cells it interrupts."""
 
     def __init__(self) -> None:
         self._main_ident = threading.main_thread().ident
-        self._action: Action | None = None
+        self._cells: dict[int, Cell] = {}
+        self._lock = threading.Lock()
+        # Set by the executor: the code object of its frame that runs a cell's code.
+        self.guard: CodeType | None = None
+        self.task_guard: CodeType | None = None
         self._holds = 0
-        self._pending = False
+        # Interrupts that arrived while a send held them: None means "every cell".
+        self._deferred: list[set[int] | None] = []
+        # Cells whose targeted interrupt is on its way to the main thread as a SIGINT.
+        self._targeted: deque[int] = deque()
         self._hold = _Hold(self)
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
 
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        action = self._action
-        if action is None:
-            return
-        if self._holds:
-            self._pending = True
-            return
-        action(frame)
-
     @contextmanager
-    def _acting(self, action: Action) -> Iterator[None]:
-        if threading.get_ident() != self._main_ident:
-            yield  # a signal never interrupts other threads
-            return
-        previous = self._action
-        self._action = action
+    def running(self, cell: Cell) -> Iterator[None]:
+        """Registers ``cell`` as interruptible while the block runs."""
+        with self._lock:
+            self._cells[cell.req_id] = cell
         try:
             yield
         finally:
-            self._action = previous
-            if previous is None:
-                self._pending = False
+            with self._lock:
+                self._cells.pop(cell.req_id, None)
 
-    def raising(self) -> AbstractContextManager[None]:
-        """While inside, SIGINT raises KeyboardInterrupt in the main thread."""
-        return self._acting(_raise_keyboard_interrupt)
+    def running_cells(self) -> list[Cell]:
+        with self._lock:
+            return list(self._cells.values())
 
-    def calling(self, action: Action) -> AbstractContextManager[None]:
-        """While inside, SIGINT calls ``action`` (e.g. to cancel an awaited task)."""
-        return self._acting(action)
+    def interrupt_cell(self, req_id: int, timeout: float | None = None) -> None:
+        """Interrupts one cell, from any thread (the supervisor's ``interrupt`` op)."""
+        with self._lock:
+            cell = self._cells.get(req_id)
+        if cell is None:
+            return  # already done
+        cell.interrupted = float(timeout) if timeout is not None else "interrupt"
+        if cell.thread_ident == self._main_ident:
+            # Only the main thread can raise in its own code: send it the signal, marked
+            # for this cell. (A SIGINT from the supervisor arriving in the same instant
+            # may merge with it and then reach only this cell.)
+            self._targeted.append(req_id)
+            if threading.get_ident() == self._main_ident:
+                signal.raise_signal(signal.SIGINT)
+            else:
+                signal.pthread_kill(self._main_ident, signal.SIGINT)  # type: ignore[arg-type]
+        else:
+            self._interrupt_elsewhere(cell)
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        targets: set[int] | None = None
+        if self._targeted:
+            targets = set()
+            while self._targeted:
+                targets.add(self._targeted.popleft())
+        if not self._cells:
+            return
+        if self._holds:
+            self._deferred.append(targets)
+            return
+        self._interrupt(frame, targets)
+
+    def _interrupt(self, frame: FrameType | None, targets: set[int] | None) -> None:
+        """On the main thread: interrupt the ``targets`` (None: every running cell)."""
+        guard = self.guard
+        active = _cell_on_stack(frame, guard, self.task_guard) if guard is not None else None
+        raise_here = False
+        for cell in self.running_cells():
+            if targets is not None and cell.req_id not in targets:
+                continue
+            if cell.interrupted is None:
+                cell.interrupted = "interrupt"
+            if cell is active:
+                raise_here = True
+            elif cell.thread_ident == self._main_ident:
+                if cell.cancel is not None:
+                    cell.cancel()
+            else:
+                self._interrupt_elsewhere(cell)
+        if raise_here:
+            raise KeyboardInterrupt
+
+    def _interrupt_elsewhere(self, cell: Cell) -> None:
+        """A cell of another thread: raise in its code, or cancel its await."""
+        guard = self.guard
+        frame = sys._current_frames().get(cell.thread_ident)
+        if guard is not None and _cell_on_stack(frame, guard) is cell:
+            _raise_in_thread(cell.thread_ident, KeyboardInterrupt)
+        elif cell.cancel is not None:
+            cell.cancel()
 
     def hold(self) -> AbstractContextManager[None]:
         """Defer SIGINT until the block ends (used around IPC sends)."""
@@ -76,11 +155,16 @@ class SigintGate:
 
     def _release(self) -> None:
         self._holds -= 1
-        if not self._holds and self._pending:
-            self._pending = False
-            action = self._action
-            if action is not None:
-                action(sys._getframe(2))  # its callers lead to the interrupted code
+        if not self._holds and self._deferred:
+            deferred, self._deferred = self._deferred, []
+            targets: set[int] | None = set()
+            for t in deferred:
+                if t is None or targets is None:
+                    targets = None
+                else:
+                    targets |= t
+            if self._cells:
+                self._interrupt(sys._getframe(2), targets)  # its callers lead to the cell
 
 
 class _Hold:

@@ -18,6 +18,10 @@ def loads_object(frame: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 @dataclass(frozen=True)
 class Request:
     """One Jupyter request. Header bytes are kept verbatim: they become the parent
@@ -31,6 +35,11 @@ class Request:
     metadata: bytes
     content: bytes
     buffers: list[bytes]
+    # Where an execute_request runs (IPC.md, "Run modes"): queue, task or thread; and
+    # for thread, the thread's name and event-loop backend.
+    mode: str = "queue"
+    thread: str | None = None
+    backend: str | None = None
 
     @classmethod
     def from_frames(cls, control: dict[str, Any], frames: list[bytes]) -> Request:
@@ -49,6 +58,9 @@ class Request:
             metadata=frames[3],
             content=frames[4],
             buffers=frames[5:],
+            mode=str(control.get("mode") or "queue"),
+            thread=_optional_str(control.get("thread")),
+            backend=_optional_str(control.get("backend")),
         )
 
     def content_json(self) -> dict[str, Any]:

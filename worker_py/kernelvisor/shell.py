@@ -19,6 +19,7 @@ from traitlets import Any as AnyTrait
 from traitlets import CBool, Type
 from traitlets.config import Config
 
+from kernelvisor.cells import Cell, current_cell
 from kernelvisor.compiler import CellCompiler
 from kernelvisor.messages import loads_object
 from kernelvisor.startup import user_config
@@ -44,27 +45,52 @@ def shell_config() -> Config:
 
 
 class IpcDisplayHook(DisplayHook):
-    """Sends a cell's last value as ``execute_result``; never prints an Out[N] prompt."""
+    """Sends a cell's last value as ``execute_result``; never prints an Out[N] prompt.
+
+    The message being built, and IPython's ``exec_result``, belong to the running cell
+    (cells run concurrently)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._scratch = Cell(0, b"", False)
         super().__init__(*args, **kwargs)
-        self.content: dict[str, Any] | None = None
+
+    def _cell(self) -> Cell:
+        return current_cell.get() or self._scratch
+
+    @property
+    def content(self) -> dict[str, Any] | None:
+        return self._cell().display_content
+
+    @property  # type: ignore[override]
+    def exec_result(self) -> Any:
+        return self._cell().exec_result
+
+    @exec_result.setter
+    def exec_result(self, value: Any) -> None:
+        self._cell().exec_result = value
 
     def start_displayhook(self) -> None:
         self._is_active = True  # read by IPython >= 9
-        self.content = {"execution_count": self.prompt_count, "data": {}, "metadata": {}}
+        self._cell().display_content = {
+            "execution_count": self.prompt_count,
+            "data": {},
+            "metadata": {},
+        }
 
     def write_output_prompt(self) -> None:
-        if self.content is not None:
-            self.content["execution_count"] = self.prompt_count
+        content = self.content
+        if content is not None:
+            content["execution_count"] = self.prompt_count
 
     def write_format_data(self, format_dict: dict[str, Any], md_dict: Any = None) -> None:
-        if self.content is not None:
-            self.content["data"] = format_dict
-            self.content["metadata"] = md_dict or {}
+        content = self.content
+        if content is not None:
+            content["data"] = format_dict
+            content["metadata"] = md_dict or {}
 
     def finish_displayhook(self) -> None:
-        content, self.content = self.content, None
+        cell = self._cell()
+        content, cell.display_content = cell.display_content, None
         self._is_active = False
         if content and content["data"]:
             self.shell.publish("execute_result", content)  # type: ignore[union-attr]
@@ -124,12 +150,11 @@ class ZMQInteractiveShell(InteractiveShell):
     kernel = AnyTrait()
 
     def __init__(self, **kwargs: Any) -> None:
+        # What belongs to "the running cell" when no cell runs (e.g. a comm handler).
+        self._scratch = Cell(0, b"", False)
+        self._count = 1
         super().__init__(**kwargs)
         self.kernel = _KernelShim(self)
-        self._last_traceback: list[str] | None = None
-        self._last_error = ("", "")
-        self._last_shown: BaseException | None = None
-        self._last_traceback_during_displayhook = False
         # tqdm.autonotebook picks its notebook widget only when it finds this section.
         if "IPKernelApp" not in self.config:
             self.config.IPKernelApp.tqdm = "dummy value for tqdm's notebook detection"
@@ -141,24 +166,48 @@ class ZMQInteractiveShell(InteractiveShell):
         """Send an iopub message on behalf of the request whose code is running."""
         self.outbox.iopub(msg_type, self.parent_header(), content)
 
-    def reset_error_state(self) -> None:
-        self._last_traceback = None
-        self._last_error = ("", "")
-        self._last_shown = None
-        self._last_traceback_during_displayhook = False
+    def _cell(self) -> Cell:
+        return current_cell.get() or self._scratch
 
-    @property
-    def last_traceback(self) -> list[str] | None:
-        return self._last_traceback
+    # The execution count. Concurrent cells each reserve theirs when they start
+    # (reserve_count); IPython then reads "the" count and increments it once per cell, so
+    # inside a cell the count reads as that cell's, before and after its increment.
+    @property  # type: ignore[override]
+    def execution_count(self) -> int:
+        cell = current_cell.get()
+        if cell is None or not cell.count:
+            return self._count
+        return cell.count + 1 if cell.counted else cell.count
 
-    @property
-    def last_error(self) -> tuple[str, str]:
-        """(ename, evalue) of the last traceback shown."""
-        return self._last_error
+    @execution_count.setter
+    def execution_count(self, value: int) -> None:
+        cell = current_cell.get()
+        if cell is not None and cell.count and not cell.counted and value == cell.count + 1:
+            cell.counted = True  # IPython counting the cell: reserved already
+            return
+        self._count = value
 
-    @property
-    def traceback_during_displayhook(self) -> bool:
-        return self._last_traceback_during_displayhook
+    def reserve_count(self, cell: Cell, counts: bool) -> None:
+        """Gives ``cell`` the next execution count (and takes it, if the cell ``counts``:
+        stored in history). Called by the thread that starts the cell, one at a time."""
+        cell.count = self._count
+        if counts:
+            self._count += 1
+        else:
+            cell.counted = True  # IPython will not increment: the count stays as it is
+            cell.count = self._count - 1 if self._count > 1 else 0
+
+    def showtraceback(self, exc_tuple: Any = None, *args: Any, **kwargs: Any) -> None:
+        # An interrupted cell shows why it ended (KeyboardInterrupt, TimeoutError), not the
+        # cancellation that ended its await.
+        cell = current_cell.get()
+        if cell is not None and cell.interrupted is not None:
+            _etype, value, tb = exc_tuple if exc_tuple is not None else sys.exc_info()
+            if value is not None:
+                shown = cell.interrupt_error(value)
+                if shown is not value:
+                    exc_tuple = (type(shown), shown, tb)
+        super().showtraceback(exc_tuple, *args, **kwargs)
 
     def init_environment(self) -> None:
         env = os.environ
@@ -192,33 +241,26 @@ class ZMQInteractiveShell(InteractiveShell):
         self._write_payload({"source": "set_next_input", "text": text, "replace": replace})
 
     def _write_payload(self, payload: dict[str, Any]) -> None:
-        assert self.payload_manager is not None  # created in InteractiveShell.__init__
-        self.payload_manager.write_payload(payload)
-
-    def take_payloads(self) -> list[dict[str, Any]]:
-        """The payloads of the cell that just ran, cleared for the next one."""
-        assert self.payload_manager is not None
-        payloads: list[dict[str, Any]] = self.payload_manager.read_payload()
-        if payloads:  # clearing sets a trait (validation, observers): only when needed
-            self.payload_manager.clear_payload()
-        return payloads
+        # Kept with the cell (not IPython's shared payload manager): read with its reply.
+        self._cell().payloads.append(payload)
 
     def enable_gui(self, gui: str | None = None) -> None:
         if gui not in (None, "inline"):
             raise UsageError(f"kernelvisor has no GUI event loop integration (asked for {gui!r})")
 
     def _showtraceback(self, etype: type, evalue: BaseException, stb: list[str]) -> None:
-        if getattr(self.displayhook, "content", None) is not None:
+        cell = self._cell()
+        if cell.display_content is not None:
             # Formatting the result failed: the cell counts as failed too.
-            self._last_traceback_during_displayhook = True
+            cell.traceback_during_displayhook = True
         try:
             evalue_text = str(evalue)
         except Exception:
             evalue_text = f"<unprintable {etype.__name__} object>"
         self.publish("error", {"ename": etype.__name__, "evalue": evalue_text, "traceback": stb})
-        self._last_traceback = stb
-        self._last_error = (etype.__name__, evalue_text)
-        self._last_shown = evalue
+        cell.last_traceback = stb
+        cell.last_error = (etype.__name__, evalue_text)
+        cell.last_shown = evalue
 
     def _format_exception_for_storage(
         self, exception: BaseException, filename: Any = None, running_compiled_code: bool = False
@@ -226,9 +268,10 @@ class ZMQInteractiveShell(InteractiveShell):
         # IPython >= 9 formats a cell's exception a second time to keep it in history; the
         # traceback just shown is the same one (formatting costs ~5 ms: stack_data builds a
         # new pygments lexer class each time), so reuse it.
-        if exception is self._last_shown and self._last_traceback is not None:
-            ename, evalue = self._last_error
-            return {"ename": ename, "evalue": evalue, "traceback": self._last_traceback}
+        cell = self._cell()
+        if exception is cell.last_shown and cell.last_traceback is not None:
+            ename, evalue = cell.last_error
+            return {"ename": ename, "evalue": evalue, "traceback": cell.last_traceback}
         return super()._format_exception_for_storage(  # type: ignore[no-any-return]
             exception, filename, running_compiled_code
         )

@@ -8,12 +8,12 @@ import getpass
 import os
 import queue
 import select
+import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
+from kernelvisor.cells import Cell, current_cell
 from kernelvisor.interrupts import SigintGate
 from kernelvisor.outbox import Outbox
 
@@ -35,24 +35,17 @@ def _stdin_not_implemented(what: str) -> Exception:
     )
 
 
-@dataclass(frozen=True)
-class _Asker:
-    req_id: int
-    parent: bytes
-    allow_stdin: bool
-
-
 class StdinBridge:
     def __init__(self, outbox: Outbox, gate: SigintGate) -> None:
         self._outbox = outbox
         self._gate = gate
+        # One question at a time: an input_reply does not say which question it answers.
+        self._asking = threading.Lock()
         self._replies: queue.SimpleQueue[str] = queue.SimpleQueue()
         # deliver() writes a byte here to wake a waiting input().
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        # The execute request that input() would ask for (one runs at a time).
-        self._asker: _Asker | None = None
         # While input() waits, the main thread does not run the event loop that reads
         # the main connection: the wait watches this fd and calls on_watch_readable
         # (the worker's main-connection reader), so an input_reply sent on main, or a
@@ -64,14 +57,6 @@ class StdinBridge:
         builtins.input = self.input
         getpass.getpass = self.getpass  # type: ignore[assignment]
 
-    @contextmanager
-    def asking_for(self, req_id: int, parent: bytes, allow_stdin: bool) -> Iterator[None]:
-        self._asker = _Asker(req_id, parent, allow_stdin)
-        try:
-            yield
-        finally:
-            self._asker = None
-
     def deliver(self, value: str) -> None:
         """An input_reply arrived (called from any thread)."""
         self._replies.put(value)
@@ -79,7 +64,7 @@ class StdinBridge:
             os.write(self._wake_w, b"\0")
 
     def input(self, prompt: Any = "") -> str:
-        asker = self._asker
+        asker = current_cell.get()
         if asker is None or not asker.allow_stdin:
             raise _stdin_not_implemented("raw_input")  # the Python 2 name, as ipykernel says
         return self._ask(asker, str(prompt), password=False)
@@ -87,7 +72,7 @@ class StdinBridge:
     def getpass(
         self, prompt: str = "Password: ", stream: Any = None, *, echo_char: str | None = None
     ) -> str:
-        asker = self._asker
+        asker = current_cell.get()
         if asker is None or not asker.allow_stdin:
             raise _stdin_not_implemented("getpass")
         for name, value in (("stream", stream), ("echo_char", echo_char)):
@@ -100,20 +85,20 @@ class StdinBridge:
                 )
         return self._ask(asker, str(prompt), password=True)
 
-    def _ask(self, asker: _Asker, prompt: str, password: bool) -> str:
-        while True:  # forget answers to questions nobody is asking any more
-            try:
-                self._replies.get_nowait()
-            except queue.Empty:
-                break
-        # The outbox flushes buffered output first, so the prompt follows it.
-        self._outbox.stdin_request(
-            asker.req_id, asker.parent, {"prompt": prompt, "password": password}
-        )
+    def _ask(self, asker: Cell, prompt: str, password: bool) -> str:
         try:
-            with self._gate.raising():
+            with self._asking:
+                while True:  # forget answers to questions nobody is asking any more
+                    try:
+                        self._replies.get_nowait()
+                    except queue.Empty:
+                        break
+                # The outbox flushes buffered output first, so the prompt follows it.
+                self._outbox.stdin_request(
+                    asker.req_id, asker.header, {"prompt": prompt, "password": password}
+                )
                 value = self._wait()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the cell was interrupted while it waited
             raise KeyboardInterrupt("Interrupted by user") from None
         if value == "\x04":  # Ctrl-D in the client means end of file
             raise EOFError
@@ -127,7 +112,8 @@ class StdinBridge:
                 pass
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
-            watch = self.watch_fd
+            # Only the main thread reads main (a waiting thread cell leaves it to the loop).
+            watch = self.watch_fd if threading.current_thread() is threading.main_thread() else None
             if watch is not None:
                 poller.register(watch, select.POLLIN)
             for fd, _events in poller.poll(_POLL_MS):

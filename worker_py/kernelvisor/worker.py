@@ -15,6 +15,7 @@ import atexit
 import collections
 import collections.abc
 import contextvars
+import dataclasses
 import faulthandler
 import json
 import logging
@@ -30,8 +31,9 @@ from contextvars import ContextVar
 from typing import Any, TextIO
 
 import kernelvisor
-from kernelvisor import comms
+from kernelvisor import comms, threads
 from kernelvisor.capture import CStdio, FdCapture
+from kernelvisor.cells import current_cell
 from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
 from kernelvisor.interrupts import SigintGate
 from kernelvisor.ipc import Connection, ProtocolError
@@ -53,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kernelvisor.worker")
     parser.add_argument("--connect", required=True, metavar="SOCKET_PATH")
     parser.add_argument("--worker-id", required=True, type=int)
+    parser.add_argument(
+        "--backend",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="the event loop of main-thread cells (trio: a guest of the worker's asyncio loop)",
+    )
     return parser.parse_args(argv)
 
 
@@ -142,8 +150,10 @@ class Worker:
         worker_id: int,
         diag: TextIO,
         fatal_signals: FatalSignalFlush | None = None,
+        backend: str = "asyncio",
     ) -> None:
         self.path = path
+        self.backend = backend
         self.aux_conn = aux
         self.main_conn: Connection | None = None
         self._main_inbox: collections.deque[list[bytes]] = collections.deque()
@@ -166,6 +176,17 @@ class Worker:
         self.buffer.before_first_write = self.capture.drain
         # Keeps the C handler's callback alive; armed by start_capture.
         self.fatal_signals = fatal_signals if fatal_signals is not None else FatalSignalFlush()
+        # The main thread's Caller (created in its loop on first use), parent of the
+        # threads that run `thread` cells; and the trio run of main-thread cells.
+        self._main_caller: Any = None
+        # Queue cells waiting for the one running on the main thread.
+        self._queue_busy = False
+        self._queue_waiting: collections.deque[Request] = collections.deque()
+        self.trio: Any = None
+        if backend == "trio":
+            from kernelvisor.trio_host import TrioHost
+
+            self.trio = TrioHost(self.loop)
 
     @classmethod
     def connect(
@@ -174,11 +195,12 @@ class Worker:
         worker_id: int,
         diag: TextIO,
         fatal_signals: FatalSignalFlush | None = None,
+        backend: str = "asyncio",
     ) -> Worker:
         """Open ``aux`` and say hello on it at once (the supervisor then knows the pid)."""
         aux = Connection.connect(path)
         aux.send([control_frame({"op": "hello", "role": "aux", **cls._identity(worker_id)})])
-        return cls(path, aux, worker_id, diag, fatal_signals)
+        return cls(path, aux, worker_id, diag, fatal_signals, backend)
 
     @staticmethod
     def _identity(worker_id: int) -> dict[str, Any]:
@@ -233,10 +255,13 @@ class Worker:
             self.outbox,
             self.buffer,
             self.gate,
-            self.stdin,
             self.c_stdio,
             self.engine_id,
+            self.loop,
+            main_asyncio=self.trio is None,
         )
+        # Output of threads a cell starts stays that cell's.
+        threads.inherit_context()
         self.handlers = HANDLERS
         self.aux = _SerialThread("kernelvisor-aux")
         run_startup(self.shell)
@@ -272,6 +297,8 @@ class Worker:
         self.loop.add_reader(main_fd, self._read_main)
         self.stdin.watch_fd = main_fd
         self.stdin.on_watch_readable = self._read_main
+        if self.trio is not None:
+            self.trio.start()
         while True:
             try:
                 self.loop.run_forever()
@@ -388,6 +415,17 @@ class Worker:
                 # supervisor reads and writes us from separate tasks: no deadlock here.
                 self.aux_conn.send([control_frame({"op": "pong", "seq": control.get("seq")})])
                 return
+            if op == "interrupt":
+                # One cell (its timeout ran out); from the aux reader, at once.
+                timeout = control.get("timeout")
+                self.gate.interrupt_cell(
+                    int(control.get("id", 0)),
+                    float(timeout) if isinstance(timeout, int | float) else None,
+                )
+                return
+            if op == "drop_thread":
+                self.loop.call_soon_threadsafe(self._drop_thread, str(control.get("name", "")))
+                return
             if op == "reset":
                 # Back to the idle pool after a `# process` cell: a fresh namespace, warm
                 # imports kept. Runs on the main loop, after anything queued before it.
@@ -410,10 +448,16 @@ class Worker:
         msg_type = req.msg_type
         on_main = threading.current_thread() is threading.main_thread()
         if msg_type == "execute_request":
-            if on_main:
-                self._start_execute(req)
+            start = {"thread": self._start_thread_cell, "task": self._start_execute}.get(
+                req.mode, self._start_queue_cell
+            )
+            if on_main and current_cell.get() is None:
+                start(req)
+            elif on_main:
+                # Read by an input() waiting inside a cell: start it after that cell.
+                self.loop.call_soon(start, req, context=contextvars.Context())
             else:
-                self.loop.call_soon_threadsafe(self._start_execute, req)
+                self.loop.call_soon_threadsafe(start, req, context=contextvars.Context())
         elif msg_type in COMM_MESSAGES:
             # A fresh context per message: its parent header must not leak into others.
             # Queued behind any cell that arrived first, as cells and comms keep order.
@@ -467,10 +511,44 @@ class Worker:
         self.shell.execution_count = 1
         self.outbox.control({"op": "reset_done"})
 
-    def _start_execute(self, req: Request) -> None:
-        """Run the request's first step now (a cell that never awaits runs to its reply
-        right here), and only what remains after an ``await`` as a task."""
-        coro = self.executor.execute(req)
+    def _start_queue_cell(self, req: Request) -> None:
+        """A ``queue`` cell: after the one running (the supervisor sends them one at a
+        time; this keeps the order should two ever arrive, e.g. while one awaits)."""
+        if self._queue_busy:
+            self._queue_waiting.append(req)
+            return
+        self._queue_busy = True
+
+        async def run() -> None:
+            try:
+                await self.executor.execute(req)
+            finally:
+                self.loop.call_soon(self._queue_next, context=contextvars.Context())
+
+        self._start_execute(req, run)
+
+    def _queue_next(self) -> None:
+        self._queue_busy = False
+        if self._queue_waiting:
+            self._start_queue_cell(self._queue_waiting.popleft())
+
+    def _start_execute(
+        self, req: Request, run: Callable[[], Coroutine[Any, Any, None]] | None = None
+    ) -> None:
+        """A ``queue`` or ``task`` cell, on the main thread.
+
+        With asyncio, run the request's first step now (a cell that never awaits runs to
+        its reply right here), and only what remains after an ``await`` as a task. With
+        trio, the cell is a trio task from the start (trio calls need a trio task)."""
+        if run is None:
+
+            def run() -> Coroutine[Any, Any, None]:
+                return self.executor.execute(req)
+
+        if self.trio is not None:
+            self.trio.spawn(run)
+            return
+        coro = run()
         if not _EAGER:
             self.loop.create_task(coro)
             return
@@ -485,6 +563,44 @@ class Worker:
             return
         self.loop.create_task(_Resumed(coro, awaiting), context=context)
 
+    def _caller(self) -> Any:
+        """The main thread's Caller (in the main thread, while its loop runs)."""
+        if self._main_caller is None:
+            from kernelvisor.caller import Caller
+
+            self._main_caller = Caller()
+        return self._main_caller
+
+    def _start_thread_cell(self, req: Request) -> None:
+        """A ``thread`` cell: in the named thread (created on first use; its cells run
+        one after another), or in a thread of the ``to_thread`` pool. Either has its own
+        event loop (asyncio or trio), so the cell may await there."""
+
+        async def run() -> None:
+            await self.executor.execute(req)
+
+        backend = req.backend or self.backend
+        try:
+            caller = self._caller()
+            if req.thread is not None:
+                caller.get(req.thread, backend=backend).queue_call(run)
+            elif backend == caller.backend:
+                caller.to_thread(run)
+            else:  # the pool of threads running the other backend
+                caller.get(f"kernelvisor-{backend}", backend=backend).to_thread(run)
+        except Exception as exc:
+            # E.g. a thread of that name with another backend: the cell fails, visibly.
+            log.warning("cannot start thread cell %s: %s", req.id, exc)
+            self._start_execute(_as_error_cell(req, exc))
+
+    def _drop_thread(self, name: str) -> None:
+        """Stop a named thread once the cells queued there are done (deleted subshell)."""
+        if self._main_caller is None:
+            return
+        for child in self._main_caller.children:
+            if child.name == name and not child.stopped:
+                child.queue_call(child.stop)
+
     def _handle_comm(self, req: Request) -> None:
         self.buffer.parent_var.set(req.header)
         try:
@@ -496,6 +612,13 @@ class Worker:
             self.outbox.done(req.id)
 
 
+def _as_error_cell(req: Request, exc: Exception) -> Request:
+    """The request, with code that raises ``exc``'s message where the cell would run."""
+    content = json.loads(req.content or b"{}")
+    content["code"] = f"raise RuntimeError({str(exc)!r})"
+    return dataclasses.replace(req, content=json.dumps(content).encode(), mode="queue")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Before faulthandler: a fatal signal dumps the stacks first, then flushes output.
@@ -503,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     fatal_signals.install()
     diag = setup_diagnostics()
     try:
-        worker = Worker.connect(args.connect, args.worker_id, diag, fatal_signals)
+        worker = Worker.connect(args.connect, args.worker_id, diag, fatal_signals, args.backend)
     except OSError:
         log.exception("cannot connect to %s", args.connect)
         sys.exit(1)
