@@ -36,7 +36,8 @@ pub fn reply_content(language_info: &Value) -> Vec<u8> {
             {"text": "IPython Reference", "url": "https://ipython.readthedocs.io/en/stable/"},
         ],
         "debugger": false,
-        "supported_features": [],
+        // JEP 91: create/delete/list_subshell_request and `subshell_id` in headers.
+        "supported_features": ["kernel subshells"],
     })
     .to_string()
     .into_bytes()
@@ -53,6 +54,6 @@ mod tests {
         assert_eq!(v["implementation"], "kernelvisor");
         assert_eq!(v["language_info"]["version"], "3.11.7");
         assert_eq!(v["help_links"][0]["url"], "https://docs.python.org/3.11");
-        assert!(v["supported_features"].is_array());
+        assert_eq!(v["supported_features"], json!(["kernel subshells"]));
     }
 }

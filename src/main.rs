@@ -5,6 +5,7 @@
 //! `kernelvisor -f CONNECTION_FILE` runs the kernel (what kernel.json launches);
 //! `kernelvisor install` writes the kernelspec.
 
+mod cell_plan;
 mod connection;
 mod exit;
 mod header;
@@ -16,7 +17,6 @@ mod kernel;
 mod kernel_info;
 mod outbox;
 mod pool;
-mod run_mode;
 mod signer;
 mod wire;
 mod worker;
@@ -170,6 +170,7 @@ fn run_kernel(args: RunArgs) -> anyhow::Result<()> {
         memory_limit: args.memory_limit,
         unresponsive_timeout: seconds(args.unresponsive_timeout, "--unresponsive-timeout")?,
         interrupt_grace: seconds(args.interrupt_grace, "--interrupt-grace")?,
+        backend: args.backend,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -39,6 +39,9 @@ pub struct Header {
     /// ISO 8601 creation time, when the client sets it.
     #[serde(default)]
     pub date: Option<String>,
+    /// The subshell (JEP 91) the request is for; `None`: the main shell.
+    #[serde(default)]
+    pub subshell_id: Option<String>,
 }
 
 /// A verified message from a client.
@@ -135,6 +138,7 @@ mod tests {
         assert_eq!(msg.identities, vec![b("client-id")]);
         assert_eq!(msg.header.msg_type, "execute_request");
         assert_eq!(msg.header.msg_id, "m1");
+        assert_eq!(msg.header.subshell_id, None);
         assert_eq!(msg.content.as_ref(), br#"{"code":"1+1"}"#);
         assert_eq!(msg.buffers, vec![Bytes::from_static(&[0, 159, 255])]);
     }

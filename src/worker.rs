@@ -33,6 +33,8 @@ pub struct WorkerConfig {
     pub python: PathBuf,
     /// The supervisor's listening socket.
     pub socket_path: PathBuf,
+    /// The event loop of the workers' main thread.
+    pub backend: crate::install::Backend,
 }
 
 /// What a worker says first, on each of its two connections.
@@ -102,8 +104,12 @@ pub fn spawn(
         .arg("--connect")
         .arg(&cfg.socket_path)
         .arg("--worker-id")
-        .arg(id.to_string())
-        .stdin(Stdio::null())
+        .arg(id.to_string());
+    if cfg.backend != crate::install::Backend::Asyncio {
+        // asyncio is the worker's default; say nothing, so plain command lines stay plain.
+        cmd.arg("--backend").arg(cfg.backend.as_str());
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls between fork and exec.

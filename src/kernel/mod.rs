@@ -1,11 +1,14 @@
 //! The kernel: one task that owns the client sockets and the workers, and decides
-//! everything about order — the sequential execute queue, busy/idle, replies.
+//! everything about order — the execute lanes (main shell and subshells), busy/idle,
+//! replies.
 //!
 //! Client messages come in on the three ROUTERs; worker messages come in as
 //! [`WorkerEvent`]s. Both are handled here, one at a time, so ordering needs no locks.
 //! Nothing here waits on a worker: writes to workers go through per-worker channels.
 
+mod lanes;
 mod lifecycle;
+mod subshells;
 mod watchdog;
 mod workers;
 
@@ -22,6 +25,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use crate::cell_plan::{CellPlan, Mode};
 use crate::connection::ConnectionInfo;
 use crate::exit::{describe_exit, last_words};
 use crate::heartbeat;
@@ -29,10 +33,10 @@ use crate::iopub::Iopub;
 use crate::kernel_info;
 use crate::outbox::Outbox;
 use crate::pool::{Placement, Pool, PoolPolicy, Role};
-use crate::run_mode::{run_mode, RunMode};
 use crate::signer::Signer;
 use crate::wire::{self, Incoming};
 use crate::worker::{self, Frames, WorkerConfig, WorkerEvent, WorkerId};
+use lanes::{LaneId, Lanes};
 
 /// Settings of a kernel run.
 #[derive(Debug, Clone)]
@@ -54,6 +58,8 @@ pub struct KernelConfig {
     /// After an interrupt, a cell still running after this long gets its worker killed.
     /// (A second interrupt of the same cell always does.)
     pub interrupt_grace: Option<Duration>,
+    /// The workers' event-loop backend.
+    pub backend: crate::install::Backend,
 }
 
 /// Which client socket a message came on.
@@ -97,6 +103,35 @@ struct Pending {
     is_execute: bool,
     /// Runs in a worker lent from the pool (a `# process` cell), not in the main one.
     borrowed: bool,
+    /// For an execute request: its lane, interrupts and timeout.
+    exec: Option<Execution>,
+}
+
+/// What the supervisor tracks of a running execute request.
+#[derive(Debug)]
+struct Execution {
+    /// The lane whose queue an error aborts (`None`: a `# process` cell aborts nothing).
+    lane: Option<LaneId>,
+    /// It is its lane's running cell (a queue cell), not a task/thread cell beside it.
+    holds_lane: bool,
+    /// An error reply aborts its lane's queue (decided here; the worker's
+    /// `stop_on_error` is not consulted).
+    abort_on_error: bool,
+    /// Its `timeout=` tag.
+    timeout: Option<Duration>,
+    /// When it was sent to the worker.
+    started: Instant,
+    /// When an interrupt (signal) first reached it.
+    interrupted: Option<Instant>,
+    /// When its `timeout=` tag made us send it the `interrupt` op.
+    timed_out: Option<Instant>,
+}
+
+/// An execute request waiting for its turn (or for a worker), with its plan.
+#[derive(Debug)]
+struct Queued {
+    msg: Incoming,
+    plan: CellPlan,
 }
 
 /// The control frame of a worker message (see `worker_py/IPC.md`).
@@ -109,18 +144,6 @@ struct WorkerCtrl<'a> {
     msg_type: Option<&'a str>,
     #[serde(default)]
     status: Option<&'a str>,
-    #[serde(default)]
-    stop_on_error: Option<bool>,
-}
-
-/// The execute request running in the main worker.
-#[derive(Debug)]
-struct Running {
-    id: u64,
-    worker: WorkerId,
-    /// Interrupts sent to it so far, and when the first one was.
-    interrupts: u32,
-    first_interrupt: Option<Instant>,
 }
 
 /// How long workers get to exit after a `shutdown` before they are killed.
@@ -138,6 +161,10 @@ const DRAIN_WAIT: Duration = Duration::from_millis(500);
 
 /// How often a busy worker is pinged when an unresponsive timeout is set.
 const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a cell interrupted for its `timeout=` tag may take to stop before its worker
+/// is killed, unless `--interrupt-grace` says otherwise.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the kernel until a shutdown request or SIGTERM.
 pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
@@ -180,6 +207,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         worker_cfg: WorkerConfig {
             python: cfg.python.clone(),
             socket_path,
+            backend: cfg.backend,
         },
         language_info: cfg
             .python_version
@@ -198,10 +226,10 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         next_worker: 0,
         next_request: 0,
         pending: HashMap::new(),
-        execute_queue: VecDeque::new(),
+        lanes: Lanes::default(),
+        concurrent: VecDeque::new(),
         process_queue: VecDeque::new(),
         waiting_for_worker: VecDeque::new(),
-        running: None,
         deferred_kernel_info: Vec::new(),
         kill_reasons: HashMap::new(),
         execution_counts: HashMap::new(),
@@ -257,12 +285,15 @@ struct Kernel {
     next_request: u64,
     pool: Pool,
     pending: HashMap<u64, Pending>,
-    execute_queue: VecDeque<Incoming>,
+    /// Queue cells, per lane (main shell, subshells).
+    lanes: Lanes<Queued>,
+    /// Task and thread cells waiting for a main worker (sent at once when there is one),
+    /// with the lane an error of theirs aborts.
+    concurrent: VecDeque<(LaneId, Queued)>,
     /// `# process` cells waiting for a worker to borrow.
-    process_queue: VecDeque<Incoming>,
+    process_queue: VecDeque<Queued>,
     /// Shell requests that arrived while no worker was connected.
     waiting_for_worker: VecDeque<Incoming>,
-    running: Option<Running>,
     /// `kernel_info` requests that arrived before the Python version was known.
     deferred_kernel_info: Vec<(Channel, Incoming)>,
     /// The execution count each worker announced last (`execute_input`).
@@ -347,20 +378,16 @@ impl Kernel {
                 )
                 .await;
             }
-            (Channel::Shell, "execute_request") if run_mode(&msg.content) == RunMode::Process => {
-                self.process_queue.push_back(msg);
-                self.dispatch_process();
-            }
-            (Channel::Shell, "execute_request") => {
-                self.execute_queue.push_back(msg);
-                self.dispatch_execute();
-            }
+            (Channel::Control, "create_subshell_request") => self.create_subshell(msg).await,
+            (Channel::Control, "delete_subshell_request") => self.delete_subshell(msg).await,
+            (Channel::Control, "list_subshell_request") => self.list_subshells(msg).await,
+            (Channel::Shell, "execute_request") => self.execute_request(msg).await,
             (Channel::Shell, t) if AUX_REQUESTS.contains(&t) || MAIN_MESSAGES.contains(&t) => {
                 self.forward(msg)
             }
             (Channel::Stdin, "input_reply") => {
                 if let Some(w) = self.pool.main() {
-                    w.send_aux(request_frames(0, Channel::Stdin, &msg));
+                    w.send_aux(request_frames(&request_ctrl(0, Channel::Stdin, &msg), &msg));
                 }
             }
             (_, t) => self.unknown(channel, t.to_string(), msg).await,
@@ -491,8 +518,10 @@ impl Kernel {
         self.iopub.send(self.outbox.status(parent, state));
     }
 
-    /// Interrupts the running cell: SIGINT to its worker the first time; the second time
-    /// (the cell ignored it, or sits in C code), the worker is killed and replaced.
+    /// Interrupts the cells running in the main worker (queue, task, thread and subshell
+    /// cells alike: SIGINT reaches them all) and in borrowed workers. If a main-worker cell
+    /// that a previous interrupt reached is still running (it ignored SIGINT, or sits in C
+    /// code), the worker is killed and replaced instead.
     fn interrupt(&mut self, why: &str) {
         // `# process` cells are interrupted too (once per interrupt; no escalation: a stuck
         // one costs only its own worker, which the user can kill by restarting).
@@ -505,34 +534,48 @@ impl Kernel {
         for pid in lent {
             worker::signal(pid, libc::SIGINT);
         }
-        let Some(running) = self.running.as_mut() else {
+        let Some((wid, pid)) = self.pool.main().map(|w| (w.id, w.pid)) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut running = self.main_executions(wid).peekable();
+        if running.peek().is_none() {
             debug!(why, "no cell running in the main worker");
             return;
-        };
-        let Some(pid) = self
-            .pool
-            .main()
-            .filter(|w| w.id == running.worker)
-            .map(|w| w.pid)
-        else {
-            return;
-        };
-        running.interrupts += 1;
-        if running.interrupts == 1 {
-            info!(
-                worker = running.worker,
-                why, "interrupting the running cell"
-            );
-            running.first_interrupt = Some(Instant::now());
-            worker::signal(pid, libc::SIGINT);
-        } else {
-            let worker = running.worker;
+        }
+        let mut again = false;
+        for exec in running {
+            again |= exec.interrupted.is_some();
+            exec.interrupted.get_or_insert(now);
+        }
+        if again {
             self.kill_worker(
-                worker,
+                wid,
                 pid,
                 "killed: the cell did not stop when interrupted (it ignored SIGINT or is stuck in C code), so it was interrupted again".into(),
             );
+        } else {
+            info!(worker = wid, why, "interrupting the running cells");
+            worker::signal(pid, libc::SIGINT);
         }
+    }
+
+    /// The execute requests running in worker `wid` (the main one).
+    fn main_executions(&mut self, wid: WorkerId) -> impl Iterator<Item = &mut Execution> {
+        self.pending
+            .values_mut()
+            .filter(move |p| p.worker == wid && !p.borrowed)
+            .filter_map(|p| p.exec.as_mut())
+    }
+
+    /// Whether an execute request is running in the main worker.
+    fn main_busy(&self) -> bool {
+        let Some(wid) = self.pool.main().map(|w| w.id) else {
+            return false;
+        };
+        self.pending
+            .values()
+            .any(|p| p.worker == wid && !p.borrowed && p.exec.is_some())
     }
 
     fn kill_worker(&mut self, id: WorkerId, pid: u32, reason: String) {
@@ -543,7 +586,13 @@ impl Kernel {
 
     // ---- requests handed to workers ----
 
-    fn register(&mut self, channel: Channel, msg: &Incoming, worker: WorkerId) -> u64 {
+    fn register(
+        &mut self,
+        channel: Channel,
+        msg: &Incoming,
+        worker: WorkerId,
+        exec: Option<Execution>,
+    ) -> u64 {
         self.next_request += 1;
         let id = self.next_request;
         self.pending.insert(
@@ -556,33 +605,101 @@ impl Kernel {
                 worker,
                 is_execute: msg.header.msg_type == "execute_request",
                 borrowed: self.pool.borrowed(worker).is_some(),
+                exec,
             },
         );
         id
     }
 
+    /// An `execute_request` arrived: refuse it if it names an unknown subshell, else
+    /// queue it or run it by its plan.
+    async fn execute_request(&mut self, msg: Incoming) {
+        let lane = LaneId::of(msg.header.subshell_id.as_deref());
+        if !self.lanes.exists(&lane) {
+            let id = msg.header.subshell_id.clone().unwrap_or_default();
+            warn!(subshell_id = %id, "execute_request for an unknown subshell");
+            let evalue = format!("no subshell with id {id:?} (it was deleted, or never created)");
+            self.refuse(Channel::Shell, &msg, "UnknownSubshellError", evalue)
+                .await;
+            return;
+        }
+        let plan = CellPlan::parse(&msg.content, &msg.metadata);
+        let queued = Queued { msg, plan };
+        match queued.plan.mode {
+            Mode::Process => {
+                self.process_queue.push_back(queued);
+                self.dispatch_process();
+            }
+            Mode::Queue => {
+                if self.lanes.push(&lane, queued).is_err() {
+                    unreachable!("the lane exists");
+                }
+                self.dispatch_execute();
+            }
+            Mode::Task | Mode::Thread { .. } => {
+                self.concurrent.push_back((lane, queued));
+                self.dispatch_execute();
+            }
+        }
+    }
+
+    /// Sends the main worker what may run now: every waiting task/thread cell, and the
+    /// next queue cell of each lane that runs nothing.
     fn dispatch_execute(&mut self) {
-        if self.running.is_some() {
+        if self.pool.main().is_none() {
             return;
         }
-        let Some(wid) = self.pool.main().map(|w| w.id) else {
-            return;
+        while let Some((lane, queued)) = self.concurrent.pop_front() {
+            self.start_execute(lane, queued, false);
+        }
+        while let Some((lane, queued)) = self.lanes.pop_ready() {
+            let id = self.start_execute(lane.clone(), queued, true);
+            self.lanes.start(&lane, id);
+        }
+    }
+
+    /// Hands one execute request to the main worker, with its run mode; returns its id.
+    fn start_execute(&mut self, lane: LaneId, queued: Queued, holds_lane: bool) -> u64 {
+        let Queued { msg, plan } = queued;
+        let wid = self.pool.main().map(|w| w.id).expect("a main worker");
+        let now = Instant::now();
+        let exec = Execution {
+            holds_lane,
+            abort_on_error: plan.abort_on_error(),
+            timeout: plan.tags.timeout,
+            started: now,
+            interrupted: None,
+            timed_out: None,
+            lane: Some(lane.clone()),
         };
-        let Some(msg) = self.execute_queue.pop_front() else {
-            return;
-        };
-        let id = self.register(Channel::Shell, &msg, wid);
+        if !self.main_busy() {
+            // Liveness is measured from when the worker became busy.
+            self.last_heard = now;
+        }
+        let id = self.register(Channel::Shell, &msg, wid, Some(exec));
         self.publish_status(&msg.header_bytes, "busy");
-        self.running = Some(Running {
-            id,
-            worker: wid,
-            interrupts: 0,
-            first_interrupt: None,
-        });
-        self.last_heard = Instant::now();
-        if let Some(w) = self.pool.main() {
-            w.send_main(request_frames(id, Channel::Shell, &msg));
+        let mut ctrl = request_ctrl(id, Channel::Shell, &msg);
+        match (&plan.mode, &lane) {
+            (Mode::Task, _) => ctrl["mode"] = json!("task"),
+            (Mode::Thread { name, backend }, _) => {
+                ctrl["mode"] = json!("thread");
+                if let Some(name) = name {
+                    ctrl["thread"] = json!(name);
+                }
+                if let Some(backend) = backend {
+                    ctrl["backend"] = json!(backend.as_str());
+                }
+            }
+            (_, LaneId::Subshell(sub)) => {
+                ctrl["mode"] = json!("thread");
+                ctrl["thread"] = json!(subshell_thread(sub));
+            }
+            (_, LaneId::Main) => {}
         }
+        if let Some(w) = self.pool.main() {
+            w.send_main(request_frames(&ctrl, &msg));
+        }
+        id
     }
 
     /// Runs waiting `# process` cells, each in a worker borrowed from the idle pool; starts
@@ -595,15 +712,25 @@ impl Kernel {
                 }
                 return;
             };
-            let msg = self.process_queue.pop_front().expect("not empty");
-            let id = self.register(Channel::Shell, &msg, wid);
+            let Queued { msg, plan } = self.process_queue.pop_front().expect("not empty");
+            let exec = Execution {
+                lane: None,
+                holds_lane: false,
+                abort_on_error: false,
+                timeout: plan.tags.timeout,
+                started: Instant::now(),
+                interrupted: None,
+                timed_out: None,
+            };
+            let id = self.register(Channel::Shell, &msg, wid, Some(exec));
             info!(
                 worker = wid,
                 "running a `# process` cell in a borrowed worker"
             );
             self.publish_status(&msg.header_bytes, "busy");
             if let Some(w) = self.pool.borrowed(wid) {
-                w.send_main(request_frames(id, Channel::Shell, &msg));
+                let ctrl = request_ctrl(id, Channel::Shell, &msg);
+                w.send_main(request_frames(&ctrl, &msg));
             }
         }
     }
@@ -613,9 +740,10 @@ impl Kernel {
             self.waiting_for_worker.push_back(msg);
             return;
         };
-        let id = self.register(Channel::Shell, &msg, wid);
+        let id = self.register(Channel::Shell, &msg, wid, None);
         self.publish_status(&msg.header_bytes, "busy");
-        let frames = request_frames(id, Channel::Shell, &msg);
+        let ctrl = request_ctrl(id, Channel::Shell, &msg);
+        let frames = request_frames(&ctrl, &msg);
         if let Some(w) = self.pool.main() {
             if MAIN_MESSAGES.contains(&msg.header.msg_type.as_str()) {
                 w.send_main(frames);
@@ -626,10 +754,19 @@ impl Kernel {
     }
 }
 
+/// The worker thread that runs a subshell's cells.
+fn subshell_thread(subshell_id: &str) -> String {
+    format!("subshell-{subshell_id}")
+}
+
+/// The control object of a `request` to a worker (run-mode fields are added to it).
+fn request_ctrl(id: u64, channel: Channel, msg: &Incoming) -> Value {
+    json!({"op": "request", "id": id, "channel": channel.name(),
+        "msg_type": msg.header.msg_type})
+}
+
 /// The frames of a `request` to a worker.
-fn request_frames(id: u64, channel: Channel, msg: &Incoming) -> Frames {
-    let ctrl = json!({"op": "request", "id": id, "channel": channel.name(),
-        "msg_type": msg.header.msg_type});
+fn request_frames(ctrl: &Value, msg: &Incoming) -> Frames {
     let mut frames = Vec::with_capacity(5 + msg.buffers.len());
     frames.push(Bytes::from(ctrl.to_string()));
     frames.push(msg.header_bytes.clone());

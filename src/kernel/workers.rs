@@ -136,9 +136,8 @@ impl Kernel {
                     if let Some(w) = self.pool.borrowed(wid) {
                         w.send_main(vec![Bytes::from_static(br#"{"op":"reset"}"#)]);
                     }
-                } else if p.is_execute {
-                    let failed = ctrl.status == Some("error");
-                    self.execute_done(ctrl.id, failed && ctrl.stop_on_error.unwrap_or(true))
+                } else if let (Some(id), Some(exec)) = (ctrl.id, p.exec) {
+                    self.execute_done(id, exec, ctrl.status == Some("error"))
                         .await;
                 }
             }
@@ -147,8 +146,8 @@ impl Kernel {
                     return;
                 };
                 self.publish_status(&p.header, "idle");
-                if p.is_execute {
-                    self.execute_done(ctrl.id, false).await;
+                if let (Some(id), Some(exec), false) = (ctrl.id, p.exec, p.borrowed) {
+                    self.execute_done(id, exec, false).await;
                 }
             }
             ("stdin", Some(msg_type)) if rest.len() >= 3 && is_identifier(msg_type) => {
@@ -180,25 +179,27 @@ impl Kernel {
         }
     }
 
-    /// The running execute finished; abort the queue after an error if asked, then run
-    /// the next one.
-    pub(super) async fn execute_done(&mut self, id: Option<u64>, abort_queue: bool) {
-        if self.running.as_ref().map(|r| r.id) != id {
-            warn!(?id, "execute finished that was not the running one");
-            return;
+    /// An execute request of the main worker finished: free its lane, abort the lane's
+    /// queue after an error if its plan says so, then run what may run now.
+    pub(super) async fn execute_done(&mut self, id: u64, exec: Execution, failed: bool) {
+        if let (true, Some(lane)) = (exec.holds_lane, &exec.lane) {
+            if !self.lanes.finish(lane, id) {
+                debug!(id, ?lane, "a cell of a deleted subshell finished");
+            }
         }
-        self.running = None;
-        if abort_queue {
-            self.abort_queue().await;
+        if failed && exec.abort_on_error {
+            if let Some(lane) = &exec.lane {
+                let queued = self.lanes.drain(lane);
+                self.abort(queued).await;
+            }
         }
         self.dispatch_execute();
     }
 
-    /// Answers every queued execute request with `status: aborted`, as ipykernel does
-    /// after an error with `stop_on_error`.
-    pub(super) async fn abort_queue(&mut self) {
-        let queued: Vec<Incoming> = self.execute_queue.drain(..).collect();
-        for msg in queued {
+    /// Answers execute requests with `status: aborted`, as ipykernel does to the requests
+    /// queued behind an error (with `stop_on_error`).
+    pub(super) async fn abort(&mut self, queued: Vec<Queued>) {
+        for Queued { msg, .. } in queued {
             debug!(msg_id = %msg.header.msg_id, "aborting queued execute");
             self.answer_with(
                 Channel::Shell,
@@ -252,9 +253,9 @@ impl Kernel {
         error!(worker = id, cause, "main worker died");
         self.answer_owed(id, count, &cause, &last_words(&tail), true)
             .await;
-        if self.running.take().is_some() {
-            self.abort_queue().await;
-        }
+        // Its cells are answered; what queued behind them is aborted (subshells stay).
+        let queued = self.lanes.reset_all();
+        self.abort(queued).await;
         // A warm spare takes over at once; the pool refills behind it.
         if self.pool.promote_idle().is_some() {
             info!(worker = ?self.pool.main().map(|w| w.id), "a warm worker took over");

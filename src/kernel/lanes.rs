@@ -1,0 +1,249 @@
+//! Execute lanes: the main shell's queue and one per subshell (JEP 91). Each lane is a
+//! FIFO that runs at most one cell at a time; lanes run beside each other.
+//!
+//! Pure bookkeeping, generic over what waits in a lane, so it is tested without a kernel.
+
+use std::collections::VecDeque;
+
+/// Which lane an execute request belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LaneId {
+    /// The main shell (requests without a `subshell_id`).
+    Main,
+    /// The subshell with this id.
+    Subshell(String),
+}
+
+impl LaneId {
+    /// The lane a request's header names.
+    pub fn of(subshell_id: Option<&str>) -> LaneId {
+        match subshell_id {
+            None => LaneId::Main,
+            Some(id) => LaneId::Subshell(id.to_owned()),
+        }
+    }
+}
+
+/// One FIFO and the request id of its running cell.
+#[derive(Debug)]
+struct Lane<T> {
+    queue: VecDeque<T>,
+    running: Option<u64>,
+}
+
+impl<T> Lane<T> {
+    fn new() -> Self {
+        Lane {
+            queue: VecDeque::new(),
+            running: None,
+        }
+    }
+}
+
+/// The main lane and the subshells' lanes, in creation order.
+#[derive(Debug)]
+pub struct Lanes<T> {
+    main: Lane<T>,
+    subshells: Vec<(String, Lane<T>)>,
+}
+
+impl<T> Default for Lanes<T> {
+    fn default() -> Self {
+        Lanes {
+            main: Lane::new(),
+            subshells: Vec::new(),
+        }
+    }
+}
+
+impl<T> Lanes<T> {
+    /// Creates a subshell lane; returns its id (a UUID, as ipykernel's).
+    pub fn create_subshell(&mut self) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.subshells.push((id.clone(), Lane::new()));
+        id
+    }
+
+    /// Deletes a subshell lane; returns what was queued in it (to abort), or `None` if
+    /// there is no such subshell. Its running cell, if any, still replies.
+    pub fn delete_subshell(&mut self, id: &str) -> Option<Vec<T>> {
+        let i = self.subshells.iter().position(|(s, _)| s == id)?;
+        let (_, lane) = self.subshells.remove(i);
+        Some(lane.queue.into())
+    }
+
+    /// The subshell ids, in creation order.
+    pub fn subshell_ids(&self) -> Vec<String> {
+        self.subshells.iter().map(|(s, _)| s.clone()).collect()
+    }
+
+    /// Whether the lane exists (the main one always does).
+    pub fn exists(&self, lane: &LaneId) -> bool {
+        self.get(lane).is_some()
+    }
+
+    fn get(&self, lane: &LaneId) -> Option<&Lane<T>> {
+        match lane {
+            LaneId::Main => Some(&self.main),
+            LaneId::Subshell(id) => self.subshells.iter().find(|(s, _)| s == id).map(|(_, l)| l),
+        }
+    }
+
+    fn get_mut(&mut self, lane: &LaneId) -> Option<&mut Lane<T>> {
+        match lane {
+            LaneId::Main => Some(&mut self.main),
+            LaneId::Subshell(id) => self
+                .subshells
+                .iter_mut()
+                .find(|(s, _)| s == id)
+                .map(|(_, l)| l),
+        }
+    }
+
+    /// Queues an item at the back of its lane; gives it back if there is no such lane.
+    pub fn push(&mut self, lane: &LaneId, item: T) -> Result<(), T> {
+        match self.get_mut(lane) {
+            Some(l) => {
+                l.queue.push_back(item);
+                Ok(())
+            }
+            None => Err(item),
+        }
+    }
+
+    /// The next item of a lane that runs nothing (main lane first, then subshells in
+    /// creation order). The caller runs it and records it with [`Lanes::start`].
+    pub fn pop_ready(&mut self) -> Option<(LaneId, T)> {
+        if self.main.running.is_none() {
+            if let Some(item) = self.main.queue.pop_front() {
+                return Some((LaneId::Main, item));
+            }
+        }
+        self.subshells.iter_mut().find_map(|(id, lane)| {
+            if lane.running.is_some() {
+                return None;
+            }
+            let item = lane.queue.pop_front()?;
+            Some((LaneId::Subshell(id.clone()), item))
+        })
+    }
+
+    /// Records that request `id` now runs in `lane`.
+    pub fn start(&mut self, lane: &LaneId, id: u64) {
+        if let Some(l) = self.get_mut(lane) {
+            debug_assert!(l.running.is_none(), "a lane runs one cell at a time");
+            l.running = Some(id);
+        }
+    }
+
+    /// Request `id` of `lane` finished; says whether it was that lane's running cell (a
+    /// deleted subshell's last cell was not).
+    pub fn finish(&mut self, lane: &LaneId, id: u64) -> bool {
+        match self.get_mut(lane) {
+            Some(l) if l.running == Some(id) => {
+                l.running = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Empties a lane's queue (to abort what waited).
+    pub fn drain(&mut self, lane: &LaneId) -> Vec<T> {
+        self.get_mut(lane)
+            .map(|l| l.queue.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets every running cell (their worker died) and empties every queue, main
+    /// lane first; the subshells themselves stay.
+    pub fn reset_all(&mut self) -> Vec<T> {
+        let mut out: Vec<T> = Vec::new();
+        for lane in std::iter::once(&mut self.main).chain(self.subshells.iter_mut().map(|(_, l)| l))
+        {
+            lane.running = None;
+            out.extend(lane.queue.drain(..));
+        }
+        out
+    }
+
+    /// Whether nothing runs or waits in any lane.
+    pub fn is_quiet(&self) -> bool {
+        std::iter::once(&self.main)
+            .chain(self.subshells.iter().map(|(_, l)| l))
+            .all(|l| l.running.is_none() && l.queue.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_at_a_time_per_lane_lanes_side_by_side() {
+        let mut lanes = Lanes::<&str>::default();
+        let sub = LaneId::Subshell(lanes.create_subshell());
+        lanes.push(&LaneId::Main, "m1").unwrap();
+        lanes.push(&LaneId::Main, "m2").unwrap();
+        lanes.push(&sub, "s1").unwrap();
+        assert_eq!(lanes.pop_ready(), Some((LaneId::Main, "m1")));
+        lanes.start(&LaneId::Main, 1);
+        assert_eq!(lanes.pop_ready(), Some((sub.clone(), "s1")), "beside m1");
+        lanes.start(&sub, 2);
+        assert_eq!(lanes.pop_ready(), None, "m2 waits for m1");
+        assert!(!lanes.finish(&LaneId::Main, 2), "not the main lane's cell");
+        assert!(lanes.finish(&LaneId::Main, 1));
+        assert_eq!(lanes.pop_ready(), Some((LaneId::Main, "m2")));
+        lanes.start(&LaneId::Main, 3);
+        assert!(lanes.finish(&LaneId::Main, 3) && lanes.finish(&sub, 2));
+        assert!(lanes.is_quiet());
+    }
+
+    #[test]
+    fn unknown_lanes_refuse() {
+        let mut lanes = Lanes::<u8>::default();
+        let ghost = LaneId::of(Some("nope"));
+        assert!(!lanes.exists(&ghost) && lanes.exists(&LaneId::of(None)));
+        assert_eq!(lanes.push(&ghost, 7), Err(7));
+        assert_eq!(lanes.delete_subshell("nope"), None);
+        assert!(lanes.drain(&ghost).is_empty());
+    }
+
+    #[test]
+    fn subshells_are_listed_in_creation_order_and_deleted_with_their_queue() {
+        let mut lanes = Lanes::<u8>::default();
+        let ids: Vec<String> = (0..3).map(|_| lanes.create_subshell()).collect();
+        assert_eq!(lanes.subshell_ids(), ids);
+        assert!(ids.iter().all(|id| uuid::Uuid::parse_str(id).is_ok()));
+        let second = LaneId::Subshell(ids[1].clone());
+        lanes.push(&second, 1).unwrap();
+        lanes.push(&second, 2).unwrap();
+        assert_eq!(lanes.pop_ready(), Some((second.clone(), 1)));
+        lanes.start(&second, 10);
+        assert_eq!(lanes.delete_subshell(&ids[1]), Some(vec![2]));
+        assert_eq!(lanes.subshell_ids(), vec![ids[0].clone(), ids[2].clone()]);
+        assert!(!lanes.finish(&second, 10), "its lane is gone");
+        assert!(lanes.is_quiet());
+    }
+
+    #[test]
+    fn reset_all_keeps_the_subshells() {
+        let mut lanes = Lanes::<u8>::default();
+        let sub = LaneId::Subshell(lanes.create_subshell());
+        for (lane, item) in [(&LaneId::Main, 1), (&sub, 2), (&LaneId::Main, 3)] {
+            lanes.push(lane, item).unwrap();
+        }
+        let (lane, _) = lanes.pop_ready().unwrap();
+        lanes.start(&lane, 1);
+        assert!(!lanes.is_quiet());
+        assert_eq!(lanes.reset_all(), vec![3, 2], "main lane first");
+        assert!(lanes.is_quiet() && lanes.exists(&sub));
+        lanes.push(&LaneId::Main, 4).unwrap();
+        assert_eq!(
+            lanes.pop_ready(),
+            Some((LaneId::Main, 4)),
+            "nothing runs any more"
+        );
+        assert_eq!(lanes.drain(&sub), Vec::<u8>::new());
+    }
+}
