@@ -22,6 +22,12 @@ pub const DEFAULT_NAME: &str = "kernelvisor";
 /// Default name shown in Jupyter's kernel picker.
 pub const DEFAULT_DISPLAY_NAME: &str = "Python 3 (kernelvisor)";
 
+/// Kernelspec name of `--backend trio` (beside the asyncio one, which it leaves alone).
+pub const TRIO_NAME: &str = "kernelvisor-trio";
+
+/// Display name of `--backend trio`.
+pub const TRIO_DISPLAY_NAME: &str = "Python 3 (kernelvisor, trio)";
+
 /// Logos copied into every kernelspec. Embedded so that an installed binary
 /// does not need the source checkout.
 const LOGOS: [(&str, &[u8]); 3] = [
@@ -41,6 +47,9 @@ const LOGOS: [(&str, &[u8]); 3] = [
 /// `--sys-prefix`).
 const CHECK_SCRIPT: &str = "import kernelvisor, platform, json; \
      print(json.dumps({'version': platform.python_version(), 'prefix': __import__('sys').prefix}))";
+
+/// Prepended to [`CHECK_SCRIPT`] for `--backend trio`: its workers need trio.
+const TRIO_CHECK: &str = "import trio; ";
 
 /// Used only for `--sys-prefix --no-check`, where importing the worker must not
 /// be required.
@@ -85,13 +94,15 @@ pub struct InstallArgs {
     pub prefix: Option<PathBuf>,
 
     /// Kernelspec name: ASCII letters, digits, '-', '_' and '.' only; lowercased,
-    /// as jupyter_client does.
-    #[arg(long, value_name = "NAME", default_value = DEFAULT_NAME, value_parser = parse_name)]
-    pub name: String,
+    /// as jupyter_client does. [default: kernelvisor; with --backend trio:
+    /// kernelvisor-trio]
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
 
-    /// Name shown in Jupyter's kernel picker.
-    #[arg(long, value_name = "TEXT", default_value = DEFAULT_DISPLAY_NAME)]
-    pub display_name: String,
+    /// Name shown in Jupyter's kernel picker. [default: "Python 3 (kernelvisor)"; with
+    /// --backend trio: "Python 3 (kernelvisor, trio)"]
+    #[arg(long, value_name = "TEXT")]
+    pub display_name: Option<String>,
 
     /// Python interpreter for the workers (default: python3 on PATH). Recorded as an
     /// absolute path without resolving symlinks, so a virtualenv's python stays in
@@ -104,7 +115,10 @@ pub struct InstallArgs {
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
     pub env: Vec<(String, String)>,
 
-    /// Event-loop backend of the worker.
+    /// Event loop of the workers' main thread. `trio` writes a second kernelspec,
+    /// kernelvisor-trio ("Python 3 (kernelvisor, trio)"), whose kernel runs cells in trio;
+    /// the asyncio one is left alone (run `install` once per backend to have both). The
+    /// check then also requires trio (`pip install 'kernelvisor[trio]'`).
     #[arg(long, value_enum, value_name = "BACKEND", default_value_t = Backend::Asyncio)]
     pub backend: Backend,
 
@@ -124,6 +138,24 @@ enum Location {
 }
 
 impl InstallArgs {
+    /// The kernelspec name: `--name`, else the backend's default.
+    pub fn name(&self) -> &str {
+        match (&self.name, self.backend) {
+            (Some(name), _) => name,
+            (None, Backend::Asyncio) => DEFAULT_NAME,
+            (None, Backend::Trio) => TRIO_NAME,
+        }
+    }
+
+    /// The display name: `--display-name`, else the backend's default.
+    pub fn display_name(&self) -> &str {
+        match (&self.display_name, self.backend) {
+            (Some(text), _) => text,
+            (None, Backend::Asyncio) => DEFAULT_DISPLAY_NAME,
+            (None, Backend::Trio) => TRIO_DISPLAY_NAME,
+        }
+    }
+
     fn location(&self) -> Location {
         // clap's group guarantees at most one of these; none means --user.
         match (&self.prefix, self.sys_prefix) {
@@ -173,7 +205,7 @@ pub fn run(args: &InstallArgs) -> Result<PathBuf> {
         }
         None
     } else {
-        Some(check_python(&python, &args.env)?)
+        Some(check_python(&python, &args.env, args.backend)?)
     };
 
     let jupyter_dir = match args.location() {
@@ -190,14 +222,15 @@ pub fn run(args: &InstallArgs) -> Result<PathBuf> {
         }
         Location::Prefix(dir) => prefix_jupyter_dir(&absolutize(&cwd, &dir)),
     };
-    let dir = kernel_dir(&jupyter_dir, &args.name);
+    let name = args.name();
+    let dir = kernel_dir(&jupyter_dir, name);
 
     let exe = std::env::current_exe().context("cannot locate the running kernelvisor binary")?;
     let spec = kernel_json(&SpecInputs {
         exe: utf8(&exe, "the kernelvisor binary path")?,
         python: utf8(&python, "the python path")?,
         python_version: info.as_ref().map(|i| i.version.as_str()),
-        display_name: &args.display_name,
+        display_name: args.display_name(),
         env: &args.env,
         backend: args.backend,
     });
@@ -205,12 +238,12 @@ pub fn run(args: &InstallArgs) -> Result<PathBuf> {
     if dir.join("kernel.json").exists() {
         eprintln!(
             "Replacing existing kernelspec {} in {}",
-            args.name,
+            name,
             dir.display()
         );
     }
     write_kernelspec(&dir, &spec)?;
-    println!("Installed kernelspec {} in {}", args.name, dir.display());
+    println!("Installed kernelspec {} in {}", name, dir.display());
     Ok(dir)
 }
 
@@ -332,10 +365,22 @@ fn is_executable_file(path: &Path) -> bool {
 }
 
 /// Runs the import check; the error names the interpreter and says how to fix it.
-fn check_python(python: &Path, env: &[(String, String)]) -> Result<PythonInfo> {
-    let out = run_python(python, CHECK_SCRIPT, env)?;
+fn check_python(python: &Path, env: &[(String, String)], backend: Backend) -> Result<PythonInfo> {
+    let script = match backend {
+        Backend::Asyncio => CHECK_SCRIPT.to_owned(),
+        Backend::Trio => format!("{TRIO_CHECK}{CHECK_SCRIPT}"),
+    };
+    let out = run_python(python, &script, env)?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
+        if backend == Backend::Trio && stderr.contains("No module named 'trio'") {
+            bail!(
+                "{py} cannot import trio, which --backend trio needs: install it with \
+                 `{py} -m pip install 'kernelvisor[trio]'` (or `trio`), or choose another \
+                 interpreter with --python.",
+                py = python.display(),
+            );
+        }
         bail!(
             "{py} cannot import the kernelvisor worker package ({status}):\n{tail}\n\
              Install it into that interpreter, e.g. `{py} -m pip install -e worker_py` \
@@ -525,8 +570,8 @@ mod tests {
     fn defaults() {
         let a = parse(&[]).unwrap();
         assert_eq!(a.location(), Location::User);
-        assert_eq!(a.name, "kernelvisor");
-        assert_eq!(a.display_name, "Python 3 (kernelvisor)");
+        assert_eq!(a.name(), "kernelvisor");
+        assert_eq!(a.display_name(), "Python 3 (kernelvisor)");
         assert_eq!(a.backend, Backend::Asyncio);
         assert!(a.python.is_none() && a.env.is_empty() && !a.no_check);
     }
@@ -576,8 +621,8 @@ mod tests {
             "--no-check",
         ])
         .unwrap();
-        assert_eq!(a.name, "my.kernel-1_x");
-        assert_eq!(a.display_name, "Py");
+        assert_eq!(a.name(), "my.kernel-1_x");
+        assert_eq!(a.display_name(), "Py");
         assert_eq!(a.python.as_deref(), Some(Path::new("/p/python")));
         assert_eq!(
             a.env,
@@ -586,6 +631,15 @@ mod tests {
         assert_eq!(a.backend, Backend::Trio);
         assert!(a.no_check);
         assert!(parse(&["--backend", "curio"]).is_err());
+    }
+
+    #[test]
+    fn trio_has_its_own_kernelspec_name() {
+        let a = parse(&["--backend", "trio"]).unwrap();
+        assert_eq!(a.name(), "kernelvisor-trio");
+        assert_eq!(a.display_name(), "Python 3 (kernelvisor, trio)");
+        let a = parse(&["--backend", "trio", "--name", "T", "--display-name", "D"]).unwrap();
+        assert_eq!((a.name(), a.display_name()), ("t", "D"));
     }
 
     #[test]
@@ -836,6 +890,44 @@ mod tests {
         assert_eq!(leftovers.len(), 4, "{leftovers:?}");
     }
 
+    #[test]
+    fn trio_install_sits_beside_the_asyncio_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let prefix = tmp.path().to_str().unwrap();
+        let common = ["--prefix", prefix, "--no-check", "--python", "/p/python"];
+        let asyncio = run(&parse(&common).unwrap()).unwrap();
+        let trio_args: Vec<&str> = common
+            .iter()
+            .copied()
+            .chain(["--backend", "trio"])
+            .collect();
+        let trio = run(&parse(&trio_args).unwrap()).unwrap();
+        assert_eq!(
+            asyncio,
+            tmp.path().join("share/jupyter/kernels/kernelvisor")
+        );
+        assert_eq!(
+            trio,
+            tmp.path().join("share/jupyter/kernels/kernelvisor-trio")
+        );
+        let spec = |dir: &Path| -> Value {
+            serde_json::from_str(&fs::read_to_string(dir.join("kernel.json")).unwrap()).unwrap()
+        };
+        let (a, t) = (spec(&asyncio), spec(&trio));
+        assert_eq!(a["display_name"], "Python 3 (kernelvisor)");
+        assert_eq!(t["display_name"], "Python 3 (kernelvisor, trio)");
+        let argv = |v: &Value| -> Vec<String> {
+            v["argv"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert!(!argv(&a).contains(&"--backend".to_owned()));
+        assert!(argv(&t).ends_with(&["--backend".to_owned(), "trio".to_owned()]));
+    }
+
     /// Fake interpreters are shell scripts; writing an executable while another
     /// test thread forks can make exec fail with ETXTBSY, so serialize.
     #[cfg(unix)]
@@ -914,6 +1006,36 @@ mod tests {
             5,
             "no --python-version without the check"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn trio_check_needs_trio() {
+        let _guard = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = tempfile::tempdir().unwrap();
+        // A python that has kernelvisor but not trio.
+        let py = fake_python(
+            tmp.path(),
+            r#"case "$2" in *"import trio"*) echo "ModuleNotFoundError: No module named 'trio'" >&2; exit 1;; esac
+printf '{"version": "3.12.1", "prefix": "/v"}\n'"#,
+        );
+        let prefix = tmp.path().join("out");
+        let base = [
+            "--prefix",
+            prefix.to_str().unwrap(),
+            "--python",
+            py.to_str().unwrap(),
+        ];
+        run(&parse(&base).unwrap()).unwrap();
+        let trio: Vec<&str> = base.iter().copied().chain(["--backend", "trio"]).collect();
+        let err = format!("{:#}", run(&parse(&trio).unwrap()).unwrap_err());
+        assert!(
+            err.contains("cannot import trio") && err.contains("kernelvisor[trio]"),
+            "{err}"
+        );
+        assert!(!prefix
+            .join("share/jupyter/kernels/kernelvisor-trio")
+            .exists());
     }
 
     #[cfg(unix)]

@@ -61,7 +61,8 @@ struct RunArgs {
     /// The workers' Python version, recorded at install so `kernel_info` needs no worker.
     #[arg(long, value_name = "X.Y.Z")]
     python_version: Option<String>,
-    /// The workers' event-loop backend.
+    /// The event loop of the workers' main thread (trio is passed to every worker as
+    /// `--backend trio`; `kernelvisor install --backend trio` writes a spec that sets it).
     #[arg(long, value_enum, default_value_t = install::Backend::Asyncio)]
     backend: install::Backend,
     /// `MAX_IDLE_POOL_INSTANCES`: idle workers kept at most; a worker that becomes idle
