@@ -697,7 +697,14 @@ impl Kernel {
             (_, LaneId::Main) => {}
         }
         if let Some(w) = self.pool.main() {
-            w.send_main(request_frames(&ctrl, &msg));
+            let frames = request_frames(&ctrl, &msg);
+            if ctrl["mode"] == "thread" {
+                // `aux` is read by a worker thread: a cell blocking the main thread (which
+                // reads `main`) must not hold up cells that run elsewhere.
+                w.send_aux(frames);
+            } else {
+                w.send_main(frames);
+            }
         }
         id
     }
