@@ -88,7 +88,12 @@ class Exchange:
 
 
 class WorkerProcess:
-    def __init__(self, env: dict[str, str] | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        timeout: float = 30.0,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.dir = tempfile.mkdtemp(prefix="kv-test-")
         path = os.path.join(self.dir, "ipc.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -103,7 +108,16 @@ class WorkerProcess:
         self.stderr_path = os.path.join(self.dir, "stderr.log")
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kernelvisor.worker", "--connect", path, "--worker-id", "1"],
+                [
+                    sys.executable,
+                    "-m",
+                    "kernelvisor.worker",
+                    "--connect",
+                    path,
+                    "--worker-id",
+                    "1",
+                    *args,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
@@ -125,6 +139,8 @@ class WorkerProcess:
         self._socks = {"main": self.conn, "aux": self.aux}
         self.session = uuid.uuid4().hex
         self._next_id = 1
+        # The msg_id in each request's header, by request id.
+        self.msg_ids: dict[int, str] = {}
 
     @staticmethod
     def _accept(listener: socket.socket) -> Connection:
@@ -196,8 +212,10 @@ class WorkerProcess:
         channel: str = "shell",
         buffers: tuple[bytes, ...] = (),
         via: str | None = None,
+        control_extra: dict[str, Any] | None = None,
     ) -> int:
-        """Send a request on ``via`` (by default where the supervisor sends it)."""
+        """Send a request on ``via`` (by default where the supervisor sends it), with
+        ``control_extra`` in its control frame (e.g. a run mode)."""
         req_id = self._next_id
         self._next_id += 1
         header = {
@@ -208,7 +226,9 @@ class WorkerProcess:
             "date": "2024-01-01T00:00:00.000000Z",
             "version": "5.3",
         }
+        self.msg_ids[req_id] = header["msg_id"]
         control = {"op": "request", "id": req_id, "channel": channel, "msg_type": msg_type}
+        control.update(control_extra or {})
         if via is None:
             via = "aux" if msg_type in AUX_REQUESTS or channel == "stdin" else "main"
         self._socks[via].send(
@@ -249,6 +269,20 @@ class WorkerProcess:
 
     def execute(self, code: str, **options: Any) -> Exchange:
         return self.request("execute_request", {"code": code, **options})
+
+    def send_cell(self, code: str, mode: str = "queue", **control: Any) -> int:
+        """An execute_request in a run mode (IPC.md, "Run modes"); returns its id."""
+        content = {"code": code, "allow_stdin": True}
+        return self.send_request(
+            "execute_request",
+            content,
+            via="aux" if mode == "thread" else "main",  # as the supervisor sends them
+            control_extra={"mode": mode, **control},
+        )
+
+    def send_op(self, op: str, via: str = "aux", **fields: Any) -> None:
+        """A control-only message (e.g. ``interrupt``)."""
+        self._socks[via].send([json.dumps({"op": op, **fields}).encode()])
 
     def send_raw(self, data: bytes, via: str = "main") -> None:
         """Bytes as they are (e.g. a framing error)."""

@@ -179,6 +179,7 @@ class Worker:
         # The main thread's Caller (created in its loop on first use), parent of the
         # threads that run `thread` cells; and the trio run of main-thread cells.
         self._main_caller: Any = None
+        self._caller_ready = threading.Event()
         # Queue cells waiting for the one running on the main thread.
         self._queue_busy = False
         self._queue_waiting: collections.deque[Request] = collections.deque()
@@ -299,6 +300,7 @@ class Worker:
         self.stdin.on_watch_readable = self._read_main
         if self.trio is not None:
             self.trio.start()
+        self.loop.call_soon(self._make_caller)
         while True:
             try:
                 self.loop.run_forever()
@@ -448,9 +450,12 @@ class Worker:
         msg_type = req.msg_type
         on_main = threading.current_thread() is threading.main_thread()
         if msg_type == "execute_request":
-            start = {"thread": self._start_thread_cell, "task": self._start_execute}.get(
-                req.mode, self._start_queue_cell
-            )
+            if req.mode == "thread":
+                # From any thread (the supervisor sends these on aux, so that a blocked
+                # main thread does not hold them up): callers are thread-safe.
+                self._start_thread_cell(req)
+                return
+            start = self._start_execute if req.mode == "task" else self._start_queue_cell
             if on_main and current_cell.get() is None:
                 start(req)
             elif on_main:
@@ -563,12 +568,16 @@ class Worker:
             return
         self.loop.create_task(_Resumed(coro, awaiting), context=context)
 
-    def _caller(self) -> Any:
-        """The main thread's Caller (in the main thread, while its loop runs)."""
-        if self._main_caller is None:
-            from kernelvisor.caller import Caller
+    def _make_caller(self) -> None:
+        """The main thread's Caller: made in the main thread while its loop runs."""
+        from kernelvisor.caller import Caller
 
-            self._main_caller = Caller()
+        self._main_caller = Caller()
+        self._caller_ready.set()
+
+    def _caller(self) -> Any:
+        if not self._caller_ready.wait(SHUTDOWN_GRACE_SECONDS * 10):
+            raise RuntimeError("the main thread's event loop is not running")
         return self._main_caller
 
     def _start_thread_cell(self, req: Request) -> None:
@@ -591,7 +600,9 @@ class Worker:
         except Exception as exc:
             # E.g. a thread of that name with another backend: the cell fails, visibly.
             log.warning("cannot start thread cell %s: %s", req.id, exc)
-            self._start_execute(_as_error_cell(req, exc))
+            self.loop.call_soon_threadsafe(
+                self._start_execute, _as_error_cell(req, exc), context=contextvars.Context()
+            )
 
     def _drop_thread(self, name: str) -> None:
         """Stop a named thread once the cells queued there are done (deleted subshell)."""
