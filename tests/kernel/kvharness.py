@@ -213,3 +213,36 @@ def result_text(msgs: list[Msg]) -> str | None:
 
 def statuses(msgs: list[Msg]) -> list[str]:
     return [m["content"]["execution_state"] for m in of_type(msgs, "status")]
+
+
+def collect_requests(
+    kc: BlockingKernelClient,
+    msg_ids: list[str],
+    on_reply: Callable[[str], object] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Replies and iopub of several concurrent requests, until each has replied and gone
+    idle; ``on_reply`` gets each msg_id as its reply arrives."""
+    cells: dict[str, dict[str, Any]] = {
+        m: {"reply": None, "iopub": [], "idle": False} for m in msg_ids
+    }
+    deadline = time.monotonic() + TIMEOUT
+    while not all(c["reply"] is not None and c["idle"] for c in cells.values()):
+        assert time.monotonic() < deadline, "requests unfinished"
+        if kc.shell_channel.msg_ready():
+            reply = kc.get_shell_msg(timeout=1)
+            cells[reply["parent_header"]["msg_id"]]["reply"] = reply["content"]
+            if on_reply is not None:
+                on_reply(reply["parent_header"]["msg_id"])
+        if kc.iopub_channel.msg_ready():
+            msg = kc.get_iopub_msg(timeout=1)
+            cell = cells.get(msg["parent_header"].get("msg_id", ""))
+            if cell is not None:
+                cell["iopub"].append(msg)
+                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    cell["idle"] = True
+        time.sleep(0.002)
+    return cells
+
+
+def cell_stdout(cell: dict[str, Any]) -> str:
+    return "".join(m["content"]["text"] for m in cell["iopub"] if m["msg_type"] == "stream")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from jupyter_client.blocking.client import BlockingKernelClient
-from kvharness import TIMEOUT, execute, result_text, running_kernel
+from kvharness import (
+    TIMEOUT,
+    cell_stdout,
+    collect_requests,
+    execute,
+    result_text,
+    running_kernel,
+)
 
 BURN = (
     "# process\n"
@@ -18,39 +23,13 @@ BURN = (
 )
 
 
-def collect(kc: BlockingKernelClient, msg_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Replies and iopub of several concurrent requests, until each has replied and gone idle."""
-    cells: dict[str, dict[str, Any]] = {
-        m: {"reply": None, "iopub": [], "idle": False} for m in msg_ids
-    }
-    deadline = time.monotonic() + TIMEOUT
-    while not all(c["reply"] is not None and c["idle"] for c in cells.values()):
-        assert time.monotonic() < deadline, "requests unfinished"
-        if kc.shell_channel.msg_ready():
-            reply = kc.get_shell_msg(timeout=1)
-            cells[reply["parent_header"]["msg_id"]]["reply"] = reply["content"]
-        if kc.iopub_channel.msg_ready():
-            msg = kc.get_iopub_msg(timeout=1)
-            cell = cells.get(msg["parent_header"].get("msg_id", ""))
-            if cell is not None:
-                cell["iopub"].append(msg)
-                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                    cell["idle"] = True
-        time.sleep(0.002)
-    return cells
-
-
-def stdout(cell: dict[str, Any]) -> str:
-    return "".join(m["content"]["text"] for m in cell["iopub"] if m["msg_type"] == "stream")
-
-
 def test_process_cells_run_in_other_workers_concurrently() -> None:
     with running_kernel("kernelvisor") as k:
         execute(k.kc, "x = 42")
         main_pid = result_text(execute(k.kc, "import os; os.getpid()")[1])
         ids = [k.kc.execute(BURN), k.kc.execute(BURN)]
-        cells = collect(k.kc, ids)
-        outs = [stdout(cells[m]) for m in ids]
+        cells = collect_requests(k.kc, ids)
+        outs = [cell_stdout(cells[m]) for m in ids]
         assert all(cells[m]["reply"]["status"] == "ok" for m in ids), cells
         pids = {out.split()[1] for out in outs}
         # Two different processes, neither of them the main worker, neither seeing its names.
@@ -63,7 +42,7 @@ def test_crash_in_a_process_cell_keeps_the_main_namespace() -> None:
     with running_kernel("kernelvisor") as k:
         execute(k.kc, "x = 42")
         [mid] = [k.kc.execute("# process\nimport ctypes; ctypes.string_at(0)")]
-        cell = collect(k.kc, [mid])[mid]
+        cell = collect_requests(k.kc, [mid])[mid]
         assert cell["reply"]["status"] == "error"
         assert cell["reply"]["ename"] == "WorkerCrashed"
         assert "main namespace is intact" in cell["reply"]["evalue"]
@@ -74,11 +53,11 @@ def test_crash_in_a_process_cell_keeps_the_main_namespace() -> None:
 def test_a_returned_worker_is_reset() -> None:
     with running_kernel("kernelvisor") as k:
         first = k.kc.execute("# process\nleftover = 1\nimport os; print(os.getpid())")
-        pid = stdout(collect(k.kc, [first])[first]).strip()
+        pid = cell_stdout(collect_requests(k.kc, [first])[first]).strip()
         # Reuse is likely (the borrowed worker goes back to the idle pool); whichever worker
         # runs next must not see the previous cell's names.
         second = k.kc.execute("# process\nimport os; print(os.getpid(), 'leftover' in globals())")
-        out = stdout(collect(k.kc, [second])[second]).split()
+        out = cell_stdout(collect_requests(k.kc, [second])[second]).split()
         assert out[1] == "False", (pid, out)
 
 
