@@ -34,6 +34,15 @@ def kernelspecs(kv_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         timeout=60,
     )
     assert proc.returncode == 0, f"kernelvisor install failed:\n{proc.stdout}\n{proc.stderr}"
+    proc = subprocess.run(
+        [str(kv_bin), "install", "--prefix", str(prefix), "--python", sys.executable]
+        + ["--backend", "trio"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"trio kernelspec install failed:\n{proc.stdout}\n{proc.stderr}"
     # ipykernel's spec too, pinned to this interpreter: a user-level "python3" spec could
     # otherwise point the side-by-side tests at some other Python.
     install_ipykernel_spec(prefix=str(prefix))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from kvharness import TIMEOUT, collect_iopub, execute, running_kernel, stream_text
 
 
@@ -56,8 +57,15 @@ comm.get_comm_manager().register_target("probe", target)
 """
 
 
-def test_comm_messages_are_handled_while_a_cell_awaits() -> None:
-    with running_kernel("kernelvisor") as k:
+@pytest.mark.parametrize(
+    ("name", "sleep"),
+    [
+        ("kernelvisor", "import asyncio\nawait asyncio.sleep(2)"),
+        ("kernelvisor-trio", "import trio\nawait trio.sleep(2)"),
+    ],
+)
+def test_comm_messages_are_handled_while_a_cell_awaits(name: str, sleep: str) -> None:
+    with running_kernel(name) as k:
         kc = k.kc
         execute(kc, COMM_SETUP)
         comm_id = "probe-comm"
@@ -65,7 +73,7 @@ def test_comm_messages_are_handled_while_a_cell_awaits() -> None:
             kc.session.msg("comm_open", {"comm_id": comm_id, "target_name": "probe", "data": {}})
         )
         # The cell awaits, then reports what its handler saw meanwhile.
-        cell = kc.execute("import asyncio\nawait asyncio.sleep(2)\nprint(sorted(seen))")
+        cell = kc.execute(f"{sleep}\nprint(sorted(seen))")
         time.sleep(0.5)
         for n in (1, 2, 3):
             kc.shell_channel.send(
