@@ -111,21 +111,25 @@ impl<T> Lanes<T> {
         }
     }
 
-    /// The next item of a lane that runs nothing (main lane first, then subshells in
-    /// creation order). The caller runs it and records it with [`Lanes::start`].
-    pub fn pop_ready(&mut self) -> Option<(LaneId, T)> {
-        if self.main.running.is_none() {
-            if let Some(item) = self.main.queue.pop_front() {
-                return Some((LaneId::Main, item));
-            }
-        }
-        self.subshells.iter_mut().find_map(|(id, lane)| {
-            if lane.running.is_some() {
-                return None;
-            }
-            let item = lane.queue.pop_front()?;
-            Some((LaneId::Subshell(id.clone()), item))
-        })
+    /// Among the lanes that run nothing, the one whose next item comes first by `key`
+    /// (e.g. arrival order), with that item's key. Take the item with
+    /// [`Lanes::pop_front`], run it, and record it with [`Lanes::start`].
+    pub fn first_ready<K: Ord>(&self, key: impl Fn(&T) -> K) -> Option<(LaneId, K)> {
+        let main = (LaneId::Main, &self.main);
+        let subs = self
+            .subshells
+            .iter()
+            .map(|(id, l)| (LaneId::Subshell(id.clone()), l));
+        std::iter::once(main)
+            .chain(subs)
+            .filter(|(_, l)| l.running.is_none())
+            .filter_map(|(id, l)| l.queue.front().map(|item| (id, key(item))))
+            .min_by(|a, b| a.1.cmp(&b.1))
+    }
+
+    /// Takes the next item of a lane.
+    pub fn pop_front(&mut self, lane: &LaneId) -> Option<T> {
+        self.get_mut(lane)?.queue.pop_front()
     }
 
     /// Records that request `id` now runs in `lane`.
@@ -179,6 +183,15 @@ impl<T> Lanes<T> {
 mod tests {
     use super::*;
 
+    impl<T: Ord + Copy> Lanes<T> {
+        /// The next item that may run, smallest first.
+        fn pop_ready(&mut self) -> Option<(LaneId, T)> {
+            let (lane, _) = self.first_ready(|item| *item)?;
+            let item = self.pop_front(&lane)?;
+            Some((lane, item))
+        }
+    }
+
     #[test]
     fn one_at_a_time_per_lane_lanes_side_by_side() {
         let mut lanes = Lanes::<&str>::default();
@@ -191,12 +204,31 @@ mod tests {
         assert_eq!(lanes.pop_ready(), Some((sub.clone(), "s1")), "beside m1");
         lanes.start(&sub, 2);
         assert_eq!(lanes.pop_ready(), None, "m2 waits for m1");
+        assert_eq!(lanes.first_ready(|s| *s), None);
         assert!(!lanes.finish(&LaneId::Main, 2), "not the main lane's cell");
         assert!(lanes.finish(&LaneId::Main, 1));
         assert_eq!(lanes.pop_ready(), Some((LaneId::Main, "m2")));
         lanes.start(&LaneId::Main, 3);
         assert!(lanes.finish(&LaneId::Main, 3) && lanes.finish(&sub, 2));
         assert!(lanes.is_quiet());
+    }
+
+    #[test]
+    fn first_ready_is_the_earliest_head() {
+        let mut lanes = Lanes::<u32>::default();
+        let sub = LaneId::Subshell(lanes.create_subshell());
+        lanes.push(&sub, 1).unwrap();
+        lanes.push(&LaneId::Main, 2).unwrap();
+        lanes.push(&sub, 3).unwrap();
+        assert_eq!(lanes.first_ready(|n| *n), Some((sub.clone(), 1)));
+        assert_eq!(lanes.pop_front(&sub), Some(1));
+        lanes.start(&sub, 10);
+        assert_eq!(
+            lanes.first_ready(|n| *n),
+            Some((LaneId::Main, 2)),
+            "the subshell runs 1: its 3 waits"
+        );
+        assert_eq!(lanes.pop_front(&LaneId::of(Some("nope"))), None);
     }
 
     #[test]

@@ -132,6 +132,8 @@ struct Execution {
 struct Queued {
     msg: Incoming,
     plan: CellPlan,
+    /// Arrival order: what waited for a worker is sent in it.
+    seq: u64,
 }
 
 /// The control frame of a worker message (see `worker_py/IPC.md`).
@@ -225,6 +227,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         started_at: chrono::Utc::now(),
         next_worker: 0,
         next_request: 0,
+        next_arrival: 0,
         pending: HashMap::new(),
         lanes: Lanes::default(),
         concurrent: VecDeque::new(),
@@ -283,6 +286,8 @@ struct Kernel {
     started_at: chrono::DateTime<chrono::Utc>,
     next_worker: WorkerId,
     next_request: u64,
+    /// Counts execute requests as they arrive (their `Queued::seq`).
+    next_arrival: u64,
     pool: Pool,
     pending: HashMap<u64, Pending>,
     /// Queue cells, per lane (main shell, subshells).
@@ -624,7 +629,12 @@ impl Kernel {
             return;
         }
         let plan = CellPlan::parse(&msg.content, &msg.metadata);
-        let queued = Queued { msg, plan };
+        self.next_arrival += 1;
+        let queued = Queued {
+            msg,
+            plan,
+            seq: self.next_arrival,
+        };
         match queued.plan.mode {
             Mode::Process => {
                 self.process_queue.push_back(queued);
@@ -644,23 +654,33 @@ impl Kernel {
     }
 
     /// Sends the main worker what may run now: every waiting task/thread cell, and the
-    /// next queue cell of each lane that runs nothing.
+    /// next queue cell of each lane that runs nothing, in arrival order (so cells that
+    /// waited for a worker start as they would have on a ready one).
     fn dispatch_execute(&mut self) {
         if self.pool.main().is_none() {
             return;
         }
-        while let Some((lane, queued)) = self.concurrent.pop_front() {
-            self.start_execute(lane, queued, false);
-        }
-        while let Some((lane, queued)) = self.lanes.pop_ready() {
-            let id = self.start_execute(lane.clone(), queued, true);
-            self.lanes.start(&lane, id);
+        loop {
+            let concurrent = self.concurrent.front().map(|(_, q)| q.seq);
+            match self.lanes.first_ready(|q| q.seq) {
+                Some((lane, seq)) if concurrent.is_none_or(|c| seq < c) => {
+                    let queued = self.lanes.pop_front(&lane).expect("a ready head");
+                    let id = self.start_execute(lane.clone(), queued, true);
+                    self.lanes.start(&lane, id);
+                }
+                _ => match self.concurrent.pop_front() {
+                    Some((lane, queued)) => {
+                        self.start_execute(lane, queued, false);
+                    }
+                    None => return,
+                },
+            }
         }
     }
 
     /// Hands one execute request to the main worker, with its run mode; returns its id.
     fn start_execute(&mut self, lane: LaneId, queued: Queued, holds_lane: bool) -> u64 {
-        let Queued { msg, plan } = queued;
+        let Queued { msg, plan, .. } = queued;
         let wid = self.pool.main().map(|w| w.id).expect("a main worker");
         let now = Instant::now();
         let exec = Execution {
@@ -719,7 +739,7 @@ impl Kernel {
                 }
                 return;
             };
-            let Queued { msg, plan } = self.process_queue.pop_front().expect("not empty");
+            let Queued { msg, plan, .. } = self.process_queue.pop_front().expect("not empty");
             let exec = Execution {
                 lane: None,
                 holds_lane: false,
