@@ -1,5 +1,10 @@
-//! Execute lanes: the main shell's queue and one per subshell (JEP 91). Each lane is a
-//! FIFO that runs at most one cell at a time; lanes run beside each other.
+//! Execute lanes: the main shell's and one per subshell (JEP 91). Each lane is a FIFO
+//! that runs at most one queue cell at a time; lanes run beside each other.
+//!
+//! Task and thread cells wait in their lane too, but only for the cells queued before
+//! them to start, never for the running one: a `# task` cell sent while a cell runs starts
+//! at once, and one of a "Run All" starts beside the queue cell just before it, once the
+//! cells above it have defined what it uses.
 //!
 //! Pure bookkeeping, generic over what waits in a lane, so it is tested without a kernel.
 
@@ -24,10 +29,19 @@ impl LaneId {
     }
 }
 
-/// One FIFO and the request id of its running cell.
+/// Whether a waiting item holds its lane while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A queue cell: it waits for the running one, and later ones wait for it.
+    Queue,
+    /// A task or thread cell: it starts once it reaches the front, beside the running one.
+    Beside,
+}
+
+/// One FIFO and the request id of its running queue cell.
 #[derive(Debug)]
 struct Lane<T> {
-    queue: VecDeque<T>,
+    queue: VecDeque<(Kind, T)>,
     running: Option<u64>,
 }
 
@@ -37,6 +51,13 @@ impl<T> Lane<T> {
             queue: VecDeque::new(),
             running: None,
         }
+    }
+
+    /// The front item, if it may start now.
+    fn ready(&self) -> Option<&(Kind, T)> {
+        self.queue
+            .front()
+            .filter(|(kind, _)| *kind == Kind::Beside || self.running.is_none())
     }
 }
 
@@ -64,12 +85,12 @@ impl<T> Lanes<T> {
         id
     }
 
-    /// Deletes a subshell lane; returns what was queued in it (to abort), or `None` if
-    /// there is no such subshell. Its running cell, if any, still replies.
+    /// Deletes a subshell lane; returns what waited in it (to abort), or `None` if there
+    /// is no such subshell. Its running cell, if any, still replies.
     pub fn delete_subshell(&mut self, id: &str) -> Option<Vec<T>> {
         let i = self.subshells.iter().position(|(s, _)| s == id)?;
         let (_, lane) = self.subshells.remove(i);
-        Some(lane.queue.into())
+        Some(lane.queue.into_iter().map(|(_, item)| item).collect())
     }
 
     /// The subshell ids, in creation order.
@@ -100,20 +121,20 @@ impl<T> Lanes<T> {
         }
     }
 
-    /// Queues an item at the back of its lane; gives it back if there is no such lane.
-    pub fn push(&mut self, lane: &LaneId, item: T) -> Result<(), T> {
+    /// Adds an item at the back of its lane; gives it back if there is no such lane.
+    pub fn push(&mut self, lane: &LaneId, kind: Kind, item: T) -> Result<(), T> {
         match self.get_mut(lane) {
             Some(l) => {
-                l.queue.push_back(item);
+                l.queue.push_back((kind, item));
                 Ok(())
             }
             None => Err(item),
         }
     }
 
-    /// Among the lanes that run nothing, the one whose next item comes first by `key`
-    /// (e.g. arrival order), with that item's key. Take the item with
-    /// [`Lanes::pop_front`], run it, and record it with [`Lanes::start`].
+    /// Among the lanes whose front item may start now, the one whose front item comes
+    /// first by `key` (e.g. arrival order), with that key. Take the item with
+    /// [`Lanes::pop_front`]; record a queue cell that runs with [`Lanes::start`].
     pub fn first_ready<K: Ord>(&self, key: impl Fn(&T) -> K) -> Option<(LaneId, K)> {
         let main = (LaneId::Main, &self.main);
         let subs = self
@@ -122,26 +143,25 @@ impl<T> Lanes<T> {
             .map(|(id, l)| (LaneId::Subshell(id.clone()), l));
         std::iter::once(main)
             .chain(subs)
-            .filter(|(_, l)| l.running.is_none())
-            .filter_map(|(id, l)| l.queue.front().map(|item| (id, key(item))))
+            .filter_map(|(id, l)| l.ready().map(|(_, item)| (id, key(item))))
             .min_by(|a, b| a.1.cmp(&b.1))
     }
 
-    /// Takes the next item of a lane.
-    pub fn pop_front(&mut self, lane: &LaneId) -> Option<T> {
+    /// Takes the front item of a lane, with its kind.
+    pub fn pop_front(&mut self, lane: &LaneId) -> Option<(Kind, T)> {
         self.get_mut(lane)?.queue.pop_front()
     }
 
-    /// Records that request `id` now runs in `lane`.
+    /// Records that queue cell `id` now runs in `lane`.
     pub fn start(&mut self, lane: &LaneId, id: u64) {
         if let Some(l) = self.get_mut(lane) {
-            debug_assert!(l.running.is_none(), "a lane runs one cell at a time");
+            debug_assert!(l.running.is_none(), "a lane runs one queue cell at a time");
             l.running = Some(id);
         }
     }
 
-    /// Request `id` of `lane` finished; says whether it was that lane's running cell (a
-    /// deleted subshell's last cell was not).
+    /// Queue cell `id` of `lane` finished; says whether it was that lane's running cell
+    /// (a deleted subshell's last cell was not).
     pub fn finish(&mut self, lane: &LaneId, id: u64) -> bool {
         match self.get_mut(lane) {
             Some(l) if l.running == Some(id) => {
@@ -152,21 +172,21 @@ impl<T> Lanes<T> {
         }
     }
 
-    /// Empties a lane's queue (to abort what waited).
+    /// Empties a lane (to abort what waited).
     pub fn drain(&mut self, lane: &LaneId) -> Vec<T> {
         self.get_mut(lane)
-            .map(|l| l.queue.drain(..).collect())
+            .map(|l| l.queue.drain(..).map(|(_, item)| item).collect())
             .unwrap_or_default()
     }
 
-    /// Forgets every running cell (their worker died) and empties every queue, main
-    /// lane first; the subshells themselves stay.
+    /// Forgets every running cell (their worker died) and empties every lane, main lane
+    /// first; the subshells themselves stay.
     pub fn reset_all(&mut self) -> Vec<T> {
         let mut out: Vec<T> = Vec::new();
-        for lane in std::iter::once(&mut self.main).chain(self.subshells.iter_mut().map(|(_, l)| l))
-        {
+        let subs = self.subshells.iter_mut().map(|(_, l)| l);
+        for lane in std::iter::once(&mut self.main).chain(subs) {
             lane.running = None;
-            out.extend(lane.queue.drain(..));
+            out.extend(lane.queue.drain(..).map(|(_, item)| item));
         }
         out
     }
@@ -184,21 +204,24 @@ mod tests {
     use super::*;
 
     impl<T: Ord + Copy> Lanes<T> {
-        /// The next item that may run, smallest first.
+        /// The next item that may start, smallest first.
         fn pop_ready(&mut self) -> Option<(LaneId, T)> {
             let (lane, _) = self.first_ready(|item| *item)?;
-            let item = self.pop_front(&lane)?;
+            let (_, item) = self.pop_front(&lane)?;
             Some((lane, item))
         }
     }
+
+    const Q: Kind = Kind::Queue;
+    const B: Kind = Kind::Beside;
 
     #[test]
     fn one_at_a_time_per_lane_lanes_side_by_side() {
         let mut lanes = Lanes::<&str>::default();
         let sub = LaneId::Subshell(lanes.create_subshell());
-        lanes.push(&LaneId::Main, "m1").unwrap();
-        lanes.push(&LaneId::Main, "m2").unwrap();
-        lanes.push(&sub, "s1").unwrap();
+        lanes.push(&LaneId::Main, Q, "m1").unwrap();
+        lanes.push(&LaneId::Main, Q, "m2").unwrap();
+        lanes.push(&sub, Q, "s1").unwrap();
         assert_eq!(lanes.pop_ready(), Some((LaneId::Main, "m1")));
         lanes.start(&LaneId::Main, 1);
         assert_eq!(lanes.pop_ready(), Some((sub.clone(), "s1")), "beside m1");
@@ -214,14 +237,44 @@ mod tests {
     }
 
     #[test]
+    fn beside_cells_wait_only_for_the_cells_before_them_to_start() {
+        let mut lanes = Lanes::<u32>::default();
+        let main = LaneId::Main;
+        // Run All: setup, waiter, task, task, setter.
+        for (kind, n) in [(Q, 1), (Q, 2), (B, 3), (B, 4), (Q, 5)] {
+            lanes.push(&main, kind, n).unwrap();
+        }
+        assert_eq!(lanes.pop_ready(), Some((main.clone(), 1)));
+        lanes.start(&main, 1);
+        assert_eq!(
+            lanes.pop_ready(),
+            None,
+            "the tasks are behind 2, which waits"
+        );
+        assert!(lanes.finish(&main, 1));
+        assert_eq!(lanes.pop_ready(), Some((main.clone(), 2)));
+        lanes.start(&main, 2);
+        assert_eq!(lanes.pop_ready(), Some((main.clone(), 3)), "beside 2");
+        assert_eq!(lanes.pop_ready(), Some((main.clone(), 4)));
+        assert_eq!(lanes.pop_ready(), None, "5 waits for 2");
+        // A task sent while a cell runs and nothing waits starts at once.
+        let mut idle = Lanes::<u32>::default();
+        idle.push(&main, Q, 1).unwrap();
+        assert_eq!(idle.pop_ready(), Some((main.clone(), 1)));
+        idle.start(&main, 1);
+        idle.push(&main, B, 2).unwrap();
+        assert_eq!(idle.pop_ready(), Some((main.clone(), 2)));
+    }
+
+    #[test]
     fn first_ready_is_the_earliest_head() {
         let mut lanes = Lanes::<u32>::default();
         let sub = LaneId::Subshell(lanes.create_subshell());
-        lanes.push(&sub, 1).unwrap();
-        lanes.push(&LaneId::Main, 2).unwrap();
-        lanes.push(&sub, 3).unwrap();
+        lanes.push(&sub, Q, 1).unwrap();
+        lanes.push(&LaneId::Main, Q, 2).unwrap();
+        lanes.push(&sub, Q, 3).unwrap();
         assert_eq!(lanes.first_ready(|n| *n), Some((sub.clone(), 1)));
-        assert_eq!(lanes.pop_front(&sub), Some(1));
+        assert_eq!(lanes.pop_front(&sub), Some((Q, 1)));
         lanes.start(&sub, 10);
         assert_eq!(
             lanes.first_ready(|n| *n),
@@ -236,7 +289,7 @@ mod tests {
         let mut lanes = Lanes::<u8>::default();
         let ghost = LaneId::of(Some("nope"));
         assert!(!lanes.exists(&ghost) && lanes.exists(&LaneId::of(None)));
-        assert_eq!(lanes.push(&ghost, 7), Err(7));
+        assert_eq!(lanes.push(&ghost, Q, 7), Err(7));
         assert_eq!(lanes.delete_subshell("nope"), None);
         assert!(lanes.drain(&ghost).is_empty());
     }
@@ -248,11 +301,14 @@ mod tests {
         assert_eq!(lanes.subshell_ids(), ids);
         assert!(ids.iter().all(|id| uuid::Uuid::parse_str(id).is_ok()));
         let second = LaneId::Subshell(ids[1].clone());
-        lanes.push(&second, 1).unwrap();
-        lanes.push(&second, 2).unwrap();
+        lanes.push(&second, Q, 1).unwrap();
+        lanes.push(&second, B, 2).unwrap();
+        lanes.push(&second, Q, 3).unwrap();
         assert_eq!(lanes.pop_ready(), Some((second.clone(), 1)));
         lanes.start(&second, 10);
-        assert_eq!(lanes.delete_subshell(&ids[1]), Some(vec![2]));
+        lanes.push(&second, Q, 4).unwrap();
+        assert_eq!(lanes.pop_ready(), Some((second.clone(), 2)));
+        assert_eq!(lanes.delete_subshell(&ids[1]), Some(vec![3, 4]));
         assert_eq!(lanes.subshell_ids(), vec![ids[0].clone(), ids[2].clone()]);
         assert!(!lanes.finish(&second, 10), "its lane is gone");
         assert!(lanes.is_quiet());
@@ -263,14 +319,14 @@ mod tests {
         let mut lanes = Lanes::<u8>::default();
         let sub = LaneId::Subshell(lanes.create_subshell());
         for (lane, item) in [(&LaneId::Main, 1), (&sub, 2), (&LaneId::Main, 3)] {
-            lanes.push(lane, item).unwrap();
+            lanes.push(lane, Q, item).unwrap();
         }
         let (lane, _) = lanes.pop_ready().unwrap();
         lanes.start(&lane, 1);
         assert!(!lanes.is_quiet());
         assert_eq!(lanes.reset_all(), vec![3, 2], "main lane first");
         assert!(lanes.is_quiet() && lanes.exists(&sub));
-        lanes.push(&LaneId::Main, 4).unwrap();
+        lanes.push(&LaneId::Main, Q, 4).unwrap();
         assert_eq!(
             lanes.pop_ready(),
             Some((LaneId::Main, 4)),

@@ -9,7 +9,7 @@ impl Kernel {
     /// tick calls this too, so spares follow within a tick of the kernel going quiet.
     pub(super) fn refill_pool(&mut self) {
         let missing = self.pool.missing();
-        let quiet = !self.main_busy() && self.lanes.is_quiet() && self.concurrent.is_empty();
+        let quiet = !self.main_busy() && self.lanes.is_quiet();
         let allowed = if self.pool.main().is_none() {
             missing.min(1)
         } else if quiet {

@@ -36,7 +36,7 @@ use crate::pool::{Placement, Pool, PoolPolicy, Role};
 use crate::signer::Signer;
 use crate::wire::{self, Incoming};
 use crate::worker::{self, Frames, WorkerConfig, WorkerEvent, WorkerId};
-use lanes::{LaneId, Lanes};
+use lanes::{Kind, LaneId, Lanes};
 
 /// Settings of a kernel run.
 #[derive(Debug, Clone)]
@@ -230,7 +230,6 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         next_arrival: 0,
         pending: HashMap::new(),
         lanes: Lanes::default(),
-        concurrent: VecDeque::new(),
         process_queue: VecDeque::new(),
         waiting_for_worker: VecDeque::new(),
         deferred_kernel_info: Vec::new(),
@@ -290,11 +289,8 @@ struct Kernel {
     next_arrival: u64,
     pool: Pool,
     pending: HashMap<u64, Pending>,
-    /// Queue cells, per lane (main shell, subshells).
+    /// Execute requests waiting for their turn, per lane (main shell, subshells).
     lanes: Lanes<Queued>,
-    /// Task and thread cells waiting for a main worker (sent at once when there is one),
-    /// with the lane an error of theirs aborts.
-    concurrent: VecDeque<(LaneId, Queued)>,
     /// `# process` cells waiting for a worker to borrow.
     process_queue: VecDeque<Queued>,
     /// Shell requests that arrived while no worker was connected.
@@ -640,40 +636,31 @@ impl Kernel {
                 self.process_queue.push_back(queued);
                 self.dispatch_process();
             }
-            Mode::Queue => {
-                if self.lanes.push(&lane, queued).is_err() {
+            Mode::Queue | Mode::Task | Mode::Thread { .. } => {
+                let kind = match queued.plan.mode {
+                    Mode::Queue => Kind::Queue,
+                    _ => Kind::Beside,
+                };
+                if self.lanes.push(&lane, kind, queued).is_err() {
                     unreachable!("the lane exists");
                 }
-                self.dispatch_execute();
-            }
-            Mode::Task | Mode::Thread { .. } => {
-                self.concurrent.push_back((lane, queued));
                 self.dispatch_execute();
             }
         }
     }
 
-    /// Sends the main worker what may run now: every waiting task/thread cell, and the
-    /// next queue cell of each lane that runs nothing, in arrival order (so cells that
-    /// waited for a worker start as they would have on a ready one).
+    /// Sends the main worker what may start now (see [`lanes`]), in arrival order across
+    /// lanes, so cells that waited for a worker start as they would have on a ready one.
     fn dispatch_execute(&mut self) {
         if self.pool.main().is_none() {
             return;
         }
-        loop {
-            let concurrent = self.concurrent.front().map(|(_, q)| q.seq);
-            match self.lanes.first_ready(|q| q.seq) {
-                Some((lane, seq)) if concurrent.is_none_or(|c| seq < c) => {
-                    let queued = self.lanes.pop_front(&lane).expect("a ready head");
-                    let id = self.start_execute(lane.clone(), queued, true);
-                    self.lanes.start(&lane, id);
-                }
-                _ => match self.concurrent.pop_front() {
-                    Some((lane, queued)) => {
-                        self.start_execute(lane, queued, false);
-                    }
-                    None => return,
-                },
+        while let Some((lane, _)) = self.lanes.first_ready(|q| q.seq) {
+            let (kind, queued) = self.lanes.pop_front(&lane).expect("a ready front");
+            let holds_lane = kind == Kind::Queue;
+            let id = self.start_execute(lane.clone(), queued, holds_lane);
+            if holds_lane {
+                self.lanes.start(&lane, id);
             }
         }
     }
