@@ -175,3 +175,20 @@ def test_subshells_survive_a_worker_crash() -> None:
         reply = get_reply(k.kc, msg_id)
         assert reply["content"]["status"] == "ok", reply["content"]
         assert result_text(collect_iopub(k.kc, msg_id)) == "42"
+
+
+def test_an_interrupt_reaches_a_subshell_cell() -> None:
+    with running_kernel("kernelvisor") as k:
+        sub = create(k.kc)
+        looping = (
+            "import time\nprint('start', flush=True)\nfor _ in range(600):\n    time.sleep(0.05)"
+        )
+        msg_id = send_execute(k.kc, looping, sub)
+        started(k.kc, msg_id)
+        k.km.interrupt_kernel()
+        reply = get_reply(k.kc, msg_id)["content"]
+        assert reply["status"] == "error"
+        assert reply["ename"] == "KeyboardInterrupt", reply
+        again = send_execute(k.kc, "'still here'", sub)
+        assert get_reply(k.kc, again)["content"]["status"] == "ok"
+        assert result_text(collect_iopub(k.kc, again)) == "'still here'"
