@@ -116,6 +116,19 @@ def test_named_thread_keeps_its_thread_and_awaits_in_its_loop(worker: WorkerProc
     assert result(worker, seen, first) == result(worker, seen, second) == "'my worker'"
 
 
+def test_named_thread_keeps_its_backend(worker: WorkerProcess) -> None:
+    code = "import sniffio\nsniffio.current_async_library()"
+    first = worker.send_cell(code, "thread", thread="t", backend="trio")
+    seen = run_until_replies(worker, first)
+    again = worker.send_cell(code, "thread", thread="t")  # no backend: the thread's own
+    seen += run_until_replies(worker, again)
+    other = worker.send_cell(code, "thread", thread="t", backend="asyncio")
+    seen += run_until_replies(worker, other)
+    assert result(worker, seen, first) == result(worker, seen, again) == "'trio'"
+    content = reply_of(seen, other).content
+    assert content["status"] == "error" and "does not match" in content["evalue"], content
+
+
 def test_thread_cell_on_trio(worker: WorkerProcess) -> None:
     req = worker.send_cell(
         "import trio\nawait trio.sleep(0.01)\ntrio.lowlevel.current_task() is not None",

@@ -592,7 +592,13 @@ class Worker:
         try:
             caller = self._caller()
             if req.thread is not None:
-                caller.get(req.thread, backend=backend).queue_call(run)
+                # backend= picks the loop of a thread it creates; an existing thread of
+                # that name is used as it is, unless a different backend is asked for.
+                existing = next(
+                    (c for c in caller.children if c.name == req.thread and not c.stopped), None
+                )
+                named = existing if existing is not None and req.backend is None else None
+                (named or caller.get(req.thread, backend=backend)).queue_call(run)
             elif backend == caller.backend:
                 caller.to_thread(run)
             else:  # the pool of threads running the other backend
