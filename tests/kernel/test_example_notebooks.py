@@ -206,6 +206,7 @@ CONCURRENCY: dict[str, Expected] = {
     "thread": ("main thread: False | loop: asyncio\n", None),
     "after-thread": ("", "'set by the thread cell'"),
     "thread-trio": ("", "('w', 'trio')"),
+    # The same name without backend=: the same thread, whatever its loop.
     "thread-same-name": ("", "(True, ('w', 'trio'))"),
     "thread-caller": ("", "[('w', 'trio')]"),
     "blocking-thread": ("ran while the thread cell blocked: True\n", None),
@@ -217,13 +218,6 @@ CONCURRENCY: dict[str, Expected] = {
     "process": ("pid: {pid}\n", "(False, False)"),
     "after-process": ("", "('set by the task cell', 'set by the thread cell')"),
 }
-THREAD_NAME_WITHOUT_BACKEND = pytest.mark.xfail(
-    strict=True,
-    reason="worker bug: `# thread name='w'` without backend= after `# thread name='w' "
-    "backend=trio` fails (RuntimeError: backend 'asyncio' does not match the existing "
-    "<Caller 'w' trio running>): the worker's default backend is passed to Caller.get for "
-    "an existing thread, though IPC.md says backend only picks the loop of a new thread",
-)
 
 
 def pid_of(run: Run, cell_id: str) -> int:
@@ -236,13 +230,7 @@ def test_concurrency_every_cell_is_checked() -> None:
     assert code_cell_ids("concurrency") == list(CONCURRENCY)
 
 
-@pytest.mark.parametrize(
-    "cell_id",
-    [
-        pytest.param(c, marks=THREAD_NAME_WITHOUT_BACKEND) if c == "thread-same-name" else c
-        for c in CONCURRENCY
-    ],
-)
+@pytest.mark.parametrize("cell_id", list(CONCURRENCY))
 def test_concurrency(run_example: RunExample, cell_id: str) -> None:
     run = run_example("concurrency")
     stdout, result = CONCURRENCY[cell_id]
