@@ -253,3 +253,23 @@ def test_trio_backend_runs_main_thread_cells_in_trio(trio_worker: WorkerProcess)
     seen = run_until_replies(w, sleeping)
     content = reply_of(seen, sleeping).content
     assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt", content
+
+
+def test_uvloop_main_loop(ipython_dir: str) -> None:
+    """``KERNELVISOR_UVLOOP=1``: the main thread's loop is uvloop's, with the same behaviour
+    (a task beside an awaiting cell; SIGINT cancelling an await)."""
+    w = WorkerProcess(env={"IPYTHONDIR": ipython_dir, "KERNELVISOR_UVLOOP": "1"})
+    try:
+        ex = w.execute("import asyncio\ntype(asyncio.get_running_loop()).__module__")
+        assert ex.iopub("execute_result")[0].content["data"]["text/plain"] == "'uvloop'"
+        slow = w.send_cell("await asyncio.sleep(1)\n'slow'")
+        quick = w.send_cell("'quick'", "task")
+        seen = run_until_replies(w, slow, quick)
+        assert order(seen, slow, quick) == [quick, slow]
+        sleeping = w.send_cell("await asyncio.sleep(30)")
+        time.sleep(0.5)
+        w.proc.send_signal(signal.SIGINT)
+        content = reply_of(run_until_replies(w, sleeping), sleeping).content
+        assert content["ename"] == "KeyboardInterrupt", content
+    finally:
+        w.close()

@@ -86,6 +86,20 @@ def setup_diagnostics() -> TextIO:
     return diag
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The main thread's loop: uvloop's when ``KERNELVISOR_UVLOOP=1`` and it is installed
+    (``pip install 'kernelvisor[uvloop]'``), else asyncio's."""
+    if os.environ.get("KERNELVISOR_UVLOOP", "") == "1":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("KERNELVISOR_UVLOOP=1, but uvloop is not installed: using asyncio's loop")
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
 class _SerialThread:
     """Runs submitted calls one after another on a daemon thread."""
 
@@ -160,7 +174,7 @@ class Worker:
         self.worker_id = worker_id
         self.engine_id = str(uuid.uuid4())
         self.diag = diag
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         asyncio.set_event_loop(self.loop)
         self._exited = threading.Event()
         self._shutdown_lock = threading.Lock()
