@@ -59,7 +59,8 @@ class SigintGate:
     def __init__(self) -> None:
         self._main_ident = threading.main_thread().ident
         self._cells: dict[int, Cell] = {}
-        self._lock = threading.Lock()
+        # Reentrant: the SIGINT handler takes it, and may run while the main thread holds it.
+        self._lock = threading.RLock()
         # Set by the executor: the code object of its frame that runs a cell's code.
         self.guard: CodeType | None = None
         self.task_guard: CodeType | None = None
