@@ -288,8 +288,12 @@ class ZMQInteractiveShell(InteractiveShell):
         # As _set_exit_code, inline: one kernel frame fewer in a CalledProcessError's
         # traceback, as with ipykernel.
         self.user_ns["_exit_code"] = code
-        if self.system_raise_on_error and code != 0:
+        if self._raise_on_error() and code != 0:
             raise subprocess.CalledProcessError(code, cmd)
+
+    def _raise_on_error(self) -> bool:
+        # The `system_raise_on_error` setting is IPython >= 9's; older ones never raise.
+        return bool(getattr(self, "system_raise_on_error", False))
 
     def system_raw(self, cmd: str) -> None:
         cmd = self.var_expand(cmd, depth=1)
@@ -302,7 +306,7 @@ class ZMQInteractiveShell(InteractiveShell):
     def _set_exit_code(self, cmd: str, code: int) -> None:
         # Not returned: a value would be shown as the cell's result.
         self.user_ns["_exit_code"] = code
-        if self.system_raise_on_error and code != 0:
+        if self._raise_on_error() and code != 0:
             raise subprocess.CalledProcessError(code, cmd)
 
     def _run_raw(self, cmd: str) -> int:
