@@ -149,3 +149,12 @@ def test_interrupt_cancels_a_thread_cell_that_awaits(gate: SigintGate) -> None:
     done.set()
     t.join(5)
     assert cancels == [10]
+
+
+def test_a_cell_not_yet_running_its_code_is_marked(gate: SigintGate) -> None:
+    """Between its start and its code (nothing to raise in, nothing to cancel), a cell is
+    marked; the executor ends it when it gets to its code."""
+    cell = Cell(11, b"{}", False)
+    with gate.running(cell):
+        signal.raise_signal(signal.SIGINT)  # no raise: not in the guard
+    assert cell.interrupted == "interrupt"

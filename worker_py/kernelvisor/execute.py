@@ -264,6 +264,10 @@ class Executor:
             preprocessing_exc = sys.exc_info()
         result = None
         try:
+            if cell.interrupted is not None:
+                # Interrupted between its start and here (its code was not running yet,
+                # nor could it be cancelled): it ends now, as if its code had been hit.
+                raise KeyboardInterrupt
             run = shell.run_cell_async(
                 opts.code,
                 store_history=opts.store_history,

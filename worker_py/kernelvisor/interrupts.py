@@ -136,6 +136,7 @@ class SigintGate:
             elif cell.thread_ident == self._main_ident:
                 if cell.cancel is not None:
                     cell.cancel()
+                # Else it has not reached its code yet: it stops there (it is marked).
             else:
                 self._interrupt_elsewhere(cell)
         if raise_here:
