@@ -151,7 +151,7 @@ class Executor:
         try:
             opts = _Options.parse(req.content_json())
             stop_on_error = opts.stop_on_error
-            cell = Cell(req.id, req.header, opts.allow_stdin)
+            cell.allow_stdin = opts.allow_stdin
             current_cell.set(cell)
             # Output of this cell (and of tasks and threads it starts) belongs to req.
             self._buffer.parent_var.set(req.header)
@@ -209,13 +209,9 @@ class Executor:
     async def _run(self, cell: Cell, opts: _Options) -> dict[str, Any]:
         shell = self._shell
         with self._count_lock:
-            shell.reserve_count(
-                cell,
-                counts=opts.store_history
-                and not opts.silent
-                and not opts.code.isspace()
-                and bool(opts.code),
-            )
+            # A blank cell is not counted (IPython returns before counting it).
+            counts = opts.store_history and not opts.silent and bool(opts.code.strip())
+            shell.reserve_count(cell, counts=counts)
         if not opts.silent:
             self._outbox.iopub(
                 "execute_input",
