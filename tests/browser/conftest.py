@@ -5,20 +5,18 @@ headless Chromium driven by Playwright. Nothing is written to ~/.local or ~/.jup
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kvharness import install_kernelspec, kernelvisor_bin
 from labharness import (
     CHROMIUM,
     CHROMIUM_ARGS,
     UI_TIMEOUT_MS,
     Lab,
-    kernelvisor_bin,
     start_lab,
     stop_lab,
 )
@@ -35,14 +33,7 @@ def kernelspec_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f"kernelvisor binary not found at {kv}: run scripts/install or set KERNELVISOR_BIN"
         )
     prefix = tmp_path_factory.mktemp("jupyter-prefix")
-    proc = subprocess.run(
-        [str(kv), "install", "--prefix", str(prefix), "--python", sys.executable],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, f"kernelvisor install failed:\n{proc.stdout}\n{proc.stderr}"
+    install_kernelspec(kv, prefix)
     data = prefix / "share" / "jupyter"
     assert (data / "kernels" / "kernelvisor" / "kernel.json").is_file()
     return data

@@ -19,7 +19,6 @@ from typing import Any
 import psutil
 from playwright.sync_api import Page, WebSocket
 
-REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("KERNELVISOR_CHROMIUM") or "/usr/bin/chromium")
 # The flags this machine needs: without the background-networking ones Chromium keeps trying
 # to reach hosts that the closed network refuses.
@@ -46,10 +45,6 @@ LAB_USER_SETTINGS: dict[str, dict[str, Any]] = {
     "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
     "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
 }
-
-
-def kernelvisor_bin() -> Path:
-    return Path(os.environ.get("KERNELVISOR_BIN") or REPO / "target/release/kernelvisor")
 
 
 def free_port() -> int:

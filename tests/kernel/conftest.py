@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ipykernel.kernelspec import install as install_ipykernel_spec
-from kvharness import KERNELVISOR, Kernel, kernelvisor_bin, running_kernel
+from kvharness import KERNELVISOR, Kernel, install_kernelspec, kernelvisor_bin, running_kernel
 
 
 @pytest.fixture(scope="session")
@@ -26,23 +24,8 @@ def kv_bin() -> Path:
 def kernelspecs(kv_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Install both kernelspecs under a temp prefix and point Jupyter at it for the session."""
     prefix = tmp_path_factory.mktemp("jupyter-prefix")
-    proc = subprocess.run(
-        [str(kv_bin), "install", "--prefix", str(prefix), "--python", sys.executable],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, f"kernelvisor install failed:\n{proc.stdout}\n{proc.stderr}"
-    proc = subprocess.run(
-        [str(kv_bin), "install", "--prefix", str(prefix), "--python", sys.executable]
-        + ["--backend", "trio"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, f"trio kernelspec install failed:\n{proc.stdout}\n{proc.stderr}"
+    install_kernelspec(kv_bin, prefix)
+    install_kernelspec(kv_bin, prefix, "--backend", "trio")
     # ipykernel's spec too, pinned to this interpreter: a user-level "python3" spec could
     # otherwise point the side-by-side tests at some other Python.
     install_ipykernel_spec(prefix=str(prefix))

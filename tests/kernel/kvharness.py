@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -246,3 +247,44 @@ def collect_requests(
 
 def cell_stdout(cell: dict[str, Any]) -> str:
     return "".join(m["content"]["text"] for m in cell["iopub"] if m["msg_type"] == "stream")
+
+
+def send_execute(
+    kc: BlockingKernelClient,
+    code: str,
+    *,
+    tags: list[str] | None = None,
+    subshell_id: str | None = None,
+    **content: Any,
+) -> str:
+    """Sends an execute_request without waiting: with ``tags`` in its metadata, to the
+    subshell ``subshell_id`` (in its header), ``content`` overriding the defaults; returns
+    its msg_id."""
+    full = {
+        "code": code,
+        "silent": False,
+        "store_history": True,
+        "user_expressions": {},
+        "allow_stdin": False,
+        "stop_on_error": True,
+        **content,
+    }
+    msg = kc.session.msg("execute_request", full, metadata={"tags": tags} if tags else {})
+    if subshell_id is not None:
+        msg["header"]["subshell_id"] = subshell_id
+    kc.shell_channel.send(msg)
+    return str(msg["header"]["msg_id"])
+
+
+def install_kernelspec(kv_bin: Path, prefix: Path, *args: str) -> None:
+    """``kernelvisor install --prefix PREFIX`` for this interpreter, with ``args``."""
+    proc = subprocess.run(
+        [str(kv_bin), "install", "--prefix", str(prefix), "--python", sys.executable, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, (
+        f"kernelvisor install {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    )

@@ -5,32 +5,20 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
-from jupyter_client.blocking.client import BlockingKernelClient
-from kvharness import collect_iopub, execute, get_replies, get_reply, result_text, running_kernel
+from kvharness import (
+    collect_iopub,
+    execute,
+    get_replies,
+    get_reply,
+    result_text,
+    running_kernel,
+    send_execute,
+)
 
 # Still running when the next request arrives, so that one waits in the queue behind it.
 FAILING = "import time\ntime.sleep(0.5)\nraise ValueError('expected')"
-
-
-def send_execute(
-    kc: BlockingKernelClient, code: str, tags: list[str] | None = None, **content: Any
-) -> str:
-    """Sends an execute_request with ``tags`` in its metadata; returns its msg_id."""
-    full = {
-        "code": code,
-        "silent": False,
-        "store_history": True,
-        "user_expressions": {},
-        "allow_stdin": False,
-        "stop_on_error": True,
-        **content,
-    }
-    msg = kc.session.msg("execute_request", full, metadata={"tags": tags or []})
-    kc.shell_channel.send(msg)
-    return str(msg["header"]["msg_id"])
 
 
 @pytest.mark.parametrize(
@@ -49,7 +37,7 @@ def test_tags_decide_whether_an_error_aborts_the_queue(
     tags: list[str], stop_on_error: bool, next_status: str
 ) -> None:
     with running_kernel("kernelvisor") as k:
-        failing = send_execute(k.kc, FAILING, tags, stop_on_error=stop_on_error)
+        failing = send_execute(k.kc, FAILING, tags=tags, stop_on_error=stop_on_error)
         following = send_execute(k.kc, "print('next ran')")
         replies = get_replies(k.kc, [failing, following])
         assert replies[failing]["content"]["status"] == "error"
@@ -73,7 +61,7 @@ def test_timeout_tag_interrupts_a_long_cell(code: str) -> None:
     with running_kernel("kernelvisor") as k:
         execute(k.kc, "x = 7")
         begun = time.monotonic()
-        msg_id = send_execute(k.kc, code, ["timeout=1"])
+        msg_id = send_execute(k.kc, code, tags=["timeout=1"])
         reply = get_reply(k.kc, msg_id, timeout=60)
         elapsed = time.monotonic() - begun
         # Well before the 30 s the cell would take on its own.
@@ -86,7 +74,7 @@ def test_timeout_tag_interrupts_a_long_cell(code: str) -> None:
 
 def test_timeout_tag_does_not_touch_a_quick_cell() -> None:
     with running_kernel("kernelvisor") as k:
-        msg_id = send_execute(k.kc, "import time\ntime.sleep(0.2)\n'done'", ["timeout=5"])
+        msg_id = send_execute(k.kc, "import time\ntime.sleep(0.2)\n'done'", tags=["timeout=5"])
         reply = get_reply(k.kc, msg_id)
         assert reply["content"]["status"] == "ok"
         assert result_text(collect_iopub(k.kc, msg_id)) == "'done'"
@@ -102,7 +90,7 @@ def test_a_cell_that_ignores_its_timeout_loses_its_worker() -> None:
         "        pass\n"
     )
     with running_kernel("kernelvisor") as k:
-        msg_id = send_execute(k.kc, stubborn, ["timeout=1"])
+        msg_id = send_execute(k.kc, stubborn, tags=["timeout=1"])
         reply = get_reply(k.kc, msg_id, timeout=60)["content"]
         assert reply["status"] == "error"
         assert reply["ename"] == "WorkerCrashed", reply

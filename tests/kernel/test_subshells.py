@@ -17,6 +17,7 @@ from kvharness import (
     of_type,
     result_text,
     running_kernel,
+    send_execute,
     statuses,
     stream_text,
 )
@@ -46,23 +47,6 @@ def listed(kc: BlockingKernelClient) -> list[str]:
     assert reply["content"]["status"] == "ok", reply["content"]
     ids: list[str] = reply["content"]["subshell_id"]
     return ids
-
-
-def send_execute(kc: BlockingKernelClient, code: str, subshell_id: str | None = None) -> str:
-    """Sends an execute_request (to a subshell if given); returns its msg_id."""
-    content = {
-        "code": code,
-        "silent": False,
-        "store_history": True,
-        "user_expressions": {},
-        "allow_stdin": False,
-        "stop_on_error": True,
-    }
-    msg = kc.session.msg("execute_request", content)
-    if subshell_id is not None:
-        msg["header"]["subshell_id"] = subshell_id
-    kc.shell_channel.send(msg)
-    return str(msg["header"]["msg_id"])
 
 
 def started(kc: BlockingKernelClient, msg_id: str) -> None:
@@ -107,7 +91,7 @@ def test_a_subshell_runs_beside_a_blocking_main_cell() -> None:
         main = send_execute(k.kc, "import time\nprint('main start', flush=True)\ntime.sleep(3)")
         started(k.kc, main)
         side = send_execute(
-            k.kc, "print(x)\nimport threading\nthreading.current_thread().name", sub
+            k.kc, "print(x)\nimport threading\nthreading.current_thread().name", subshell_id=sub
         )
         reply = k.kc.get_shell_msg(timeout=TIMEOUT)
         # The subshell's cell answers while the main cell still sleeps.
@@ -125,8 +109,8 @@ def test_a_subshell_runs_its_cells_in_order() -> None:
     with running_kernel("kernelvisor") as k:
         sub = create(k.kc)
         ids = [
-            send_execute(k.kc, "import time\ntime.sleep(0.5)\nseen = ['a']", sub),
-            send_execute(k.kc, "seen.append('b')\nseen", sub),
+            send_execute(k.kc, "import time\ntime.sleep(0.5)\nseen = ['a']", subshell_id=sub),
+            send_execute(k.kc, "seen.append('b')\nseen", subshell_id=sub),
         ]
         replies = get_replies(k.kc, ids)
         assert [replies[m]["content"]["status"] for m in ids] == ["ok", "ok"]
@@ -135,7 +119,7 @@ def test_a_subshell_runs_its_cells_in_order() -> None:
 
 def test_unknown_subshell_gets_an_error_reply() -> None:
     with running_kernel("kernelvisor") as k:
-        msg_id = send_execute(k.kc, "print('never')", "no-such-subshell")
+        msg_id = send_execute(k.kc, "print('never')", subshell_id="no-such-subshell")
         reply = get_reply(k.kc, msg_id)
         assert reply["msg_type"] == "execute_reply"
         assert reply["content"]["status"] == "error"
@@ -150,10 +134,10 @@ def test_deleting_a_subshell_aborts_its_queued_cells() -> None:
     with running_kernel("kernelvisor") as k:
         sub = create(k.kc)
         running = send_execute(
-            k.kc, "import time\nprint('start', flush=True)\ntime.sleep(1.5)", sub
+            k.kc, "import time\nprint('start', flush=True)\ntime.sleep(1.5)", subshell_id=sub
         )
         started(k.kc, running)
-        queued = send_execute(k.kc, "print('never')", sub)
+        queued = send_execute(k.kc, "print('never')", subshell_id=sub)
         sync_shell(k.kc)  # the queued cell has reached the kernel
         reply = control(k.kc, "delete_subshell_request", subshell_id=sub)
         assert reply["content"]["status"] == "ok", reply["content"]
@@ -161,7 +145,7 @@ def test_deleting_a_subshell_aborts_its_queued_cells() -> None:
         assert replies[queued]["content"]["status"] == "aborted"
         assert replies[running]["content"]["status"] == "ok", "the running cell finishes"
         assert "never" not in stream_text(collect_iopub(k.kc, queued))
-        late = get_reply(k.kc, send_execute(k.kc, "1", sub))
+        late = get_reply(k.kc, send_execute(k.kc, "1", subshell_id=sub))
         assert late["content"]["ename"] == UNKNOWN
 
 
@@ -171,7 +155,7 @@ def test_subshells_survive_a_worker_crash() -> None:
         crash = send_execute(k.kc, "import os\nos._exit(3)")
         assert get_reply(k.kc, crash)["content"]["ename"] == "WorkerCrashed"
         assert listed(k.kc) == [sub]
-        msg_id = send_execute(k.kc, "21 * 2", sub)
+        msg_id = send_execute(k.kc, "21 * 2", subshell_id=sub)
         reply = get_reply(k.kc, msg_id)
         assert reply["content"]["status"] == "ok", reply["content"]
         assert result_text(collect_iopub(k.kc, msg_id)) == "42"
@@ -183,12 +167,12 @@ def test_an_interrupt_reaches_a_subshell_cell() -> None:
         looping = (
             "import time\nprint('start', flush=True)\nfor _ in range(600):\n    time.sleep(0.05)"
         )
-        msg_id = send_execute(k.kc, looping, sub)
+        msg_id = send_execute(k.kc, looping, subshell_id=sub)
         started(k.kc, msg_id)
         k.km.interrupt_kernel()
         reply = get_reply(k.kc, msg_id)["content"]
         assert reply["status"] == "error"
         assert reply["ename"] == "KeyboardInterrupt", reply
-        again = send_execute(k.kc, "'still here'", sub)
+        again = send_execute(k.kc, "'still here'", subshell_id=sub)
         assert get_reply(k.kc, again)["content"]["status"] == "ok"
         assert result_text(collect_iopub(k.kc, again)) == "'still here'"
