@@ -104,7 +104,8 @@ pub struct InstallArgs {
     #[arg(long, value_name = "TEXT")]
     pub display_name: Option<String>,
 
-    /// Python interpreter for the workers (default: python3 on PATH). Recorded as an
+    /// Python interpreter for the workers (default: the python3 beside this binary, as in
+    /// the environment `pip install kernelvisor` put it in; else python3 on PATH). Recorded as an
     /// absolute path without resolving symlinks, so a virtualenv's python stays in
     /// its virtualenv.
     #[arg(long, value_name = "PATH")]
@@ -192,11 +193,12 @@ struct SpecInputs<'a> {
 /// kernelspec of the same name is overwritten.
 pub fn run(args: &InstallArgs) -> Result<PathBuf> {
     let cwd = std::env::current_dir().context("cannot determine the current directory")?;
-    let python = resolve_python(
-        args.python.as_deref(),
-        std::env::var_os("PATH").as_deref(),
-        &cwd,
-    )?;
+    let exe = std::env::current_exe().context("cannot locate the running kernelvisor binary")?;
+    // Without --python: the environment this binary was pip-installed into, else PATH.
+    let python = match (args.python.as_deref(), python_beside(&exe)) {
+        (None, Some(beside)) => beside,
+        (arg, _) => resolve_python(arg, std::env::var_os("PATH").as_deref(), &cwd)?,
+    };
 
     let info = if args.no_check {
         if !python.exists() {
@@ -225,7 +227,6 @@ pub fn run(args: &InstallArgs) -> Result<PathBuf> {
     let name = args.name();
     let dir = kernel_dir(&jupyter_dir, name);
 
-    let exe = std::env::current_exe().context("cannot locate the running kernelvisor binary")?;
     let spec = kernel_json(&SpecInputs {
         exe: utf8(&exe, "the kernelvisor binary path")?,
         python: utf8(&python, "the python path")?,
@@ -341,6 +342,16 @@ fn resolve_python(arg: Option<&Path>, path_var: Option<&OsStr>, cwd: &Path) -> R
     })
 }
 
+/// The Python of the environment whose `bin/` holds `exe` (`pip install kernelvisor` puts
+/// the binary beside the env's `python3`), if there is one.
+fn python_beside(exe: &Path) -> Option<PathBuf> {
+    let dir = exe.parent()?;
+    ["python3", "python"]
+        .into_iter()
+        .map(|name| dir.join(name))
+        .find(|candidate| is_executable_file(candidate))
+}
+
 /// First executable `name` in the `PATH`-style list `path_var`, made absolute.
 fn find_on_path(name: &Path, path_var: Option<&OsStr>, cwd: &Path) -> Option<PathBuf> {
     std::env::split_paths(path_var?)
@@ -383,8 +394,8 @@ fn check_python(python: &Path, env: &[(String, String)], backend: Backend) -> Re
         }
         bail!(
             "{py} cannot import the kernelvisor worker package ({status}):\n{tail}\n\
-             Install it into that interpreter, e.g. `{py} -m pip install -e worker_py` \
-             from a kernelvisor checkout, or choose another one with --python \
+             Install it into that interpreter, e.g. `{py} -m pip install kernelvisor` \
+             (`-e .` from a kernelvisor checkout), or choose another one with --python \
              (--no-check skips this check, e.g. when packaging).",
             py = python.display(),
             status = out.status,
@@ -745,6 +756,25 @@ mod tests {
         assert!(resolve_python(None, None, Path::new("/")).is_err());
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn python_beside_the_binary() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let exe = tmp.path().join("kernelvisor");
+        assert_eq!(python_beside(&exe), None);
+        fs::write(tmp.path().join("python"), "").unwrap();
+        fs::set_permissions(tmp.path().join("python"), fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(python_beside(&exe), Some(tmp.path().join("python")));
+        fs::write(tmp.path().join("python3"), "").unwrap();
+        fs::set_permissions(
+            tmp.path().join("python3"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        assert_eq!(python_beside(&exe), Some(tmp.path().join("python3")));
+    }
+
     #[test]
     fn check_output() {
         let info =
@@ -1060,7 +1090,7 @@ printf '{"version": "3.12.1", "prefix": "/v"}\n'"#,
         assert!(err.contains(py.to_str().unwrap()), "{err}");
         assert!(err.contains("No module named 'kernelvisor'"), "{err}");
         assert!(
-            err.contains("pip install -e worker_py") && err.contains("--no-check"),
+            err.contains("pip install kernelvisor") && err.contains("--no-check"),
             "{err}"
         );
         assert!(!prefix.exists(), "nothing written when the check fails");
