@@ -36,12 +36,22 @@ pub struct Header {
     pub msg_id: String,
     /// E.g. `execute_request`.
     pub msg_type: String,
-    /// ISO 8601 creation time, when the client sets it.
-    #[serde(default)]
+    /// ISO 8601 creation time, when the client sets it (see [`lenient_date`]).
+    #[serde(default, deserialize_with = "lenient_date")]
     pub date: Option<String>,
     /// The subshell (JEP 91) the request is for; `None`: the main shell.
     #[serde(default)]
     pub subshell_id: Option<String>,
+}
+
+/// `date` as clients send it: the protocol's ISO 8601 string, or anything else as unknown.
+/// jupyter_server's gateway client (behind Kernel Gateway) sends a float timestamp, which
+/// ipykernel accepts too; refusing the whole message for it would make the kernel deaf there.
+fn lenient_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(date) => Some(date),
+        _ => None,
+    })
 }
 
 /// A verified message from a client.
@@ -129,6 +139,19 @@ mod tests {
         .into_iter()
         .map(Bytes::from)
         .collect()
+    }
+
+    #[test]
+    fn a_date_that_is_not_a_string_is_unknown() {
+        let h: Header =
+            serde_json::from_str(r#"{"msg_id":"m","msg_type":"t","date":1796575553.4}"#).unwrap();
+        assert_eq!(h.date, None);
+        let h: Header =
+            serde_json::from_str(r#"{"msg_id":"m","msg_type":"t","date":"2026-11-25T12:00:00Z"}"#)
+                .unwrap();
+        assert_eq!(h.date.as_deref(), Some("2026-11-25T12:00:00Z"));
+        let h: Header = serde_json::from_str(r#"{"msg_id":"m","msg_type":"t"}"#).unwrap();
+        assert_eq!(h.date, None);
     }
 
     #[test]
