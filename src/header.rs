@@ -30,15 +30,14 @@ impl HeaderFactory {
         &self.session
     }
 
-    /// A header for a new message of `msg_type` (a protocol identifier: no escaping needed).
+    /// A header for a new message of `msg_type`. The type is JSON-escaped: a reply's type
+    /// is derived from the client's request type, which may hold any character.
     pub fn make(&self, msg_type: &str) -> Vec<u8> {
-        debug_assert!(msg_type
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_'));
+        let msg_type = serde_json::to_string(msg_type).expect("a string encodes");
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let date = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
         format!(
-            r#"{{"msg_id":"{s}_{n}","msg_type":"{msg_type}","session":"{s}","username":{u},"date":"{date}","version":"{PROTOCOL_VERSION}"}}"#,
+            r#"{{"msg_id":"{s}_{n}","msg_type":{msg_type},"session":"{s}","username":{u},"date":"{date}","version":"{PROTOCOL_VERSION}"}}"#,
             s = self.session,
             u = self.username_json,
         )
@@ -61,5 +60,22 @@ mod tests {
         assert_eq!(a["version"], PROTOCOL_VERSION);
         assert_eq!(a["session"], f.session());
         chrono::DateTime::parse_from_rfc3339(a["date"].as_str().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn any_msg_type_is_escaped() {
+        // A reply to a client's `bad"type_request` is a `bad"type_reply`.
+        let f = HeaderFactory::new("u");
+        for t in [
+            "bad\"type_reply",
+            "back\\slash",
+            "new\nline",
+            "\u{0}nul",
+            "é_reply",
+        ] {
+            let h: serde_json::Value = serde_json::from_slice(&f.make(t))
+                .unwrap_or_else(|e| panic!("header for {t:?} is not JSON: {e}"));
+            assert_eq!(h["msg_type"], t);
+        }
     }
 }

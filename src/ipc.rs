@@ -9,18 +9,36 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Largest body accepted; larger is a protocol error.
 pub const MAX_BODY: usize = 1 << 30;
 
-/// Encodes a message (a list of frames) into one contiguous buffer.
-pub fn encode<F: AsRef<[u8]>>(frames: &[F]) -> Vec<u8> {
-    let body_len: usize = 4 + frames.iter().map(|f| 4 + f.as_ref().len()).sum::<usize>();
-    let mut out = Vec::with_capacity(4 + body_len);
-    out.extend_from_slice(&(body_len as u32).to_be_bytes());
+/// Encodes a message (a list of frames) into one contiguous buffer; a message whose body
+/// would exceed [`MAX_BODY`] is an `InvalidInput` error (nothing is encoded).
+pub fn encode<F: AsRef<[u8]>>(frames: &[F]) -> io::Result<Vec<u8>> {
+    let body_len = body_len(frames.iter().map(|f| f.as_ref().len()))?;
+    let mut out = Vec::with_capacity(4 + body_len as usize);
+    out.extend_from_slice(&body_len.to_be_bytes());
+    // Every count and length below is at most `body_len`, so fits in a u32.
     out.extend_from_slice(&(frames.len() as u32).to_be_bytes());
     for f in frames {
         let f = f.as_ref();
         out.extend_from_slice(&(f.len() as u32).to_be_bytes());
         out.extend_from_slice(f);
     }
-    out
+    Ok(out)
+}
+
+/// The body length of a message whose frames have these lengths, checked against
+/// [`MAX_BODY`] (so it, the frame count and each length fit the u32 fields).
+fn body_len(mut frame_lens: impl Iterator<Item = usize>) -> io::Result<u32> {
+    let total = frame_lens.try_fold(4usize, |sum, len| sum.checked_add(4)?.checked_add(len));
+    match total {
+        Some(n) if n <= MAX_BODY => Ok(u32::try_from(n).expect("MAX_BODY fits a u32")),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "message body of {} bytes exceeds the 1 GiB IPC limit",
+                total.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string())
+            ),
+        )),
+    }
 }
 
 /// Splits a body (everything after `body_len`) into frames without copying.
@@ -78,7 +96,7 @@ pub async fn write_message<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(
     w: &mut W,
     frames: &[F],
 ) -> io::Result<()> {
-    w.write_all(&encode(frames)).await
+    w.write_all(&encode(frames)?).await
 }
 
 #[cfg(test)]
@@ -110,7 +128,7 @@ mod tests {
             .map(unhex)
             .collect();
         let encoded = unhex(&v["encoded_hex"]);
-        assert_eq!(encode(&frames), encoded);
+        assert_eq!(encode(&frames).unwrap(), encoded);
         let decoded = decode_body(Bytes::from(encoded[4..].to_vec())).unwrap();
         assert_eq!(decoded, frames);
     }
@@ -153,7 +171,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_bodies() {
-        let ok = encode(&[&b"ab"[..], b"c"]);
+        let ok = encode(&[&b"ab"[..], b"c"]).unwrap();
         let body = |v: &[u8]| decode_body(Bytes::copy_from_slice(v));
         assert!(body(&ok[4..]).is_ok());
         assert!(body(&ok[4..ok.len() - 1]).is_err(), "truncated");
@@ -164,13 +182,29 @@ mod tests {
         assert!(body(&[0, 0, 0, 9, 0, 0, 0, 1]).is_err(), "count too large");
     }
 
+    #[test]
+    fn lengths_are_checked_before_the_u32_casts() {
+        assert_eq!(body_len([2, 1].into_iter()).unwrap(), 4 + 4 + 2 + 4 + 1);
+        assert_eq!(body_len(std::iter::empty()).unwrap(), 4);
+        assert_eq!(
+            body_len([MAX_BODY - 8].into_iter()).unwrap() as usize,
+            MAX_BODY
+        );
+        let too_big = body_len([MAX_BODY - 7].into_iter()).unwrap_err();
+        assert_eq!(too_big.kind(), io::ErrorKind::InvalidInput);
+        assert!(too_big.to_string().contains("1 GiB"), "{too_big}");
+        // 4 GiB + 1 would have wrapped to a small u32 length.
+        assert!(body_len([1 << 32, 1].into_iter()).is_err());
+        assert!(body_len([usize::MAX, 1].into_iter()).is_err(), "overflow");
+    }
+
     #[tokio::test]
     async fn rejects_oversize_and_truncated_streams() {
         let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         assert!(read_message(&mut b).await.is_err());
         let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
-        a.write_all(&encode(&[b"abc"])[..6]).await.unwrap();
+        a.write_all(&encode(&[b"abc"]).unwrap()[..6]).await.unwrap();
         drop(a);
         assert!(read_message(&mut b).await.is_err(), "EOF inside a message");
     }

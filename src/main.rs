@@ -7,6 +7,7 @@
 
 mod cell_plan;
 mod connection;
+mod digests;
 mod exit;
 mod header;
 mod heartbeat;

@@ -1,18 +1,36 @@
-//! HMAC-SHA256 message signing and constant-time verification.
+//! HMAC-SHA256 message signing and constant-time verification, with replayed signatures
+//! refused.
 //!
 //! The keyed HMAC state is computed once and cloned per message, so a signature costs
 //! only the hashing of the four JSON frames.
 
+use std::sync::{Mutex, PoisonError};
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use crate::digests::DigestHistory;
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// Signs and verifies Jupyter messages with the connection key.
-#[derive(Clone)]
 pub struct Signer {
     /// `None` when the key is empty: signing is disabled, as the spec says.
     mac: Option<HmacSha256>,
+    /// Signatures accepted by [`Signer::accept`] (the kernel's task is the only caller;
+    /// the lock is never contended).
+    accepted: Mutex<DigestHistory>,
+}
+
+/// Why [`Signer::accept`] refused a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    /// The signature does not match the frames.
+    #[error("invalid signature")]
+    Invalid,
+    /// A valid signature that was accepted before: the message is a replay.
+    #[error("replayed message (its signature was accepted before)")]
+    Replayed,
 }
 
 impl std::fmt::Debug for Signer {
@@ -29,7 +47,10 @@ impl Signer {
     pub fn new(key: &[u8]) -> Self {
         let mac = (!key.is_empty())
             .then(|| HmacSha256::new_from_slice(key).expect("HMAC accepts any key length"));
-        Signer { mac }
+        Signer {
+            mac,
+            accepted: Mutex::default(),
+        }
     }
 
     /// The hex signature of the frames (header, parent, metadata, content); empty when
@@ -49,18 +70,41 @@ impl Signer {
 
     /// Whether `signature` (hex) is right for the frames, compared in constant time.
     /// With signing disabled every message is accepted.
+    #[cfg(test)]
     pub fn verify(&self, signature: &[u8], parts: [&[u8]; 4]) -> bool {
+        self.check(signature, parts).is_some()
+    }
+
+    /// [`Signer::verify`] for an incoming message, which is also refused if its signature
+    /// was accepted before (a replay; the last [`crate::digests::CAPACITY`] are kept).
+    /// With signing disabled every message is accepted.
+    pub fn accept(&self, signature: &[u8], parts: [&[u8]; 4]) -> Result<(), SignatureError> {
+        let mac = self
+            .check(signature, parts)
+            .ok_or(SignatureError::Invalid)?;
+        if mac.is_empty() {
+            return Ok(());
+        }
+        let mut accepted = self.accepted.lock().unwrap_or_else(PoisonError::into_inner);
+        if accepted.insert(&mac) {
+            Ok(())
+        } else {
+            Err(SignatureError::Replayed)
+        }
+    }
+
+    /// The MAC bytes of a valid signature (empty with signing disabled); `None` if invalid.
+    fn check(&self, signature: &[u8], parts: [&[u8]; 4]) -> Option<Vec<u8>> {
         let Some(mac) = &self.mac else {
-            return true;
+            return Some(Vec::new());
         };
-        let Ok(expected) = hex::decode(signature) else {
-            return false;
-        };
+        let expected = hex::decode(signature).ok()?;
         let mut mac = mac.clone();
         for part in parts {
             mac.update(part);
         }
-        mac.verify_slice(&expected).is_ok()
+        mac.verify_slice(&expected).ok()?;
+        Some(expected)
     }
 }
 
@@ -94,9 +138,41 @@ mod tests {
     }
 
     #[test]
+    fn a_replayed_signature_is_refused() {
+        let signer = Signer::new(b"secret");
+        let sig = signer.sign(PARTS);
+        assert_eq!(signer.accept(sig.as_bytes(), PARTS), Ok(()));
+        assert_eq!(
+            signer.accept(sig.as_bytes(), PARTS),
+            Err(SignatureError::Replayed)
+        );
+        // The same MAC spelled in capitals is the same signature.
+        let upper = sig.to_uppercase();
+        assert_eq!(
+            signer.accept(upper.as_bytes(), PARTS),
+            Err(SignatureError::Replayed)
+        );
+        let mut other = PARTS;
+        other[0] = b"{\"msg_id\":\"2\"}";
+        assert_eq!(
+            signer.accept(sig.as_bytes(), other),
+            Err(SignatureError::Invalid)
+        );
+        let sig2 = signer.sign(other);
+        assert_eq!(signer.accept(sig2.as_bytes(), other), Ok(()));
+        // Invalid signatures are not remembered: the valid one is still accepted once.
+        let fresh = Signer::new(b"secret");
+        assert_eq!(fresh.accept(b"00", PARTS), Err(SignatureError::Invalid));
+        assert_eq!(fresh.accept(sig.as_bytes(), PARTS), Ok(()));
+    }
+
+    #[test]
     fn empty_key_disables_signing() {
         let signer = Signer::new(b"");
         assert_eq!(signer.sign(PARTS), "");
         assert!(signer.verify(b"", PARTS));
+        // Without signatures there is nothing to tell a replay by.
+        assert_eq!(signer.accept(b"", PARTS), Ok(()));
+        assert_eq!(signer.accept(b"", PARTS), Ok(()));
     }
 }

@@ -2,12 +2,16 @@
 //! four JSON frames, then binary buffers.
 //!
 //! Incoming JSON frames are kept as the bytes the client sent: only the header is parsed
-//! (the supervisor routes on it); content passes through to the worker untouched.
+//! (the supervisor routes on it); content passes through to the worker untouched, once
+//! [`Incoming::check_json`] has checked that it is a JSON object.
+
+use std::fmt;
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
-use crate::signer::Signer;
+use crate::signer::{SignatureError, Signer};
 
 /// The frame that separates routing identities from the message.
 pub const DELIMITER: &[u8] = b"<IDS|MSG>";
@@ -24,6 +28,9 @@ pub enum WireError {
     /// The HMAC signature does not match.
     #[error("invalid signature")]
     BadSignature,
+    /// A valid signature seen before: the same message sent again.
+    #[error("replayed message: its signature was accepted before")]
+    Replayed,
     /// The header is not the JSON object the protocol requires.
     #[error("malformed header: {0}")]
     BadHeader(#[from] serde_json::Error),
@@ -88,8 +95,11 @@ pub fn parse(mut frames: Vec<Bytes>, signer: &Signer) -> Result<Incoming, WireEr
     let buffers = rest.split_off(5);
     let [signature, header, parent, metadata, content]: [Bytes; 5] =
         rest.try_into().expect("exactly five frames");
-    if !signer.verify(&signature, [&header, &parent, &metadata, &content]) {
-        return Err(WireError::BadSignature);
+    // Nothing unauthenticated is parsed.
+    match signer.accept(&signature, [&header, &parent, &metadata, &content]) {
+        Ok(()) => {}
+        Err(SignatureError::Invalid) => return Err(WireError::BadSignature),
+        Err(SignatureError::Replayed) => return Err(WireError::Replayed),
     }
     Ok(Incoming {
         identities: frames,
@@ -100,6 +110,83 @@ pub fn parse(mut frames: Vec<Bytes>, signer: &Signer) -> Result<Incoming, WireEr
         content,
         buffers,
     })
+}
+
+impl Incoming {
+    /// Bytes of all its frames after the signature (what a worker would be handed).
+    pub fn size(&self) -> usize {
+        [
+            &self.header_bytes,
+            &self.parent_header,
+            &self.metadata,
+            &self.content,
+        ]
+        .into_iter()
+        .chain(&self.buffers)
+        .map(Bytes::len)
+        .sum()
+    }
+
+    /// Checks that the parent header, metadata and content are JSON objects, as the
+    /// protocol requires (the header already is one).
+    pub fn check_json(&self) -> Result<(), InvalidJson> {
+        for (frame, bytes) in [
+            ("content", &self.content),
+            ("metadata", &self.metadata),
+            ("parent header", &self.parent_header),
+        ] {
+            if let Err(e) = serde_json::from_slice::<AnObject>(bytes) {
+                return Err(InvalidJson {
+                    frame,
+                    msg_type: self.header.msg_type.clone(),
+                    why: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A JSON frame of a message that is not a JSON object.
+#[derive(Debug, thiserror::Error)]
+#[error("the {frame} of this {msg_type} is not a JSON object: {why}")]
+pub struct InvalidJson {
+    /// Which frame: `content`, `metadata` or `parent header`.
+    pub frame: &'static str,
+    /// The message's type.
+    pub msg_type: String,
+    /// What the JSON parser said.
+    pub why: String,
+}
+
+impl InvalidJson {
+    /// The `ename` of the error reply.
+    pub fn ename(&self) -> &'static str {
+        match self.frame {
+            "content" => "InvalidContent",
+            _ => "InvalidMessage",
+        }
+    }
+}
+
+/// Deserializes from any JSON object, and from nothing else, without keeping anything.
+struct AnObject;
+
+impl<'de> Deserialize<'de> for AnObject {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = AnObject;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnObject, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(AnObject)
+            }
+        }
+        d.deserialize_map(ObjectVisitor)
+    }
 }
 
 /// Lays out and signs an outgoing message. `prefix` is the routing identities (ROUTER)
@@ -229,6 +316,75 @@ mod tests {
             b("{}"),
         ];
         assert!(parse(missing_type, &signer).is_err());
+    }
+
+    #[test]
+    fn a_replay_is_refused() {
+        let signer = Signer::new(b"k");
+        let frames = sample(&signer);
+        assert!(parse(frames.clone(), &signer).is_ok());
+        assert!(matches!(
+            parse(frames.clone(), &signer),
+            Err(WireError::Replayed)
+        ));
+        // Other identities (another socket) make no difference: the signed frames are the same.
+        let mut other = frames;
+        other[0] = b("another-client");
+        assert!(matches!(parse(other, &signer), Err(WireError::Replayed)));
+    }
+
+    fn with_content(content: &str, metadata: &str, parent: &str) -> Incoming {
+        let signer = Signer::new(b"");
+        let header = r#"{"msg_id":"m","msg_type":"execute_request"}"#;
+        let frames = serialize(
+            &signer,
+            &[],
+            [
+                header.as_bytes(),
+                parent.as_bytes(),
+                metadata.as_bytes(),
+                content.as_bytes(),
+            ],
+            &[Bytes::from_static(b"buffer")],
+        );
+        parse(frames.into_iter().map(Bytes::from).collect(), &signer).unwrap()
+    }
+
+    #[test]
+    fn json_frames_must_be_objects() {
+        let ok = with_content(r#"{"code": "1", "nested": {"a": [1, 2]}}"#, "{}", " {} ");
+        ok.check_json().unwrap();
+        for (content, found) in [
+            ("[1, 2]", "sequence"),
+            ("3", "integer"),
+            ("\"text\"", "string"),
+            ("null", "null"),
+            ("{not json", "key must be a string"),
+            ("{\"a\": 1} trailing", "trailing characters"),
+            ("{\"a\": 1", "EOF"),
+            ("", "EOF"),
+        ] {
+            let e = with_content(content, "{}", "{}").check_json().unwrap_err();
+            assert_eq!(e.frame, "content");
+            assert_eq!(e.ename(), "InvalidContent");
+            let text = e.to_string();
+            assert!(text.contains(found), "{content:?}: {text}");
+            assert!(
+                text.contains("execute_request is not a JSON object"),
+                "{text}"
+            );
+        }
+        let e = with_content("{}", "[]", "{}").check_json().unwrap_err();
+        assert_eq!((e.frame, e.ename()), ("metadata", "InvalidMessage"));
+        let e = with_content("{}", "{}", "7").check_json().unwrap_err();
+        assert_eq!(e.frame, "parent header");
+    }
+
+    #[test]
+    fn size_counts_every_frame() {
+        let msg = with_content(r#"{"code":"1"}"#, r#"{"m":1}"#, r#"{"p":2}"#);
+        let header = msg.header_bytes.len();
+        assert_eq!(msg.size(), header + 12 + 7 + 7 + 6);
     }
 
     #[test]

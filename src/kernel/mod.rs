@@ -154,8 +154,8 @@ const WORKER_EXIT_GRACE: Duration = Duration::from_millis(300);
 /// How often the watchdog checks memory, liveness, grace periods and the idle pool.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Largest content + buffers of a client message handed to a worker: the IPC frame limit
-/// (1 GiB) less room for the headers.
+/// Largest client message (all its frames) handed to a worker: the IPC frame limit
+/// (1 GiB) less room for the control frame.
 const MAX_REQUEST_BYTES: usize = crate::ipc::MAX_BODY - (1 << 20);
 
 /// How long a dead worker's exit waits for its `main` connection to be drained.
@@ -352,9 +352,15 @@ impl Kernel {
             }
         };
         debug!(channel = channel.name(), msg_type = %msg.header.msg_type, msg_id = %msg.header.msg_id, "received");
-        let size = msg.content.len() + msg.buffers.iter().map(Bytes::len).sum::<usize>();
+        let size = msg.size();
         if size > MAX_REQUEST_BYTES {
             self.too_large(channel, msg, size).await;
+            return;
+        }
+        // -- wire: content, metadata and parent header must be JSON objects.
+        if let Err(e) = msg.check_json() {
+            warn!(channel = channel.name(), msg_id = %msg.header.msg_id, error = %e, "refused a message with invalid JSON");
+            self.refuse(channel, &msg, e.ename(), e.to_string()).await;
             return;
         }
         match (channel, msg.header.msg_type.as_str()) {
