@@ -1,6 +1,8 @@
-//! The Jupyter connection file: where to bind the five sockets, and the signing key.
+//! The Jupyter connection file: where to bind the five sockets, and the signing key; the
+//! ports the system chose for port 0, written back.
 
-use std::path::Path;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -30,6 +32,24 @@ pub struct ConnectionInfo {
     /// Only `hmac-sha256` is supported (and the empty scheme with an empty key).
     #[serde(default = "default_scheme")]
     pub signature_scheme: String,
+    /// The file it was read from (where chosen ports are written back).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+}
+
+/// The five ports (tcp) or path suffixes (ipc); 0 lets the kernel choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// `shell_port`.
+    pub shell: u16,
+    /// `iopub_port`.
+    pub iopub: u16,
+    /// `stdin_port`.
+    pub stdin: u16,
+    /// `control_port`.
+    pub control: u16,
+    /// `hb_port`.
+    pub hb: u16,
 }
 
 fn default_transport() -> String {
@@ -47,7 +67,10 @@ impl ConnectionInfo {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read connection file {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("invalid connection file {}", path.display()))
+        let mut info = Self::parse(&text)
+            .with_context(|| format!("invalid connection file {}", path.display()))?;
+        info.file = Some(path.to_path_buf());
+        Ok(info)
     }
 
     /// Parses and validates the JSON text of a connection file.
@@ -79,6 +102,71 @@ impl ConnectionInfo {
             }
             _ => format!("tcp://{}:{}", self.ip, port),
         }
+    }
+
+    /// The ports as the file gives them.
+    pub fn ports(&self) -> Ports {
+        Ports {
+            shell: self.shell_port,
+            iopub: self.iopub_port,
+            stdin: self.stdin_port,
+            control: self.control_port,
+            hb: self.hb_port,
+        }
+    }
+
+    /// Writes the ports actually bound into the connection file, keeping its other fields,
+    /// when they differ from the file's (it asked for port 0), as ipykernel does: clients
+    /// learn the ports there. The file is replaced atomically, readable by its owner only.
+    pub fn write_back(&self, bound: Ports) -> anyhow::Result<()> {
+        if bound == self.ports() {
+            return Ok(());
+        }
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read connection file {}", path.display()))?;
+        let mut fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .with_context(|| format!("invalid connection file {}", path.display()))?;
+        for (key, port) in [
+            ("shell_port", bound.shell),
+            ("iopub_port", bound.iopub),
+            ("stdin_port", bound.stdin),
+            ("control_port", bound.control),
+            ("hb_port", bound.hb),
+        ] {
+            fields.insert(key.into(), port.into());
+        }
+        let mut json = serde_json::to_vec_pretty(&fields).expect("a JSON map encodes");
+        json.push(b'\n');
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let write = || -> std::io::Result<()> {
+            // A temp file (mode 0600) in the same directory, renamed over the original.
+            let mut tmp = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new(".")))?;
+            tmp.write_all(&json)?;
+            tmp.as_file().sync_all()?;
+            tmp.persist(path).map_err(|e| e.error)?;
+            Ok(())
+        };
+        write().with_context(|| {
+            format!(
+                "cannot write the chosen ports into connection file {}",
+                path.display()
+            )
+        })
+    }
+
+    /// What to bind for `port`: port 0 becomes a port the system chooses (tcp), or the
+    /// first free path `IP-N` (ipc, N from 1), as ipykernel does.
+    pub fn bind_endpoint(&self, port: u16) -> (String, u16) {
+        if port != 0 || self.transport != "ipc" {
+            return (self.endpoint(port), port);
+        }
+        let free = (1..=u16::MAX)
+            .find(|n| !Path::new(&format!("{}-{n}", self.ip)).exists())
+            .unwrap_or(u16::MAX);
+        (self.endpoint(free), free)
     }
 }
 
@@ -119,5 +207,46 @@ mod tests {
         let bad = SAMPLE.replace("5001", "70000");
         assert!(ConnectionInfo::parse(&bad).is_err(), "port out of range");
         assert!(ConnectionInfo::load(Path::new("/nonexistent/kv.json")).is_err());
+    }
+
+    #[test]
+    fn chosen_ports_are_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kernel.json");
+        std::fs::write(&path, SAMPLE.replace("5002", "0")).unwrap();
+        let info = ConnectionInfo::load(&path).unwrap();
+        assert_eq!(info.ports().iopub, 0);
+        info.write_back(info.ports()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            SAMPLE.replace("5002", "0")
+        );
+        let bound = Ports {
+            iopub: 40000,
+            ..info.ports()
+        };
+        info.write_back(bound).unwrap();
+        let again = ConnectionInfo::load(&path).unwrap();
+        assert_eq!(again.ports(), bound);
+        assert_eq!(again.key, "abc");
+        let fields: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(fields["kernel_name"], "x", "other fields are kept");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "owner only");
+    }
+
+    #[test]
+    fn ipc_port_zero_takes_the_first_free_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut info = ConnectionInfo::parse(SAMPLE).unwrap();
+        info.transport = "ipc".into();
+        info.ip = dir.path().join("k").display().to_string();
+        std::fs::write(format!("{}-1", info.ip), "").unwrap();
+        let (ep, port) = info.bind_endpoint(0);
+        assert_eq!(port, 2);
+        assert_eq!(ep, format!("ipc://{}-2", info.ip));
+        assert_eq!(info.bind_endpoint(7).1, 7);
     }
 }

@@ -19,6 +19,7 @@ mod kernel_info;
 mod outbox;
 mod pool;
 mod signer;
+mod sockets;
 mod wire;
 mod worker;
 
@@ -37,6 +38,16 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     run: RunArgs,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive); also
+    /// `KERNELVISOR_LOG`. Logs go to stderr.
+    #[arg(
+        long,
+        global = true,
+        value_name = "LEVEL",
+        env = "KERNELVISOR_LOG",
+        default_value = "warn"
+    )]
+    log_level: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,23 +126,17 @@ struct RunArgs {
         default_value_t = 0.0
     )]
     interrupt_grace: f64,
-    /// Log filter (error, warn, info, debug, trace, or a tracing directive); also
-    /// `KERNELVISOR_LOG`.
-    #[arg(
-        long,
-        value_name = "LEVEL",
-        env = "KERNELVISOR_LOG",
-        default_value = "warn"
-    )]
-    log_level: String,
 }
 
 fn main() -> ExitCode {
+    // First thing, before any start-up work: the process that launched us. A parent that
+    // dies while we start is then noticed (see `die_with_parent`).
+    let parent = nix::unistd::getppid();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = init_logging(&cli.log_level).and_then(|()| match cli.command {
         Some(Command::Install(args)) => install::run(&args).map(|_| ()),
-        None => run_kernel(cli.run),
-    };
+        None => run_kernel(cli.run, parent),
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -141,9 +146,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_kernel(args: RunArgs) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&args.log_level)
-        .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", args.log_level))?;
+/// Logs to stderr through `tracing`, for the kernel run and `install` alike.
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(level)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?;
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -151,11 +157,15 @@ fn run_kernel(args: RunArgs) -> anyhow::Result<()> {
         // Colours only on a terminal: Jupyter servers capture stderr into log files.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    Ok(())
+}
+
+fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
     let Some(path) = args.connection_file else {
         anyhow::bail!("no connection file: run `kernelvisor -f CONNECTION_FILE` (see --help)");
     };
     let connection = connection::ConnectionInfo::load(&path)?;
-    die_with_parent();
+    die_with_parent(parent)?;
     let config = kernel::KernelConfig {
         connection,
         python: args.python,
@@ -217,18 +227,27 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Asks Linux for SIGTERM when the process that launched us dies, so an orphaned kernel
-/// shuts down (and takes its workers with it) instead of lingering.
-fn die_with_parent() {
+/// shuts down (and takes its workers with it) instead of lingering. `parent` is the parent
+/// read first thing in `main`: if it is gone already (it died while we started, before the
+/// request took effect), the SIGTERM is raised now.
+fn die_with_parent(parent: nix::unistd::Pid) -> anyhow::Result<()> {
     #[cfg(target_os = "linux")]
-    // SAFETY: plain prctl/getppid syscalls.
-    unsafe {
-        let parent = libc::getppid();
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-        if libc::getppid() != parent {
-            // The parent died before the prctl took effect.
-            libc::raise(libc::SIGTERM);
+    {
+        use anyhow::Context as _;
+        use nix::sys::signal::{raise, Signal};
+        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
+            .context("cannot ask for a signal at the parent's death (PR_SET_PDEATHSIG)")?;
+        if nix::unistd::getppid() != parent {
+            tracing::warn!(
+                parent = parent.as_raw(),
+                "the process that started the kernel has exited: stopping"
+            );
+            raise(Signal::SIGTERM).context("cannot raise SIGTERM")?;
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = parent;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -28,12 +28,12 @@ use tracing::{debug, error, info, warn};
 use crate::cell_plan::{CellPlan, Mode};
 use crate::connection::ConnectionInfo;
 use crate::exit::{describe_exit, last_words};
-use crate::heartbeat;
 use crate::iopub::Iopub;
 use crate::kernel_info;
 use crate::outbox::Outbox;
 use crate::pool::{Placement, Pool, PoolPolicy, Role};
 use crate::signer::Signer;
+use crate::sockets::{self, ClientSockets};
 use crate::wire::{self, Incoming};
 use crate::worker::{self, Frames, WorkerConfig, WorkerEvent, WorkerId};
 use lanes::{Kind, LaneId, Lanes};
@@ -176,23 +176,13 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         Signer::new(conn.key.as_bytes()),
         &std::env::var("USER").unwrap_or_else(|_| "kernel".into()),
     ));
-    let bind = |port: u16| {
-        let ep = conn.endpoint(port);
-        tmq::router(&ctx)
-            .set_linger(1000)
-            .bind(&ep)
-            .with_context(|| format!("cannot bind {ep}"))
-    };
-    let shell = bind(conn.shell_port)?;
-    let control = bind(conn.control_port)?;
-    let stdin = bind(conn.stdin_port)?;
-    heartbeat::start(&ctx, &conn.endpoint(conn.hb_port))?;
     let welcome_outbox = outbox.clone();
-    let iopub = Iopub::start(
-        &ctx,
-        &conn.endpoint(conn.iopub_port),
-        Box::new(move |sub| welcome_outbox.welcome(sub)),
-    )?;
+    let ClientSockets {
+        shell,
+        control,
+        stdin,
+        iopub,
+    } = sockets::bind(&ctx, conn, Box::new(move |sub| welcome_outbox.welcome(sub)))?;
 
     // The workers' socket lives in a private (0700) directory, removed at exit.
     let ipc_dir = tempfile::Builder::new()

@@ -125,3 +125,20 @@ def test_invalid_connection_file_fails_cleanly(kv_bin: Path, tmp_path: Path, con
     assert proc.returncode > 0
     assert proc.stderr.strip()
     assert_no_panic(proc)
+
+
+def test_install_prints_its_warnings(kv_bin: Path, tmp_path: Path) -> None:
+    """`install` logs through the same tracing set-up as the kernel run, so warnings show."""
+    missing = tmp_path / "no-such-python"
+    proc = run(
+        [str(kv_bin), "install", "--prefix", str(tmp_path), "--no-check", "--python", str(missing)]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "python does not exist (--no-check)" in proc.stderr, proc.stderr
+    assert str(missing) in proc.stderr
+    quiet = run(
+        [str(kv_bin), "install", "--prefix", str(tmp_path), "--no-check", "--python", str(missing)]
+        + ["--log-level", "error"]
+    )
+    assert quiet.returncode == 0, quiet.stderr
+    assert "does not exist" not in quiet.stderr, quiet.stderr
