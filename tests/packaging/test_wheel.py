@@ -60,7 +60,7 @@ def test_wheel_holds_binary_and_worker_at_one_version(wheel: Path) -> None:
     assert wheel.name.startswith(f"kernelvisor-{version}-"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert f"kernelvisor-{version}.data/scripts/kernelvisor" in names
-    for module in ("__init__", "__main__", "worker", "caller"):
+    for module in ("__init__", "__main__", "worker", "caller", "eg_launcher"):
         assert f"kernelvisor/{module}.py" in names, (module, names)
     assert not [n for n in names if n.startswith(("tests/", "src/", "target/"))], names
 
