@@ -88,21 +88,22 @@ def test_installed_wheel_registers_and_runs_a_notebook(
     ).stdout.strip()
     assert dist_version == version
 
-    # Without --python, the kernelspec gets the python beside the binary: the venv's.
-    prefix = tmp_path / "prefix"
-    run([kv, "install", "--prefix", prefix], env=env, cwd=tmp_path)
-    kernels = prefix / "share/jupyter/kernels"
-    spec = json.loads((kernels / "kernelvisor/kernel.json").read_text())
+    # `kernelvisor install --user`, without --python: the kernelspec gets the python beside
+    # the binary, the venv's. (The user's Jupyter data dir is a temp dir here.)
+    data_dir = tmp_path / "jupyter-data"
+    run([kv, "install", "--user"], env=env | {"JUPYTER_DATA_DIR": str(data_dir)}, cwd=tmp_path)
+    spec = json.loads((data_dir / "kernels/kernelvisor/kernel.json").read_text())
     argv = spec["argv"]
     assert Path(argv[0]) == kv
     assert Path(argv[argv.index("--python") + 1]).parent == bin_dir
     # python -m kernelvisor install: the same binary, this very python.
+    prefix = tmp_path / "prefix"
     run(
         [bin_dir / "python", "-m", "kernelvisor", "install", "--prefix", prefix, "--name", "kv-m"],
         env=env,
         cwd=tmp_path,
     )
-    spec_m = json.loads((kernels / "kv-m/kernel.json").read_text())
+    spec_m = json.loads((prefix / "share/jupyter/kernels/kv-m/kernel.json").read_text())
     assert Path(spec_m["argv"][0]) == kv
     assert spec_m["argv"][spec_m["argv"].index("--python") + 1] == str(bin_dir / "python")
 
@@ -117,6 +118,7 @@ def test_installed_wheel_registers_and_runs_a_notebook(
     ]
     # The kernel inherits this environment: no Rust on its PATH either.
     monkeypatch.setenv("PATH", path)
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(data_dir))
     monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share/jupyter"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     for name in ("kernelvisor", "kv-m"):
