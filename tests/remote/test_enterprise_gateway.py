@@ -51,7 +51,7 @@ EG_VENV = Path(
 )
 TEMPLATE = REPO / "kernelspec/enterprise-gateway/kernelvisor_distributed/kernel.json"
 PORT_RANGE = (41000, 42999)
-RUNAWAY_TIMEOUT = 3
+RUNAWAY_TIMEOUT = 5  # as in test_kernel_gateway.py
 
 
 @pytest.fixture(scope="module")

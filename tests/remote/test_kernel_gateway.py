@@ -34,7 +34,9 @@ from remoteharness import (
 
 pytestmark = pytest.mark.timeout(300)
 
-RUNAWAY_TIMEOUT = 3  # seconds before nbclient asks the gateway to interrupt the runaway cell
+# Seconds before nbclient asks the gateway to interrupt the runaway cell; nbclient then waits as
+# long again for the reply before interrupting a second time (which would kill the worker).
+RUNAWAY_TIMEOUT = 5
 CELL_TIMEOUT = 90
 MEMORY_LIMIT = "400M"
 
