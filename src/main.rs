@@ -9,6 +9,7 @@ mod cell_plan;
 mod connection;
 mod digests;
 mod exit;
+mod flow;
 mod header;
 mod heartbeat;
 mod install;

@@ -72,8 +72,9 @@ pub enum WorkerEvent {
         /// The connection's message channel.
         tx: mpsc::UnboundedSender<Frames>,
     },
-    /// A message from the worker.
-    Message(WorkerId, Frames),
+    /// A message from the worker, holding its bytes' share of the connection's budget
+    /// until it is handled (or, if it goes to IOPub, published).
+    Message(WorkerId, Frames, crate::flow::Credit),
     /// One of its IPC connections ended (the process may still be exiting). Every
     /// message read on that connection was sent as an event before this one.
     Disconnected(WorkerId, Role),
@@ -226,10 +227,17 @@ async fn serve_connection(stream: UnixStream, events: mpsc::UnboundedSender<Work
     if events.send(WorkerEvent::Connected { hello, tx }).is_err() {
         return;
     }
+    // Flow control (flow.rs): no reading while this connection's output is still queued.
+    let budget = crate::flow::Budget::new(crate::flow::CONNECTION_BUDGET);
     loop {
+        budget.room().await;
         match ipc::read_message(&mut rd).await {
             Ok(Some(frames)) => {
-                if events.send(WorkerEvent::Message(id, frames)).is_err() {
+                let credit = budget.charge(crate::flow::size_of(&frames));
+                if events
+                    .send(WorkerEvent::Message(id, frames, credit))
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -6,7 +6,9 @@ impl Kernel {
     pub(super) async fn on_worker_event(&mut self, ev: WorkerEvent) {
         match ev {
             WorkerEvent::Connected { hello, tx } => self.worker_connected(hello, tx).await,
-            WorkerEvent::Message(id, frames) => self.worker_message(id, frames).await,
+            WorkerEvent::Message(id, frames, credit) => {
+                self.worker_message(id, frames, credit).await
+            }
             WorkerEvent::Disconnected(id, role) => {
                 debug!(worker = id, ?role, "worker disconnected");
                 if role == worker::Role::Main {
@@ -91,7 +93,12 @@ impl Kernel {
         self.dispatch_execute();
     }
 
-    pub(super) async fn worker_message(&mut self, wid: WorkerId, frames: Frames) {
+    pub(super) async fn worker_message(
+        &mut self,
+        wid: WorkerId,
+        frames: Frames,
+        credit: crate::flow::Credit,
+    ) {
         if self.pool.main().is_some_and(|w| w.id == wid) {
             self.last_heard = Instant::now();
         }
@@ -114,7 +121,7 @@ impl Kernel {
                 let msg = self
                     .outbox
                     .iopub(msg_type, &rest[0], &rest[1], &rest[2], &rest[3..]);
-                self.iopub.send(msg);
+                self.iopub.send_credited(msg, credit);
             }
             ("reply", Some(msg_type)) if rest.len() >= 2 && is_identifier(msg_type) => {
                 let Some(p) = ctrl.id.and_then(|id| self.pending.remove(&id)) else {

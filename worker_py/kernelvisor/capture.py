@@ -4,6 +4,10 @@ Output written below Python (C extensions, ``os.write``, ``os.system``, ``!ls``,
 subprocesses) goes to fds 1 and 2, which become the write ends of pipes. A reader thread
 decodes what arrives into the OutputBuffer; the read ends are non-blocking so that a
 flush can also drain them, under the same lock, before a reply goes out.
+
+While the OutputBuffer is full, the reader thread stops reading: the pipes fill up, and
+whoever writes to fds 1 and 2 waits, as with any full pipe (a flush still drains what
+the pipes hold, so that nothing written before a message is left behind).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from kernelvisor.streams import STDERR, STDOUT, OutputBuffer
+from kernelvisor.streams import STDERR, STDOUT, OutputBuffer, never_wait_here
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ def _utf8_decoder() -> codecs.IncrementalDecoder:
 class _Pipe:
     fd: int  # read end
     name: str
+    capacity: int = 64 << 10  # bytes the pipe holds (Linux's default until set)
     decoder: codecs.IncrementalDecoder = field(default_factory=_utf8_decoder)
     open: bool = True
 
@@ -56,23 +61,28 @@ class FdCapture:
         """Point fds 1 and 2 at new pipes and start reading them."""
         for target, name in ((1, STDOUT), (2, STDERR)):
             read_fd, write_fd = os.pipe()
+            capacity = 64 << 10
             if sys.platform.startswith("linux"):
                 # Fails above /proc/sys/fs/pipe-max-size: then the default size stays.
                 with contextlib.suppress(OSError):
-                    fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+                    capacity = fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
             os.set_blocking(read_fd, False)
             os.dup2(write_fd, target)  # inheritable: child processes write here too
             os.close(write_fd)
-            self._pipes.append(_Pipe(read_fd, name))
+            self._pipes.append(_Pipe(read_fd, name, capacity))
             self._drain_poller.register(read_fd, select.POLLIN)
         threading.Thread(target=self._loop, name="kernelvisor-fd-capture", daemon=True).start()
 
     def _loop(self) -> None:
+        # Prints from this thread (a finalizer run by the GC) must not wait: it may hold
+        # the lock that the flusher needs. It waits here instead, holding nothing.
+        never_wait_here()
         poller = select.poll()
         by_fd = {p.fd: p for p in self._pipes}
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         while by_fd:
+            self._buffer.wait_until_room()
             for fd, _events in poller.poll():
                 pipe = by_fd[fd]
                 with self._lock:
@@ -81,18 +91,19 @@ class FdCapture:
                     poller.unregister(fd)
                     del by_fd[fd]
 
-    def _read_once(self, pipe: _Pipe) -> bool:
-        """Move one chunk from the pipe into the buffer; False when nothing was there."""
+    def _read_once(self, pipe: _Pipe) -> int:
+        """Move one chunk from the pipe into the buffer; the bytes read (0 when nothing
+        was there, or at the end)."""
         if not pipe.open:
-            return False
+            return 0
         try:
             data = os.read(pipe.fd, _READ_SIZE)
         except BlockingIOError:
-            return False
+            return 0
         except OSError:
             log.exception("reading captured %s failed", pipe.name)
             pipe.open = False
-            return False
+            return 0
         if not data:
             # Every write end is closed (the user closed fd 1/2 and no child keeps it).
             pipe.open = False
@@ -102,7 +113,7 @@ class FdCapture:
             text = pipe.decoder.decode(data)
         if text:
             self._buffer.write_fd(pipe.name, text)
-        return bool(data)
+        return len(data)
 
     def drain(self) -> None:
         """Move everything already written to fds 1 and 2 into the buffer."""
@@ -131,8 +142,15 @@ class FdCapture:
         fds = {fd for fd, _events in ready}
         for pipe in self._pipes:  # stdout first, as written
             if pipe.fd in fds:
-                while self._read_once(pipe):
-                    pass
+                # What the pipe held when the drain started fits in its capacity; more
+                # was written since (a writer still running), and reading on would let
+                # it fill the OutputBuffer past its cap.
+                read = 0
+                while read < pipe.capacity:
+                    n = self._read_once(pipe)
+                    if not n:
+                        break
+                    read += n
                 if not pipe.open:  # at EOF a pipe stays readable: stop asking
                     self._drain_poller.unregister(pipe.fd)
 

@@ -7,6 +7,9 @@ pipes) is flushed first, so a client sees output in the order it was produced an
 of a request's output before its reply or ``done`` (IPC.md, "Ordering"). Replies to the
 requests answered off the main thread go on ``aux``, without that lock: they have no
 output to order, and must not wait behind a cell's sends.
+
+Sends on ``main`` block while the supervisor is not reading (its queue towards IOPub is
+full): that is the backpressure that makes ``print`` wait once the OutputBuffer is full.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from kernelvisor.streams import OutputBuffer, Run
 log = logging.getLogger(__name__)
 
 EMPTY = b"{}"
-# Caps one stream message; a longer run is sent as several (a body must stay < 1 GiB).
-STREAM_CHUNK_CHARS = 8 << 20
+# Caps one stream message; a longer run is sent as several. Small enough that the
+# messages the supervisor queues for IOPub (counted in messages there) stay small.
+STREAM_CHUNK_CHARS = 1 << 20
 
 JsonLike = bytes | dict[str, Any]
 
@@ -68,6 +72,12 @@ class Outbox:
         self._lock = threading.RLock()
         self._iopub_controls: dict[str, bytes] = {}
         self._broken: set[Connection] = set()
+        # A thread inside a send or flush (a finalizer that prints) must not wait for the
+        # flusher, which needs this lock.
+        buffer.may_wait = self._lock_is_free_here
+
+    def _lock_is_free_here(self) -> bool:
+        return not self._lock._is_owned()  # type: ignore[attr-defined]
 
     def attach_main(self, main: Connection) -> None:
         """Send on ``main`` from now on (its hello already sent)."""

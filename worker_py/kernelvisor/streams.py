@@ -6,6 +6,11 @@ write appends one ``(key, text)`` pair to a list and takes no lock: ``list.appen
 the consumer's ``del items[:n]`` are atomic, the list object is never replaced, and so
 nothing is lost or reordered whichever threads write. Joining and sending happen at
 flush time, on the flusher thread or synchronously before any other message (outbox.py).
+
+The buffer is bounded: once it holds more than ``OUTPUT_CAP`` characters, a write waits
+until the flusher has taken them, as a write to a full pipe does (the flusher itself
+waits while the supervisor is not reading, see IPC.md). Nothing is dropped, and the
+order stays that of the writes.
 """
 
 from __future__ import annotations
@@ -26,12 +31,29 @@ log = logging.getLogger(__name__)
 STDOUT = "stdout"
 STDERR = "stderr"
 
+OUTPUT_CAP = 16 << 20
+"""Characters buffered before writers wait for the flusher."""
+
+# Threads that must never wait for room: the ones the flusher depends on (itself, the fd
+# reader). A finalizer that prints, run by the GC on one of them, must not deadlock.
+_thread_state = threading.local()
+
+
+def never_wait_here() -> None:
+    """Writes from the calling thread never wait for room in an OutputBuffer."""
+    _thread_state.never_wait = True
+
+
 Key = tuple[bytes | None, str]
 """(parent header bytes or None, stream name) of a piece of output."""
 
 
 def _nothing() -> None:
     pass
+
+
+def _always() -> bool:
+    return True
 
 
 class Run(NamedTuple):
@@ -54,13 +76,29 @@ class OutputBuffer:
     started by user code and bytes read from the captured file descriptors.
     """
 
-    def __init__(self, parent_var: ContextVar[bytes | None]) -> None:
+    def __init__(self, parent_var: ContextVar[bytes | None], cap: int = OUTPUT_CAP) -> None:
         self.parent_var = parent_var
         self.fallback_parent: bytes | None = None
         self.items: list[tuple[Key, str]] = []
+        # Characters appended (by writers) and taken (by the consumer): what the buffer
+        # holds is the difference. Writers racing on ``written`` may lose an update, and
+        # take() resynchronizes when it empties the buffer, so the cap is approximate by
+        # at most a write per thread.
+        self.cap = cap
+        self.written = 0
+        self.taken = 0
+        self._room = threading.Condition(threading.Lock())
+        # Wired by the worker: flush now (the buffer is full); whether this thread may
+        # wait (not while it holds what the flusher needs, e.g. the outbox's lock).
+        self.on_full: Callable[[], None] = _nothing
+        self.may_wait: Callable[[], bool] = _always
         # True from the first write after a take() until the next take(): a write that
         # finds it False wakes the flusher (checked after appending, so no wake is lost).
         self.pending = False
+        # What ``written`` may reach before a write takes the slow path (one comparison
+        # on the hot path covers both cases): -1 while not pending (the next write wakes
+        # the flusher), else the point where the buffer holds ``cap``.
+        self.limit = -1
         # Wired by the worker: wake the flusher, drain the fd pipes.
         self.on_first_write: Callable[[], None] = _nothing
         self.before_first_write: Callable[[], None] = _nothing
@@ -69,17 +107,59 @@ class OutputBuffer:
         return self.parent_var.get() or self.fallback_parent
 
     def write(self, key: Key, text: str) -> None:
+        """Appends ``text``; never waits (the fd reader and the flush path use it)."""
         self.items.append((key, text))
+        self.written += len(text)
+        if self.written > self.limit:
+            self._noted()
+
+    def _noted(self) -> None:
+        """A write passed ``limit``: the first one after a take, or one that filled the
+        buffer."""
         if not self.pending:
             self.pending = True
+            self.limit = self.taken + self.cap
             self.on_first_write()
+
+    def written_past_limit(self) -> None:
+        """What a stream's write does once it passes ``limit``: wake the flusher if it was
+        the first write since a take, and wait if the buffer is full."""
+        self._noted()
+        if self.written - self.taken > self.cap:
+            self.wait_for_room()
 
     def write_fd(self, name: str, text: str) -> None:
         self.write((self.fallback_parent, name), text)
 
+    @property
+    def size(self) -> int:
+        """Characters held (approximately, see ``written``)."""
+        return self.written - self.taken
+
+    def wait_for_room(self) -> None:
+        """While more than ``cap`` characters are held, have them flushed and wait, as a
+        writer to a full pipe does (interruptible: SIGINT raises KeyboardInterrupt here).
+        Returns at once on threads that must not wait (``never_wait_here``, ``may_wait``)."""
+        if self.written - self.taken <= self.cap:
+            return
+        if getattr(_thread_state, "never_wait", False) or not self.may_wait():
+            return
+        self.wait_until_room()
+
+    def wait_until_room(self) -> None:
+        """Waits until at most ``cap`` characters are held, whatever the thread (the fd
+        reader calls it, holding nothing, before it reads more)."""
+        with self._room:
+            while self.written - self.taken > self.cap:
+                self.on_full()
+                # A timeout, so that a notify lost to take()'s non-blocking acquire (or
+                # an approximate count) costs at most this long.
+                self._room.wait(0.1)
+
     def take(self) -> list[Run]:
         """Remove everything buffered; return it grouped into runs."""
         self.pending = False
+        self.limit = -1
         items = self.items
         n = len(items)
         if not n:
@@ -87,10 +167,20 @@ class OutputBuffer:
         taken = items[:n]
         del items[:n]  # items appended meanwhile stay, in order
         # groupby/itemgetter keep the per-item work in C (200k prints are 400k items).
-        return [
+        runs = [
             Run(key[0], key[1], "".join(map(_text, group)))
             for key, group in itertools.groupby(taken, _key)
         ]
+        del taken
+        self.taken += sum(len(run.text) for run in runs)
+        if not items:
+            self.taken = self.written
+        # Never blocks: take() also runs inside a fatal signal's handler (crash.py), maybe
+        # on a thread that holds this lock; waiters then see the room at their timeout.
+        if self._room.acquire(blocking=False):
+            self._room.notify_all()
+            self._room.release()
+        return runs
 
 
 class Flusher:
@@ -104,12 +194,19 @@ class Flusher:
         self._flush = flush
         self._interval = interval
         self._event = threading.Event()
+        # Set by wake_now: skip the interval (writers wait on a full buffer).
+        self._urgent = threading.Event()
         self._last = 0.0
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="kernelvisor-flusher", daemon=True).start()
 
     def wake(self) -> None:
+        self._event.set()
+
+    def wake_now(self) -> None:
+        """Flush as soon as possible, without waiting for the interval: the buffer is full."""
+        self._urgent.set()
         self._event.set()
 
     def flush_requested(self) -> None:
@@ -126,12 +223,14 @@ class Flusher:
             self._event.set()
 
     def _loop(self) -> None:
+        never_wait_here()
         while True:
             self._event.wait()
             self._event.clear()
             delay = self._last + self._interval - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                self._urgent.wait(delay)
+            self._urgent.clear()
             self._last = time.monotonic()
             try:
                 self._flush()
@@ -191,10 +290,12 @@ class OutStream(_WriteOnly, io.TextIOBase):
             # Bytes already in the fd pipes were written before this text: queue them first.
             buf.before_first_write()
         items.append((cache[1], text))
-        if not buf.pending:
-            buf.pending = True
-            buf.on_first_write()
-        return len(text)
+        n = len(text)
+        written = buf.written + n
+        buf.written = written
+        if written > buf.limit:
+            buf.written_past_limit()
+        return n
 
     def flush(self) -> None:
         self._flusher.flush_requested()

@@ -187,6 +187,7 @@ class Worker:
         self.outbox = Outbox(aux, self.buffer, self.gate, self.capture.drain, self._orphan_output)
         self.flusher = Flusher(self.outbox.flush_streams)
         self.buffer.on_first_write = self.flusher.wake
+        self.buffer.on_full = self.flusher.wake_now
         self.buffer.before_first_write = self.capture.drain
         # Keeps the C handler's callback alive; armed by start_capture.
         self.fatal_signals = fatal_signals if fatal_signals is not None else FatalSignalFlush()

@@ -1,0 +1,255 @@
+"""Output floods stay bounded in memory (issue 9): a cell that prints 1 GB, read by a prompt
+client or by one that stops reading IOPub for 20 s, keeps the kernel's process tree (supervisor
+and workers) within 256 MB of its resident memory before the cell, every byte arrives in order,
+and control, heartbeat and the worker's aux connection answer while the output is stalled."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+import pytest
+import zmq
+from isolation_support import kv_info, settled, supervisor_pid, wait_pool
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.session import Session
+from kvharness import Kernel, Msg, get_reply, is_idle, parent_id, running_kernel
+
+MB = 1 << 20
+# What the whole tree may grow by while the flood runs (the issue's target).
+BUDGET = 256 * MB
+LINE = 500_000
+LINES = 2000
+FLOOD = f"for i in range({LINES}): print('x' * {LINE})"
+# The same bytes written below Python, to fd 1 (as C code and subprocesses write).
+FD_FLOOD = f"import os\nfor i in range({LINES}): os.write(1, b'x' * {LINE} + b'\\n')"
+STALL = 20.0
+# Generous: reading 1 GB of JSON through jupyter_client takes a while on a loaded 2-core box.
+FLOOD_TIMEOUT = 600.0
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (what has exited counts 0)."""
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class PeakRss:
+    """Samples the tree's resident memory every 20 ms in a thread; ``peak`` is the largest."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self.peak = 0
+        self.supervisor_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(self._pid))
+            try:
+                self.supervisor_peak = max(
+                    self.supervisor_peak, psutil.Process(self._pid).memory_info().rss
+                )
+            except psutil.NoSuchProcess:
+                pass
+            self._stop.wait(0.02)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def peak_rss(pid: int) -> Iterator[PeakRss]:
+    """Samples the tree of ``pid`` while the block runs."""
+    sampler = PeakRss(pid)
+    sampler.start()
+    try:
+        yield sampler
+    finally:
+        sampler.stop()
+
+
+class FloodText:
+    """Checks the flood's stdout as it arrives, without keeping it: each chunk must continue
+    ``('x' * LINE + '\\n') * LINES`` where the previous one stopped."""
+
+    PERIOD = "x" * LINE + "\n"
+
+    def __init__(self) -> None:
+        self.chars = 0
+
+    def feed(self, text: str) -> None:
+        offset = self.chars % len(self.PERIOD)
+        reps = (offset + len(text)) // len(self.PERIOD) + 1
+        expected = (self.PERIOD * reps)[offset : offset + len(text)]
+        assert text == expected, f"stdout differs from the flood's text at char {self.chars}"
+        self.chars += len(text)
+
+    @property
+    def complete(self) -> bool:
+        return self.chars == LINES * len(self.PERIOD)
+
+
+@contextmanager
+def own_client(kernel: Kernel, rcvhwm: int | None = None) -> Iterator[BlockingKernelClient]:
+    """A client of ``kernel`` with its own zmq context (IOPub's receive queue limited to
+    ``rcvhwm`` messages, if given), replacing the fixture's client: a second subscriber that
+    nobody reads would hold the output up."""
+    kernel.kc.stop_channels()
+    ctx = zmq.Context()
+    if rcvhwm is not None:
+        # Context options apply to sockets created afterwards, before they connect.
+        ctx.setsockopt(zmq.RCVHWM, rcvhwm)
+    # A new session: the kernel's ROUTERs may still hold the old client's identity.
+    session = Session(
+        key=kernel.km.session.key, signature_scheme=kernel.km.session.signature_scheme
+    )
+    kc = kernel.km.client(context=ctx, session=session)
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield kc
+    finally:
+        kc.stop_channels()
+        ctx.destroy(linger=0)
+
+
+def baseline(kernel: Kernel, kc: BlockingKernelClient) -> int:
+    """The tree's resident memory once the pool has settled (main worker + a warm spare)."""
+    wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+    time.sleep(0.5)
+    return tree_rss(supervisor_pid(kernel))
+
+
+def read_flood(kc: BlockingKernelClient, msg_id: str, text: FloodText) -> list[Msg]:
+    """Reads IOPub until the flood cell is idle, checking its stdout; returns its other
+    messages."""
+    others: list[Msg] = []
+    deadline = time.monotonic() + FLOOD_TIMEOUT
+    while True:
+        assert time.monotonic() < deadline, f"flood unfinished: {text.chars} chars so far"
+        try:
+            msg = kc.get_iopub_msg(timeout=5)
+        except queue.Empty:
+            continue
+        if parent_id(msg) != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            assert msg["content"]["name"] == "stdout", msg["content"]["name"]
+            text.feed(msg["content"]["text"])
+            continue
+        others.append(msg)
+        if is_idle(msg):
+            return others
+
+
+@pytest.mark.parametrize(
+    "code",
+    [FLOOD, FD_FLOOD],
+    ids=["print", "fd"],
+)
+def test_flood_with_a_prompt_reader_is_bounded(code: str) -> None:
+    with running_kernel("kernelvisor") as kernel, own_client(kernel) as kc:
+        base = baseline(kernel, kc)
+        text = FloodText()
+        with peak_rss(supervisor_pid(kernel)) as rss:
+            msg_id = kc.execute(code)
+            others = read_flood(kc, msg_id, text)
+            reply = get_reply(kc, msg_id, timeout=FLOOD_TIMEOUT)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert text.complete, f"{text.chars} chars arrived"
+        assert [m["msg_type"] for m in others] == ["status", "execute_input", "status"]
+        grew = rss.peak - base
+        print(
+            f"prompt reader: baseline {base / MB:.0f} MB, peak +{grew / MB:.0f} MB"
+            f" (supervisor alone {rss.supervisor_peak / MB:.0f} MB)"
+        )
+        assert grew <= BUDGET, f"the tree grew by {grew / MB:.0f} MB (limit {BUDGET / MB:.0f})"
+
+
+def test_flood_with_a_stalled_reader_is_bounded_and_the_kernel_answers() -> None:
+    with running_kernel("kernelvisor") as kernel, own_client(kernel, rcvhwm=1) as kc:
+        base = baseline(kernel, kc)
+        text = FloodText()
+        with peak_rss(supervisor_pid(kernel)) as rss:
+            msg_id = kc.execute(FLOOD)
+            stalled_until = time.monotonic() + STALL
+            # Meanwhile, with nobody reading IOPub: control, heartbeat and the worker's aux
+            # connection (completion) still answer.
+            time.sleep(2)
+            while time.monotonic() < stalled_until - 3:
+                t0 = time.monotonic()
+                info = kc.session.msg("kernel_info_request", {})
+                kc.control_channel.send(info)
+                get_reply(kc, info["header"]["msg_id"], timeout=5, channel="control")
+                complete = kc.complete("impo", 4)
+                assert get_reply(kc, complete, timeout=5)["content"]["matches"] == ["import"]
+                assert kv_info(kc, timeout=5)["main"] is not None
+                assert kc.hb_channel.is_beating()
+                assert time.monotonic() - t0 < 5
+                time.sleep(1)
+            # The cell is still running: its output waits for the reader.
+            assert not kc.shell_channel.msg_ready(), "the flood cell finished while stalled"
+            time.sleep(max(0.0, stalled_until - time.monotonic()))
+            stalled_peak = rss.peak
+            others = read_flood(kc, msg_id, text)
+            reply = get_reply(kc, msg_id, timeout=FLOOD_TIMEOUT)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert text.complete, f"{text.chars} chars arrived"
+        assert [m["msg_type"] for m in others] == ["status", "execute_input", "status"]
+        grew = rss.peak - base
+        print(
+            f"stalled reader: baseline {base / MB:.0f} MB, peak +{(stalled_peak - base) / MB:.0f}"
+            f" MB while stalled, +{grew / MB:.0f} MB overall"
+            f" (supervisor alone {rss.supervisor_peak / MB:.0f} MB)"
+        )
+        assert grew <= BUDGET, f"the tree grew by {grew / MB:.0f} MB (limit {BUDGET / MB:.0f})"
+
+
+def test_streams_and_displays_keep_their_order_in_a_flood() -> None:
+    """Prints and displays interleaved, each print larger than what a message carries:
+    they arrive in the order the cell made them."""
+    n = 100
+    code = f"for i in range({n}):\n    print('x' * {LINE})\n    display(i)"
+    with running_kernel("kernelvisor") as kernel, own_client(kernel) as kc:
+        base = baseline(kernel, kc)
+        with peak_rss(supervisor_pid(kernel)) as rss:
+            msg_id = kc.execute(code)
+            seen: list[str] = []
+            chars = 0
+            deadline = time.monotonic() + FLOOD_TIMEOUT
+            while True:
+                assert time.monotonic() < deadline
+                msg = kc.get_iopub_msg(timeout=FLOOD_TIMEOUT)
+                if parent_id(msg) != msg_id:
+                    continue
+                if msg["msg_type"] == "stream":
+                    chars += len(msg["content"]["text"])
+                    if chars % (LINE + 1) == 0:
+                        seen.append("line")
+                elif msg["msg_type"] == "display_data":
+                    assert chars % (LINE + 1) == 0, "a display arrived inside a print"
+                    seen.append(msg["content"]["data"]["text/plain"])
+                if is_idle(msg):
+                    break
+        assert seen == [x for i in range(n) for x in ("line", str(i))]
+        assert rss.peak - base <= BUDGET
