@@ -1,7 +1,8 @@
 """Output floods stay bounded in memory (issue 9): a cell that prints 1 GB, read by a prompt
 client or by one that stops reading IOPub for 20 s, keeps the kernel's process tree (supervisor
 and workers) within 256 MB of its resident memory before the cell, every byte arrives in order,
-and control, heartbeat and the worker's aux connection answer while the output is stalled."""
+and control, heartbeat, the worker's aux connection and `# process` cells answer while the
+output is stalled."""
 
 from __future__ import annotations
 
@@ -194,7 +195,7 @@ def test_flood_with_a_stalled_reader_is_bounded_and_the_kernel_answers() -> None
             msg_id = kc.execute(FLOOD)
             stalled_until = time.monotonic() + STALL
             # Meanwhile, with nobody reading IOPub: control, heartbeat and the worker's aux
-            # connection (completion) still answer.
+            # connection (completion) answer.
             time.sleep(2)
             while time.monotonic() < stalled_until - 3:
                 t0 = time.monotonic()
@@ -207,6 +208,9 @@ def test_flood_with_a_stalled_reader_is_bounded_and_the_kernel_answers() -> None
                 assert kc.hb_channel.is_beating()
                 assert time.monotonic() - t0 < 5
                 time.sleep(1)
+            # A `# process` cell runs in another worker, whose connection is read apart.
+            process = kc.execute("# process\n1 + 1")
+            assert get_reply(kc, process, timeout=30)["content"]["status"] == "ok"
             # The cell is still running: its output waits for the reader.
             assert not kc.shell_channel.msg_ready(), "the flood cell finished while stalled"
             time.sleep(max(0.0, stalled_until - time.monotonic()))
