@@ -105,7 +105,7 @@ pub struct InstallArgs {
     pub display_name: Option<String>,
 
     /// Python interpreter for the workers (default: the python3 beside this binary, as in
-    /// the environment `pip install kernelvisor` put it in; else python3 on PATH). Recorded as an
+    /// the environment kernelvisor's wheel was installed into; else python3 on PATH). Recorded as an
     /// absolute path without resolving symlinks, so a virtualenv's python stays in
     /// its virtualenv.
     #[arg(long, value_name = "PATH")]
@@ -342,8 +342,8 @@ fn resolve_python(arg: Option<&Path>, path_var: Option<&OsStr>, cwd: &Path) -> R
     })
 }
 
-/// The Python of the environment whose `bin/` holds `exe` (`pip install kernelvisor` puts
-/// the binary beside the env's `python3`), if there is one.
+/// The Python of the environment whose `bin/` holds `exe` (installing kernelvisor's wheel
+/// puts the binary beside the env's `python3`), if there is one.
 fn python_beside(exe: &Path) -> Option<PathBuf> {
     let dir = exe.parent()?;
     ["python3", "python"]
@@ -394,8 +394,8 @@ fn check_python(python: &Path, env: &[(String, String)], backend: Backend) -> Re
         }
         bail!(
             "{py} cannot import the kernelvisor worker package ({status}):\n{tail}\n\
-             Install it into that interpreter, e.g. `{py} -m pip install kernelvisor` \
-             (`-e .` from a kernelvisor checkout), or choose another one with --python \
+             Install it into that interpreter, e.g. `{py} -m pip install .` in a \
+             kernelvisor checkout (or the wheel it builds), or choose another one with --python \
              (--no-check skips this check, e.g. when packaging).",
             py = python.display(),
             status = out.status,
@@ -1090,7 +1090,7 @@ printf '{"version": "3.12.1", "prefix": "/v"}\n'"#,
         assert!(err.contains(py.to_str().unwrap()), "{err}");
         assert!(err.contains("No module named 'kernelvisor'"), "{err}");
         assert!(
-            err.contains("pip install kernelvisor") && err.contains("--no-check"),
+            err.contains("pip install .") && err.contains("--no-check"),
             "{err}"
         );
         assert!(!prefix.exists(), "nothing written when the check fails");

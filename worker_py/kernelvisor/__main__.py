@@ -34,7 +34,7 @@ def find_binary() -> Path:
         return Path(on_path)
     raise FileNotFoundError(
         f"the {BIN_NAME} binary is not installed beside {sys.executable} nor on PATH "
-        "(pip install kernelvisor installs it; or set KERNELVISOR_BIN)"
+        "(installing kernelvisor's wheel puts it there; or set KERNELVISOR_BIN)"
     )
 
 

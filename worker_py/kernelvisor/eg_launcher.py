@@ -18,7 +18,7 @@ reads as "the kernel is gone". The launcher ignores SIGINT itself, so an interru
 group reaches the supervisor exactly once. Arguments may also come from the environment
 (``KERNEL_ID``, ``RESPONSE_ADDRESS``, ``PUBLIC_KEY``, ``PORT_RANGE``; ``EG_``-prefixed too), as in
 EG's kernel images. Arguments after ``--`` go to the kernelvisor binary (e.g. ``--backend trio``).
-Needs ``cryptography`` (``pip install 'kernelvisor[eg]'``).
+Needs ``cryptography`` (kernelvisor's ``eg`` extra).
 """
 
 from __future__ import annotations
