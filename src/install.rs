@@ -43,10 +43,11 @@ const LOGOS: [(&str, &[u8]); 3] = [
 ];
 
 /// One interpreter run that proves the worker package is importable and
-/// reports both the version (for `--python-version`) and `sys.prefix` (for
-/// `--sys-prefix`).
-const CHECK_SCRIPT: &str = "import kernelvisor, platform, json; \
-     print(json.dumps({'version': platform.python_version(), 'prefix': __import__('sys').prefix}))";
+/// reports the version (for `--python-version`), `sys.prefix` (for
+/// `--sys-prefix`) and whether debugpy is importable (the debugger).
+const CHECK_SCRIPT: &str = "import kernelvisor, platform, json, importlib.util; \
+     print(json.dumps({'version': platform.python_version(), 'prefix': __import__('sys').prefix, \
+     'debugger': importlib.util.find_spec('debugpy') is not None}))";
 
 /// Prepended to [`CHECK_SCRIPT`] for `--backend trio`: its workers need trio.
 const TRIO_CHECK: &str = "import trio; ";
@@ -174,6 +175,8 @@ struct PythonInfo {
     version: String,
     /// `sys.prefix`.
     prefix: PathBuf,
+    /// debugpy is importable: the kernel has a debugger.
+    debugger: bool,
 }
 
 /// Resolved, already-stringified inputs of `kernel.json`.
@@ -182,6 +185,7 @@ struct SpecInputs<'a> {
     exe: &'a str,
     python: &'a str,
     python_version: Option<&'a str>,
+    debugger: bool,
     display_name: &'a str,
     env: &'a [(String, String)],
     backend: Backend,
@@ -231,6 +235,7 @@ pub fn run(args: &InstallArgs) -> Result<PathBuf> {
         exe: utf8(&exe, "the kernelvisor binary path")?,
         python: utf8(&python, "the python path")?,
         python_version: info.as_ref().map(|i| i.version.as_str()),
+        debugger: info.as_ref().is_some_and(|i| i.debugger),
         display_name: args.display_name(),
         env: &args.env,
         backend: args.backend,
@@ -456,16 +461,21 @@ fn parse_check_output(stdout: &str) -> Result<PythonInfo> {
     Ok(PythonInfo {
         version: field("version")?.to_owned(),
         prefix: PathBuf::from(field("prefix")?),
+        debugger: v.get("debugger").and_then(Value::as_bool).unwrap_or(false),
     })
 }
 
-/// The `kernel.json` document. `--python-version` lets the supervisor answer
-/// `kernel_info` before its first worker is up; `--backend` is recorded only
-/// when it is not the default, so plain specs stay plain.
+/// The `kernel.json` document. `--python-version` (and `--debugger`) let the supervisor
+/// answer `kernel_info` before its first worker is up; `--backend` is recorded only
+/// when it is not the default, so plain specs stay plain. `metadata.debugger` is what
+/// JupyterLab reads to offer its debugger: true when the check found debugpy.
 fn kernel_json(s: &SpecInputs<'_>) -> Value {
     let mut argv = vec![s.exe, "-f", "{connection_file}", "--python", s.python];
     if let Some(version) = s.python_version {
         argv.extend(["--python-version", version]);
+    }
+    if s.debugger {
+        argv.push("--debugger");
     }
     if s.backend != Backend::default() {
         argv.extend(["--backend", s.backend.as_str()]);
@@ -483,7 +493,7 @@ fn kernel_json(s: &SpecInputs<'_>) -> Value {
         "interrupt_mode": "signal",
         "env": env,
         "metadata": {
-            "debugger": false,
+            "debugger": s.debugger,
             "kernelvisor": { "version": env!("CARGO_PKG_VERSION") },
         },
         "kernel_protocol_version": "5.4",
@@ -784,9 +794,15 @@ mod tests {
             info,
             PythonInfo {
                 version: "3.12.1".into(),
-                prefix: "/venv".into()
+                prefix: "/venv".into(),
+                debugger: false,
             }
         );
+        let info = parse_check_output(
+            "{\"version\": \"3.12.1\", \"prefix\": \"/venv\", \"debugger\": true}",
+        )
+        .unwrap();
+        assert!(info.debugger);
         assert!(parse_check_output("").is_err());
         assert!(parse_check_output("{\"version\": \"3.12.1\"}").is_err());
         assert!(parse_check_output("{\"version\": \"\", \"prefix\": \"/v\"}").is_err());
@@ -797,6 +813,7 @@ mod tests {
             exe: "/bin/kernelvisor",
             python: "/venv/bin/python",
             python_version: Some("3.12.1"),
+            debugger: false,
             display_name: "Python 3 (kernelvisor)",
             env,
             backend: Backend::Asyncio,
@@ -848,6 +865,13 @@ mod tests {
         assert_eq!(v["env"], json!({"A": "2"}));
         let v = kernel_json(&inputs(&[]));
         assert_eq!(v["env"], json!({}));
+        // debugpy found by the check: JupyterLab's flag, and the supervisor's.
+        let v = kernel_json(&SpecInputs {
+            debugger: true,
+            ..inputs(&[])
+        });
+        assert_eq!(v["metadata"]["debugger"], json!(true));
+        assert_eq!(v["argv"].as_array().unwrap().last().unwrap(), "--debugger");
     }
 
     #[test]

@@ -78,6 +78,10 @@ struct RunArgs {
     /// `--backend trio`; `kernelvisor install --backend trio` writes a spec that sets it).
     #[arg(long, value_enum, default_value_t = install::Backend::Asyncio)]
     backend: install::Backend,
+    /// The workers' Python has debugpy (recorded by `kernelvisor install`), so `kernel_info`
+    /// advertises the debugger before the first worker says so itself.
+    #[arg(long)]
+    debugger: bool,
     /// `MAX_IDLE_POOL_INSTANCES`: idle workers kept at most; a worker that becomes idle
     /// when this many already are is retired at once.
     #[arg(
@@ -184,6 +188,7 @@ fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
         unresponsive_timeout: seconds(args.unresponsive_timeout, "--unresponsive-timeout")?,
         interrupt_grace: seconds(args.interrupt_grace, "--interrupt-grace")?,
         backend: args.backend,
+        debugger: args.debugger,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

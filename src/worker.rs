@@ -49,6 +49,9 @@ pub struct Hello {
     /// `language_info` for `kernel_info_reply`, as JSON (on `main`).
     #[serde(default)]
     pub language_info: serde_json::Value,
+    /// Whether it can import debugpy (on `main`).
+    #[serde(default)]
+    pub debugger: Option<bool>,
 }
 
 /// Which of a worker's two connections (see `worker_py/IPC.md`).
@@ -110,6 +113,8 @@ pub fn spawn(
         // asyncio is the worker's default; say nothing, so plain command lines stay plain.
         cmd.arg("--backend").arg(cfg.backend.as_str());
     }
+    // One cell-file directory per kernel, whichever worker writes it (compiler.py).
+    cmd.env("KERNELVISOR_SUPERVISOR_PID", std::process::id().to_string());
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -6,6 +6,7 @@
 //! [`WorkerEvent`]s. Both are handled here, one at a time, so ordering needs no locks.
 //! Nothing here waits on a worker: writes to workers go through per-worker channels.
 
+mod debug;
 mod lanes;
 mod lifecycle;
 mod subshells;
@@ -60,6 +61,9 @@ pub struct KernelConfig {
     pub interrupt_grace: Option<Duration>,
     /// The workers' event-loop backend.
     pub backend: crate::install::Backend,
+    /// Whether the workers' Python has debugpy (recorded by `kernelvisor install`), until a
+    /// worker says.
+    pub debugger: bool,
 }
 
 /// Which client socket a message came on.
@@ -195,6 +199,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     tokio::spawn(worker::accept_loop(listener, events_tx.clone()));
 
+    let cfg_debugger = cfg.debugger;
     let mut kernel = Kernel {
         worker_cfg: WorkerConfig {
             python: cfg.python.clone(),
@@ -231,6 +236,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         last_ping: Instant::now(),
         ping_seq: 0,
         exiting: false,
+        debug: debug::DebugState::new(cfg_debugger),
     };
     info!(
         transport = %kernel.cfg.connection.transport,
@@ -254,6 +260,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
     iopub.shutdown();
     drop((shell, control, stdin));
     drop(ipc_dir);
+    debug::remove_cell_dir();
     // Terminating the context flushes what is queued (bounded by linger) and stops the
     // heartbeat thread.
     let mut ctx = ctx;
@@ -300,6 +307,8 @@ struct Kernel {
     last_ping: Instant,
     ping_seq: u64,
     exiting: bool,
+    /// The debugger's session and routing (debug.rs).
+    debug: debug::DebugState,
 }
 
 impl Kernel {
@@ -375,6 +384,7 @@ impl Kernel {
                 )
                 .await;
             }
+            (Channel::Control, "debug_request") => self.debug_request(msg),
             (Channel::Control, "create_subshell_request") => self.create_subshell(msg).await,
             (Channel::Control, "delete_subshell_request") => self.delete_subshell(msg).await,
             (Channel::Control, "list_subshell_request") => self.list_subshells(msg).await,
@@ -397,7 +407,7 @@ impl Kernel {
             self.deferred_kernel_info.push((channel, msg));
             return;
         };
-        let content = kernel_info::reply_content(info);
+        let content = kernel_info::reply_content(info, self.debug.available);
         self.answer(channel, &msg, "kernel_info_reply", &content)
             .await;
     }
@@ -648,7 +658,7 @@ impl Kernel {
     /// Sends the main worker what may start now (see [`lanes`]), in arrival order across
     /// lanes, so cells that waited for a worker start as they would have on a ready one.
     fn dispatch_execute(&mut self) {
-        if self.pool.main().is_none() {
+        if self.pool.main().is_none() || self.debug.replaying() {
             return;
         }
         while let Some((lane, _)) = self.lanes.first_ready(|q| q.seq) {

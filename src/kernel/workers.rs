@@ -78,6 +78,9 @@ impl Kernel {
         if !hello.language_info.is_null() {
             self.language_info = Some(hello.language_info);
         }
+        if let Some(debugger) = hello.debugger {
+            self.debug.available = debugger;
+        }
         for (channel, msg) in std::mem::take(&mut self.deferred_kernel_info) {
             self.kernel_info(channel, msg).await;
         }
@@ -87,6 +90,9 @@ impl Kernel {
     /// A (new) main worker is up: hand it what waited.
     pub(super) async fn main_ready(&mut self) {
         self.last_heard = Instant::now();
+        if self.debug_replay_started() {
+            return; // cells wait until the debugger session is restored (debug.rs)
+        }
         while let Some(msg) = self.waiting_for_worker.pop_front() {
             self.forward(msg);
         }
@@ -112,6 +118,9 @@ impl Kernel {
         let rest = &frames[1..];
         match (ctrl.op, ctrl.msg_type) {
             ("iopub", Some(msg_type)) if rest.len() >= 3 && is_identifier(msg_type) => {
+                if msg_type == "debug_event" {
+                    self.debug.observe_event(&rest[2]);
+                }
                 if msg_type == "execute_input" {
                     // Remembered for a crash reply: the spec wants the cell's count there.
                     if let Some(n) = execution_count(&rest[2]) {
@@ -124,6 +133,9 @@ impl Kernel {
                 self.iopub.send_credited(msg, credit);
             }
             ("reply", Some(msg_type)) if rest.len() >= 2 && is_identifier(msg_type) => {
+                if self.debug_replayed(ctrl.id).await {
+                    return;
+                }
                 let Some(p) = ctrl.id.and_then(|id| self.pending.remove(&id)) else {
                     warn!(worker = wid, id = ?ctrl.id, "reply to no pending request");
                     return;
@@ -289,6 +301,10 @@ impl Kernel {
         owed.sort_unstable();
         for k in owed {
             if let Some(p) = self.pending.remove(&k) {
+                if p.msg_type == "debug_request" {
+                    self.debug_crash_reply(k, &p, cause).await;
+                    continue;
+                }
                 self.answer_crash(&p, count, cause, words, main).await;
             }
         }

@@ -2,7 +2,11 @@
 
 ipykernel names each cell's code object ``<tempdir>/ipykernel_<pid>/<hash>.py``, where
 ``<hash>`` is the 32-bit MurmurHash2 of the cell's source; kernelvisor uses the same
-scheme under its own directory, ``<tempdir>/kernelvisor_<pid>/``. IPython keeps each
+scheme under its own directory, ``<tempdir>/kernelvisor_<pid>/``. The pid is the
+supervisor's (``KERNELVISOR_SUPERVISOR_PID``, set for its workers): every worker of a
+kernel, one replacing a crashed worker included, names cells alike, as a debugger that
+cached the directory (JupyterLab's, from ``debugInfo``) expects. A worker run on its own
+uses its own pid. IPython keeps each
 cell's source in linecache under that name, which is where tracebacks, warnings and
 ``inspect`` read it from.
 
@@ -61,9 +65,17 @@ def cell_hash(source: str) -> int:
     return murmur2_x86(source.encode("utf-8", "surrogatepass"), CELL_HASH_SEED)
 
 
+def kernel_pid() -> int:
+    """The pid that names this kernel's cell directory (see the module doc)."""
+    try:
+        return int(os.environ["KERNELVISOR_SUPERVISOR_PID"])
+    except (KeyError, ValueError):
+        return os.getpid()
+
+
 def cell_dir(pid: int | None = None) -> str:
-    """Where this process's cell files go (not created here)."""
-    pid = os.getpid() if pid is None else pid
+    """Where this kernel's cell files go (not created here)."""
+    pid = kernel_pid() if pid is None else pid
     return os.path.join(tempfile.gettempdir(), f"{DIR_PREFIX}{pid}")
 
 

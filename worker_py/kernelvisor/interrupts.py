@@ -14,20 +14,33 @@ What an interrupt does depends on where the cell is:
 
 A signal never tears an IPC message in half: sends on the main thread ``hold()`` it
 until they are done. An idle worker ignores SIGINT.
+
+SIGINTs that arrive together are one interrupt (``COALESCE_SECONDS``): VS Code interrupts a
+local kernel by signalling every process of its tree one by one, then the kernel, which
+forwards the signal to the worker, so one click reaches the worker twice. The second must not
+cut short the cell's ``except KeyboardInterrupt:`` clean-up. A later click is a new interrupt.
+
+A cell held at a debugger breakpoint is first resumed (``resume_suspended``, set by the
+debugger), so that the exception leaves pydevd's wait with the debugger's state intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
 import sys
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import CodeType, FrameType
 
 from kernelvisor.cells import Cell, current_cell
+
+# An untargeted SIGINT this soon after the last one that reached a cell passes that cell by.
+COALESCE_SECONDS = 0.5
 
 
 def _cell_on_stack(
@@ -70,6 +83,11 @@ class SigintGate:
         # Cells whose targeted interrupt is on its way to the main thread as a SIGINT.
         self._targeted: deque[int] = deque()
         self._hold = _Hold(self)
+        # When an untargeted SIGINT last reached each running cell (time.monotonic()).
+        self._sigint_at: dict[int, float] = {}
+        # Set by the debugger: given a cell's stack and thread, resumes the thread if a
+        # breakpoint holds it (True if it did). Called before KeyboardInterrupt is raised there.
+        self.resume_suspended: Callable[[FrameType | None, int], bool] | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -84,6 +102,7 @@ class SigintGate:
         finally:
             with self._lock:
                 self._cells.pop(cell.req_id, None)
+                self._sigint_at.pop(cell.req_id, None)
 
     def running_cells(self) -> list[Cell]:
         with self._lock:
@@ -116,10 +135,29 @@ class SigintGate:
                 targets.add(self._targeted.popleft())
         if not self._cells:
             return
+        if targets is None:
+            targets = self._not_just_interrupted()
+            if targets is not None and not targets:
+                return  # the same click, by another way (see the module doc)
         if self._holds:
             self._deferred.append(targets)
             return
         self._interrupt(frame, targets)
+
+    def _not_just_interrupted(self) -> set[int] | None:
+        """For an untargeted SIGINT: the running cells it should reach, those that no SIGINT
+        reached within ``COALESCE_SECONDS`` (None: all of them), and the time it reaches
+        them."""
+        now = time.monotonic()
+        with self._lock:
+            fresh = {
+                req_id
+                for req_id in self._cells
+                if now - self._sigint_at.get(req_id, -COALESCE_SECONDS) >= COALESCE_SECONDS
+            }
+            for req_id in fresh:
+                self._sigint_at[req_id] = now
+            return None if len(fresh) == len(self._cells) else fresh
 
     def _interrupt(self, frame: FrameType | None, targets: set[int] | None) -> None:
         """On the main thread: interrupt the ``targets`` (None: every running cell)."""
@@ -140,6 +178,7 @@ class SigintGate:
             else:
                 self._interrupt_elsewhere(cell)
         if raise_here:
+            self._resume(frame, self._main_ident)
             raise KeyboardInterrupt
 
     def _interrupt_elsewhere(self, cell: Cell) -> None:
@@ -147,9 +186,16 @@ class SigintGate:
         guard = self.guard
         frame = sys._current_frames().get(cell.thread_ident)
         if guard is not None and _cell_on_stack(frame, guard) is cell:
+            self._resume(frame, cell.thread_ident)
             _raise_in_thread(cell.thread_ident, KeyboardInterrupt)
         elif cell.cancel is not None:
             cell.cancel()
+
+    def _resume(self, frame: FrameType | None, ident: int) -> None:
+        resume = self.resume_suspended
+        if resume is not None:
+            with contextlib.suppress(Exception):  # never lose the interrupt itself
+                resume(frame, ident)
 
     def hold(self) -> AbstractContextManager[None]:
         """Defer SIGINT until the block ends (used around IPC sends)."""

@@ -11,6 +11,8 @@ import contextvars
 import threading
 from typing import Any
 
+from kernelvisor.debugger_threads import hide_if_service
+
 _ORIGINAL_START = threading.Thread.start
 
 
@@ -22,6 +24,7 @@ def _start_in_context(self: threading.Thread) -> None:
         return context.run(run)
 
     self.run = run_in_context  # type: ignore[method-assign]
+    hide_if_service(self)  # the worker's own threads are never traced by a debugger
     _ORIGINAL_START(self)
 
 

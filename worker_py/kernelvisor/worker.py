@@ -31,7 +31,7 @@ from contextvars import ContextVar
 from typing import Any, TextIO
 
 import kernelvisor
-from kernelvisor import comms, threads
+from kernelvisor import comms, debugger, threads
 from kernelvisor.capture import CStdio, FdCapture
 from kernelvisor.cells import current_cell
 from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
@@ -279,6 +279,10 @@ class Worker:
         # Output of threads a cell starts stays that cell's.
         threads.inherit_context()
         self.handlers = HANDLERS
+        # debug_request: on a thread of its own; an interrupt first resumes a cell's thread
+        # held at a breakpoint.
+        self.debugger = debugger.Debugger(self.shell, self.outbox, self.aux_conn)
+        self.gate.resume_suspended = self.debugger.resume_for_interrupt
         self.aux = _SerialThread("kernelvisor-aux")
         run_startup(self.shell)
 
@@ -300,6 +304,7 @@ class Worker:
             },
             "implementation_version": kernelvisor.__version__,
             "banner": self.shell.banner,
+            "debugger": debugger.available(),
         }
         conn.send([control_frame(hello)])
         self.main_conn = conn
@@ -490,6 +495,8 @@ class Worker:
         elif req.channel == "stdin" or msg_type == "input_reply":
             self.stdin.deliver(str(req.content_json().get("value", "")))
             self.aux.submit(lambda: self.outbox.aux_done(req.id))
+        elif msg_type == "debug_request":
+            self.debugger.submit(req)
         elif msg_type == "comm_info_request":
             self.aux.submit(lambda: self._answer(req, self._comm_info))
         elif msg_type in self.handlers:
