@@ -131,6 +131,10 @@ struct RunArgs {
         default_value_t = 0.0
     )]
     interrupt_grace: f64,
+    /// Arguments kernelvisor does not know, e.g. the files `jupyter run` appends: logged and
+    /// ignored, as ipykernel ignores them.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    ignored: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -166,6 +170,9 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
 }
 
 fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
+    if !args.ignored.is_empty() {
+        tracing::warn!(arguments = ?args.ignored, "ignoring arguments kernelvisor does not know");
+    }
     let Some(path) = args.connection_file else {
         anyhow::bail!("no connection file: run `kernelvisor -f CONNECTION_FILE` (see --help)");
     };
@@ -281,6 +288,21 @@ mod tests {
         );
         assert!(seconds(-1.0, "x").is_err());
         assert!(seconds(f64::NAN, "x").is_err());
+    }
+
+    #[test]
+    fn unknown_trailing_arguments_are_ignored() {
+        // `jupyter run --kernel kernelvisor file.py` appends the file to the kernel's argv.
+        let cli =
+            Cli::try_parse_from(["kernelvisor", "-f", "c.json", "--debugger", "file.py"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.connection_file, Some(PathBuf::from("c.json")));
+        assert!(cli.run.debugger);
+        assert_eq!(cli.run.ignored, ["file.py"]);
+        let cli = Cli::try_parse_from(["kernelvisor", "-f", "c.json", "--x=1", "a"]).unwrap();
+        assert_eq!(cli.run.ignored, ["--x=1", "a"]);
+        let cli = Cli::try_parse_from(["kernelvisor", "install", "--user"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Install(_))));
     }
 
     #[test]
