@@ -247,7 +247,7 @@ impl Kernel {
             Some(Role::Main) => {}
             Some(Role::Borrowed) => {
                 let cause = reason.unwrap_or_else(|| describe_exit(status));
-                error!(
+                warn!(
                     worker = id,
                     cause, "a borrowed worker died; the main namespace is intact"
                 );
@@ -269,7 +269,8 @@ impl Kernel {
             }
         }
         let cause = reason.unwrap_or_else(|| describe_exit(status));
-        error!(worker = id, cause, "main worker died");
+        // An expected event the client is told about: not an error of the kernel's.
+        warn!(worker = id, cause, "main worker died");
         self.answer_owed(id, count, &cause, &last_words(&tail), true)
             .await;
         // Its cells are answered; what queued behind them is aborted (subshells stay).

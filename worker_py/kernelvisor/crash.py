@@ -45,6 +45,12 @@ The signal handler is best effort, as anything run inside a crashing process is:
   when ``abort()`` ends any C program.
 - A forked child (its pid is not ours) skips the flush: the connection belongs to its
   parent.
+
+After the flush, the handler writes a **crash report** to the original stderr, after
+faulthandler's dump: the crashing thread's frames from the outermost cell frame down,
+as IPython shows a traceback (``Cell In[2], line 3`` and the source around the line),
+between two marker lines. The supervisor shows it first in the cell's error, with
+faulthandler's dump of that thread after a "Details" line (src/exit.rs).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ import contextlib
 import ctypes
 import faulthandler
 import functools
+import inspect
+import linecache
 import logging
 import mmap
 import os
@@ -62,6 +70,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
@@ -73,6 +82,15 @@ FLUSH_SECONDS = 1.0
 WATCHDOG_SECONDS = 2
 # Alternate signal stack of the main thread: room for the flush's Python code.
 ALT_STACK_BYTES = 512 << 10
+
+# The crash report's first and last lines (src/exit.rs looks for them).
+REPORT_BEGIN = "kernelvisor: the crashing thread, from its cell (most recent call last):"
+REPORT_END = "kernelvisor: end of the crash report"
+# Source lines shown before and after each frame's line, as IPython shows them.
+CONTEXT_BEFORE, CONTEXT_AFTER = 4, 2
+# Frames shown at most (the innermost ones, if a deep recursion crashed).
+REPORT_FRAMES = 20
+_CYAN, _GREEN, _BLUE, _RESET = "\x1b[36m", "\x1b[32m", "\x1b[34m", "\x1b[39m"
 
 really_exit: Callable[[int], NoReturn] = getattr(os._exit, "__wrapped__", os._exit)
 """The original ``os._exit``, for the worker's own exits (no second flush)."""
@@ -159,6 +177,8 @@ class FatalSignalFlush:
         self._timer = ctypes.c_void_p()
         self._watchdog = _ITimerSpec()
         self._watchdog.it_value.tv_sec = WATCHDOG_SECONDS
+        # The original stderr (faulthandler's file too), kept before fd 2 is captured.
+        self._report_fd = -1
 
     @property
     def installed(self) -> bool:
@@ -184,6 +204,7 @@ class FatalSignalFlush:
             libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             self._libc = libc
             self._setup_watchdog(libc)
+            self._report_fd = os.dup(2)
             if faulthandler.is_enabled():
                 faulthandler.disable()
             action = _SigAction()
@@ -276,9 +297,18 @@ class FatalSignalFlush:
                 last_words = self._last_words
                 if last_words is not None and os.getpid() == self._pid:
                     last_words(time.monotonic() + FLUSH_SECONDS)
+                    # The frame the signal interrupted, under this handler's own.
+                    self._report(sys._getframe().f_back)
         except BaseException:  # nothing may keep us from dying of signum
             pass
         self._die(signum)
+
+    def _report(self, frame: FrameType | None) -> None:
+        """Writes the crash report (the module doc) if the thread was running a cell."""
+        lines = crash_report(frame, cell_label)
+        if lines and self._report_fd >= 0:
+            text = "\n".join([REPORT_BEGIN, *lines, REPORT_END, ""])
+            os.write(self._report_fd, text.encode("utf-8", "backslashreplace"))
 
     def _set_default(self, signum: int) -> None:
         libc = self._libc
@@ -328,3 +358,85 @@ def flush_on_os_exit(last_words: Callable[[float], object], timeout: float) -> N
 
     functools.update_wrapper(_exit, really_exit)
     os._exit = _exit
+
+
+# --- the crash report -----------------------------------------------------------------
+
+
+def cell_label(filename: str) -> tuple[str, str] | None:
+    """``("Cell", "In[2]")`` for a cell's code, as IPython's tracebacks name it; None for
+    other files (or without a running IPython)."""
+    module = sys.modules.get("IPython.core.getipython")
+    shell = module.get_ipython() if module is not None else None
+    if shell is None:
+        return None
+    label: tuple[str, str] | None = shell.compile.format_code_name(filename)
+    return label
+
+
+def crash_report(
+    frame: FrameType | None, label_of: Callable[[str], tuple[str, str] | None]
+) -> list[str]:
+    """The frames of ``frame``'s stack from the outermost one that ``label_of`` names (a
+    cell) down to ``frame``, formatted as IPython formats a traceback; none if no frame
+    is a cell's."""
+    frames: list[FrameType] = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    frames.reverse()
+    labels = [label_of(f.f_code.co_filename) for f in frames]
+    first = next((i for i, label in enumerate(labels) if label is not None), None)
+    if first is None:
+        return []
+    shown = list(zip(frames[first:], labels[first:], strict=True))
+    lines: list[str] = []
+    if len(shown) > REPORT_FRAMES:
+        lines.append(f"[... {len(shown) - REPORT_FRAMES} frames not shown ...]")
+        shown = shown[-REPORT_FRAMES:]
+    for i, (f, label) in enumerate(shown):
+        if i:
+            lines.append("")
+        lines.extend(_frame_lines(f, label))
+    return lines
+
+
+def _frame_lines(frame: FrameType, label: tuple[str, str] | None) -> list[str]:
+    code = frame.f_code
+    filename, lineno = code.co_filename, frame.f_lineno or 0
+    if label is not None:
+        header = f"{_CYAN}{label[0]}{_RESET} {_GREEN}{label[1]}, line {lineno}{_RESET}"
+    else:
+        name = getattr(code, "co_qualname", code.co_name)
+        try:
+            args = inspect.formatargvalues(*inspect.getargvalues(frame), formatvalue=_no_value)
+        except Exception:  # a report line is not worth a failed report
+            args = "(...)"
+        header = (
+            f"{_CYAN}File {_RESET}{_GREEN}{_compress_user(filename)}:{lineno}{_RESET}, "
+            f"in {_CYAN}{name}{_RESET}{_BLUE}{args}{_RESET}"
+        )
+    lines = [header]
+    for n in range(max(1, lineno - CONTEXT_BEFORE), lineno + CONTEXT_AFTER + 1):
+        text = linecache.getline(filename, n, frame.f_globals)
+        if not text:
+            continue
+        number = str(n)
+        if n == lineno:
+            arrow = "-" * max(0, 5 - len(number)) + "> "
+            prefix = f"{_GREEN}{arrow}{_RESET}{_GREEN}{number}{_RESET}"
+        else:
+            prefix = f"{_GREEN}{number:>7}{_RESET}"
+        lines.append(f"{prefix} {text}".rstrip())
+    return lines
+
+
+def _no_value(value: object) -> str:
+    return ""
+
+
+def _compress_user(path: str) -> str:
+    home = os.path.expanduser("~")
+    if home not in ("", "/") and path.startswith(home + os.sep):
+        return "~" + path[len(home) :]
+    return path
