@@ -128,6 +128,12 @@ pub fn spawn(
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // Immune to SIGINT until the worker installs its own handler (Python keeps an
+            // inherited SIG_IGN): VS Code signals every process of the kernel's tree, and a
+            // worker still starting must not die of it.
+            if libc::signal(libc::SIGINT, libc::SIG_IGN) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }

@@ -323,3 +323,18 @@ def test_debug_requests_wait_for_a_worker() -> None:
         replies = [dap.reply(m) for m in msg_ids]
         assert [r["command"] for r in replies] == ["debugInfo", "inspectVariables"]
         assert all(r["success"] for r in replies), json.dumps(replies)
+
+
+def test_a_thread_cell_stops_at_its_breakpoint(session: tuple[Kernel, Dap]) -> None:
+    """`# thread` cells (and subshells) run in threads of the worker; those are debugged too."""
+    kernel, dap = session
+    code = "# thread\nimport threading\nname = threading.current_thread().name\nr = 5\n"
+    path = set_breakpoint(dap, code, 4)
+    msg_id = kernel.kc.execute(code)
+    thread, frames = dap.stop_at()
+    assert frames[0]["line"] == 4 and frames[0]["source"]["path"] == path
+    assert dap.locals_of(frames[0]["id"])["name"] != "'MainThread'"
+    names = [t["name"] for t in dap.ok("threads")["threads"]]
+    assert "MainThread" in names and len(names) == 2, names
+    dap.ok("continue", {"threadId": thread})
+    assert get_reply(kernel.kc, msg_id)["content"]["status"] == "ok"

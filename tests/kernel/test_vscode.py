@@ -5,6 +5,7 @@ shutdown_request), `jupyter run`, and the "Debug Cell" DAP flow."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -19,6 +20,7 @@ from dap_client import Dap
 from isolation_support import (
     idle_workers,
     main_worker,
+    settled,
     start_cell_marked,
     wait_for_output,
     wait_pool,
@@ -77,12 +79,14 @@ def vscode_interrupt(k: Kernel) -> None:
     descendant of the kernel process, one by one, then to the kernel itself."""
     proc = kernel_process(k.km)
     assert proc is not None
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        try:
+    signal_tree(proc.pid)
+
+
+def signal_tree(pid: int) -> None:
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(pid, signal.SIGINT)
 
 
 def test_one_click_is_one_interrupt_and_the_clean_up_runs_to_its_end(kernel: Kernel) -> None:
@@ -125,6 +129,30 @@ def test_a_second_click_still_escalates(kernel: Kernel) -> None:
     assert "interrupted again" in reply["content"]["evalue"]
     assert main_worker(kc) != before
     assert result_text(execute(kc, "1 + 1")[1]) == "2"
+
+
+def test_clicks_while_the_workers_start_harm_none() -> None:
+    """A worker still starting (IPython not imported yet) ignores SIGINT too."""
+    km = KernelManager(kernel_name=KERNELVISOR)
+    km.start_kernel()
+    kc = km.client()
+    try:
+        proc = kernel_process(km)
+        assert proc is not None
+        kc.start_channels()
+        # The supervisor answers kernel_info at once; its first worker is still starting.
+        kc.wait_for_ready(timeout=STARTUP_TIMEOUT)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # through the main worker's and a spare's start-up
+            signal_tree(proc.pid)
+            time.sleep(0.05)
+        pool = wait_pool(kc, lambda p: settled(p, 1), "a main worker and a spare")
+        # The first two workers started (either may be the main one), not replacements.
+        assert sorted([pool["main"]["id"], *(w["id"] for w in pool["idle"])]) == [1, 2], pool
+        assert result_text(execute(kc, "1 + 1")[1]) == "2"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def test_kernel_info_on_control_and_shell_at_once() -> None:
@@ -326,3 +354,27 @@ def test_pydevd_ipython_compatible_debugging_env() -> None:
         dap.ok("continue", {"threadId": thread})
         assert get_reply(k.kc, msg_id)["content"]["status"] == "ok"
         assert result_text(execute(k.kc, "total")[1]) == "3"
+
+
+def test_run_by_line_as_vscode_sends_it(kernel: Kernel) -> None:
+    """VS Code's "Run by Line": a breakpoint on the cell's first line, then stepIn per click;
+    stepping past the last line ends the cell."""
+    kc = kernel.kc
+    dap = Dap(kc)
+    dap.start()
+    code = "a = 1\n\nb = a + 1\nc = b * 3\n"
+    path = dap.ok("dumpCell", {"code": code})["sourcePath"]
+    dap.ok("setBreakpoints", {"source": {"path": path}, "breakpoints": [{"line": 1}]})
+    dap.ok("configurationDone")
+    msg_id = kc.execute(code)
+    lines = []
+    for _ in range(3):
+        thread, frames = dap.stop_at()
+        assert frames[0]["source"]["path"] == path
+        lines.append(frames[0]["line"])
+        dap.ok("stepIn", {"threadId": thread})
+    assert lines == [1, 3, 4]
+    reply = get_reply(kc, msg_id)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    dap.ok("disconnect", {"restart": False})
+    assert result_text(execute(kc, "c")[1]) == "6"
