@@ -19,6 +19,7 @@ mod kernel;
 mod kernel_info;
 mod outbox;
 mod pool;
+mod proctree;
 mod signer;
 mod sockets;
 mod wire;

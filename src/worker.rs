@@ -274,25 +274,9 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
-/// Resident memory of a process, from `/proc/PID/statm` (Linux); `None` once it is gone.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).unwrap_or(4096))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rss_of_this_process() {
-        let rss = rss_bytes(std::process::id()).unwrap();
-        assert!(rss > 1 << 20, "a test binary uses more than 1 MiB: {rss}");
-        assert!(rss_bytes(u32::MAX).is_none());
-    }
 
     #[test]
     fn hello_roles() {

@@ -25,16 +25,10 @@ impl Kernel {
                 if self.kill_reasons.contains_key(&id) {
                     continue;
                 }
-                if let Some(rss) = worker::rss_bytes(pid).filter(|rss| *rss > limit) {
-                    self.kill_worker(
-                        id,
-                        pid,
-                        format!(
-                            "killed: out of memory (resident memory reached {} MiB; the limit is {} MiB)",
-                            rss >> 20,
-                            limit >> 20
-                        ),
-                    );
+                // The worker and whatever it started (proctree.rs).
+                if let Some(over) = crate::proctree::over_limit(pid, limit) {
+                    self.kill_worker(id, pid, over.reason());
+                    over.kill_descendants();
                 }
             }
         }
