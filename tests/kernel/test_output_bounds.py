@@ -257,3 +257,37 @@ def test_streams_and_displays_keep_their_order_in_a_flood() -> None:
                     break
         assert seen == [x for i in range(n) for x in ("line", str(i))]
         assert rss.peak - base <= BUDGET
+
+
+def test_an_interrupt_stops_a_cell_waiting_on_a_stalled_reader() -> None:
+    """A cell blocked in ``print`` (its output waiting for a client that does not read) is
+    interrupted as any cell is; once the client reads, its output and its KeyboardInterrupt
+    arrive, in order."""
+    with running_kernel("kernelvisor") as kernel, own_client(kernel, rcvhwm=1) as kc:
+        msg_id = kc.execute("while True:\n    print('y' * 100_000)")
+        time.sleep(5)  # long enough to fill every buffer on the way
+        interrupt = kc.session.msg("interrupt_request", {})
+        kc.control_channel.send(interrupt)
+        get_reply(kc, interrupt["header"]["msg_id"], timeout=10, channel="control")
+        chars = 0
+        seen: list[str] = []
+        deadline = time.monotonic() + FLOOD_TIMEOUT
+        while True:
+            assert time.monotonic() < deadline
+            msg = kc.get_iopub_msg(timeout=60)
+            if parent_id(msg) != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                assert msg["content"]["name"] == "stdout"
+                assert set(msg["content"]["text"]) <= {"y", "\n"}
+                chars += len(msg["content"]["text"])
+                continue
+            seen.append(msg["msg_type"])
+            if is_idle(msg):
+                break
+        assert seen == ["status", "execute_input", "error", "status"], seen
+        reply = get_reply(kc, msg_id, timeout=60)
+        assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+        # Whole lines, but for the last one's newline if the interrupt came between
+        # print's two writes.
+        assert chars > 0 and chars % 100_001 in (0, 100_000), chars
