@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use crate::curve::CurveKeys;
+
 /// The parsed contents of a connection file (as written by jupyter_client).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ConnectionInfo {
@@ -32,6 +34,16 @@ pub struct ConnectionInfo {
     /// Only `hmac-sha256` is supported (and the empty scheme with an empty key).
     #[serde(default = "default_scheme")]
     pub signature_scheme: String,
+    /// CurveZMQ server public key (Z85), with `curve_secretkey`: all five sockets are
+    /// then CURVE servers.
+    #[serde(default)]
+    curve_publickey: Option<String>,
+    /// CurveZMQ server secret key (Z85).
+    #[serde(default)]
+    curve_secretkey: Option<String>,
+    /// The CURVE keys, when the file has them.
+    #[serde(skip)]
+    pub curve: Option<CurveKeys>,
     /// The file it was read from (where chosen ports are written back).
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -75,7 +87,7 @@ impl ConnectionInfo {
 
     /// Parses and validates the JSON text of a connection file.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let info: ConnectionInfo = serde_json::from_str(text)?;
+        let mut info: ConnectionInfo = serde_json::from_str(text)?;
         match info.transport.as_str() {
             "tcp" | "ipc" => {}
             other => bail!("unsupported transport {other:?} (expected \"tcp\" or \"ipc\")"),
@@ -89,6 +101,11 @@ impl ConnectionInfo {
                 info.signature_scheme
             );
         }
+        info.curve = match (info.curve_publickey.take(), info.curve_secretkey.take()) {
+            (None, None) => None,
+            (Some(public), Some(secret)) => Some(CurveKeys::from_z85(&public, &secret)?),
+            _ => bail!("\"curve_publickey\" and \"curve_secretkey\" come together (CurveZMQ)"),
+        };
         Ok(info)
     }
 
@@ -207,6 +224,27 @@ mod tests {
         let bad = SAMPLE.replace("5001", "70000");
         assert!(ConnectionInfo::parse(&bad).is_err(), "port out of range");
         assert!(ConnectionInfo::load(Path::new("/nonexistent/kv.json")).is_err());
+    }
+
+    #[test]
+    fn curve_keys() {
+        assert_eq!(ConnectionInfo::parse(SAMPLE).unwrap().curve, None);
+        let pair = zmq::CurveKeyPair::new().unwrap();
+        let public = zmq::z85_encode(&pair.public_key).unwrap();
+        let secret = zmq::z85_encode(&pair.secret_key).unwrap();
+        let with = |fields: &str| SAMPLE.replace("\"key\"", &format!("{fields}, \"key\""));
+        let both = with(&format!(
+            r#""curve_publickey": "{public}", "curve_secretkey": "{secret}""#
+        ));
+        let info = ConnectionInfo::parse(&both).unwrap();
+        assert_eq!(
+            info.curve,
+            Some(CurveKeys::from_z85(&public, &secret).unwrap())
+        );
+        let one = with(&format!(r#""curve_publickey": "{public}""#));
+        assert!(ConnectionInfo::parse(&one).is_err());
+        let bad = with(r#""curve_publickey": "x", "curve_secretkey": "y""#);
+        assert!(ConnectionInfo::parse(&bad).is_err());
     }
 
     #[test]

@@ -129,6 +129,11 @@ pub struct InstallArgs {
     /// --python-version, and the kernel reports the version once a worker is up.
     #[arg(long)]
     pub no_check: bool,
+
+    /// Declare transport encryption in the spec (`metadata.supported_encryption`), so that
+    /// a client with `transport_encryption` "auto" or "required" provisions CurveZMQ keys.
+    #[arg(long, value_enum, value_name = "MECHANISM")]
+    pub encryption: Option<crate::curve::Encryption>,
 }
 
 /// Where the kernelspec goes, as chosen by the mutually exclusive flags.
@@ -189,6 +194,7 @@ struct SpecInputs<'a> {
     display_name: &'a str,
     env: &'a [(String, String)],
     backend: Backend,
+    encryption: Option<crate::curve::Encryption>,
 }
 
 /// Writes the kernelspec; prints where.
@@ -196,6 +202,9 @@ struct SpecInputs<'a> {
 /// Returns the kernelspec directory written (`.../kernels/NAME`). An existing
 /// kernelspec of the same name is overwritten.
 pub fn run(args: &InstallArgs) -> Result<PathBuf> {
+    if args.encryption.is_some() && !crate::curve::available() {
+        bail!("--encryption curve: this kernelvisor's libzmq was built without CURVE");
+    }
     let cwd = std::env::current_dir().context("cannot determine the current directory")?;
     let exe = std::env::current_exe().context("cannot locate the running kernelvisor binary")?;
     // Without --python: the environment this binary was pip-installed into, else PATH.
@@ -239,6 +248,7 @@ pub fn run(args: &InstallArgs) -> Result<PathBuf> {
         display_name: args.display_name(),
         env: &args.env,
         backend: args.backend,
+        encryption: args.encryption,
     });
 
     if dir.join("kernel.json").exists() {
@@ -486,7 +496,7 @@ fn kernel_json(s: &SpecInputs<'_>) -> Value {
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
-    json!({
+    let mut spec = json!({
         "argv": argv,
         "display_name": s.display_name,
         "language": "python",
@@ -497,7 +507,11 @@ fn kernel_json(s: &SpecInputs<'_>) -> Value {
             "kernelvisor": { "version": env!("CARGO_PKG_VERSION") },
         },
         "kernel_protocol_version": "5.4",
-    })
+    });
+    if let Some(encryption) = s.encryption {
+        spec["metadata"]["supported_encryption"] = json!(encryption.as_str());
+    }
+    spec
 }
 
 /// Writes the logos, then `kernel.json`: Jupyter only lists directories that
@@ -817,6 +831,7 @@ mod tests {
             display_name: "Python 3 (kernelvisor)",
             env,
             backend: Backend::Asyncio,
+            encryption: None,
         }
     }
 
@@ -872,6 +887,11 @@ mod tests {
         });
         assert_eq!(v["metadata"]["debugger"], json!(true));
         assert_eq!(v["argv"].as_array().unwrap().last().unwrap(), "--debugger");
+        let v = kernel_json(&SpecInputs {
+            encryption: Some(crate::curve::Encryption::Curve),
+            ..inputs(&[])
+        });
+        assert_eq!(v["metadata"]["supported_encryption"], json!("curve"));
     }
 
     #[test]

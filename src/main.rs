@@ -7,6 +7,7 @@
 
 mod cell_plan;
 mod connection;
+mod curve;
 mod digests;
 mod exit;
 mod flow;

@@ -2,10 +2,11 @@
 //! when an address cannot be bound, ports chosen by the system for port 0 (written back to
 //! the connection file, as ipykernel does), and ROUTER handover, so that a client that
 //! reconnects under the same identity (jupyter_client uses its session id) gets the replies
-//! to the requests it sent before.
+//! to the requests it sent before. With CURVE keys in the connection file, every socket is
+//! a CURVE server.
 
 use anyhow::{anyhow, Context as _};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::connection::{ConnectionInfo, Ports};
 use crate::heartbeat;
@@ -30,6 +31,26 @@ pub fn bind(
     conn: &ConnectionInfo,
     welcome: WelcomeFn,
 ) -> anyhow::Result<ClientSockets> {
+    if conn.curve.is_some() {
+        anyhow::ensure!(
+            crate::curve::available(),
+            "the connection file has CURVE keys, but this kernelvisor's libzmq has no CURVE"
+        );
+        info!("CurveZMQ: the five sockets are CURVE servers (transport encryption)");
+    } else if conn.transport == "tcp" && !is_loopback(&conn.ip) {
+        warn!(
+            ip = %conn.ip,
+            "listening on the network over TCP without encryption: code and outputs travel \
+             in plain text (messages are signed, not hidden). Ask the client for CurveZMQ \
+             (kernelvisor install --encryption curve; jupyter_client's transport_encryption)"
+        );
+    }
+    if conn.key.is_empty() {
+        warn!(
+            "the connection file has an empty key: messages are not signed, so anyone who \
+             can connect to the shell socket can run code"
+        );
+    }
     let asked = conn.ports();
     let (shell, shell_port) = router(ctx, conn, "shell", asked.shell)?;
     let (control, control_port) = router(ctx, conn, "control", asked.control)?;
@@ -62,13 +83,14 @@ fn router(
     port: u16,
 ) -> anyhow::Result<(tmq::router::Router, u16)> {
     let (endpoint, port) = conn.bind_endpoint(port);
-    let socket = tmq::router(ctx)
-        .set_linger(1000)
-        .bind(&endpoint)
-        .map_err(|e| match e {
-            tmq::TmqError::Zmq(e) => bind_error(conn, channel, &endpoint, port, e),
-            other => anyhow!("cannot bind the {channel} socket to {endpoint}: {other}"),
-        })?;
+    let mut builder = tmq::router(ctx).set_linger(1000);
+    if let Some(keys) = &conn.curve {
+        builder = keys.serve_router(builder);
+    }
+    let socket = builder.bind(&endpoint).map_err(|e| match e {
+        tmq::TmqError::Zmq(e) => bind_error(conn, channel, &endpoint, port, e),
+        other => anyhow!("cannot bind the {channel} socket to {endpoint}: {other}"),
+    })?;
     // A reconnecting client's new connection takes its identity over from the old one,
     // which libzmq may not have noticed is dead yet (as ipykernel sets it).
     use tmq::AsZmqSocket as _;
@@ -88,6 +110,10 @@ pub fn bind_socket(
     port: u16,
 ) -> anyhow::Result<u16> {
     let (endpoint, port) = conn.bind_endpoint(port);
+    if let Some(keys) = &conn.curve {
+        keys.serve(socket)
+            .with_context(|| format!("cannot make the {channel} socket a CURVE server"))?;
+    }
     socket
         .bind(&endpoint)
         .map_err(|e| bind_error(conn, channel, &endpoint, port, e))?;
@@ -109,6 +135,15 @@ fn bound_port(conn: &ConnectionInfo, socket: &zmq::Socket, asked: u16) -> anyhow
         .and_then(|p| p.parse().ok())
         .filter(|&p| p != 0)
         .ok_or_else(|| anyhow!("no port in the bound endpoint {endpoint:?}"))
+}
+
+/// Whether `ip` (as the connection file gives it) is a loopback address.
+fn is_loopback(ip: &str) -> bool {
+    ip == "localhost"
+        || ip
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
 }
 
 /// Says why `endpoint` could not be bound, in the terms of the connection file.

@@ -129,6 +129,48 @@ def test_an_ip_that_cannot_be_bound_is_named(tmp_path: Path, ip: str, expected: 
     assert not err.strip().endswith("No such device"), err
 
 
+@pytest.mark.parametrize(
+    ("ip", "key", "warning"),
+    [
+        ("127.0.0.1", "", "empty key: messages are not signed"),
+        ("0.0.0.0", "a-key", "over TCP without encryption"),
+    ],
+    ids=["empty key", "network without CURVE"],
+)
+def test_an_unprotected_kernel_warns_at_start(
+    tmp_path: Path, ip: str, key: str, warning: str
+) -> None:
+    conn_file = tmp_path / "kernel.json"
+    conn_file.write_text(json.dumps({**connection(ip), "key": key}))
+    log = tmp_path / "kernel.log"
+    with log.open("w") as err:
+        proc = start(conn_file, stderr=err)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while warning not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        stop(proc)
+
+
+def test_a_protected_local_kernel_does_not_warn(tmp_path: Path) -> None:
+    conn_file = tmp_path / "kernel.json"
+    conn_file.write_text(json.dumps(connection("127.0.0.1")))
+    proc = start(conn_file, stderr=subprocess.PIPE)
+    try:
+        # Ports written back: the checks and the binding are done.
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not json.loads(conn_file.read_text())["shell_port"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        stop(proc)
+    assert proc.stderr is not None
+    assert "WARN" not in proc.stderr.read()
+
+
 def has_open(pid: int, path: Path) -> bool:
     """Whether process ``pid`` has ``path`` open (psutil lists regular files only, not FIFOs)."""
     fds = Path(f"/proc/{pid}/fd")
