@@ -120,6 +120,8 @@ def flood(kernel: str, env: dict[str, str] | None = None) -> tuple[Value, int, V
         # Fully up first: start-up has its own row (kernelvisor answers kernel_info before its
         # worker is up, so without this the flood would include it).
         run_ok(k, "pass", timeout=STARTUP_TIMEOUT)
+        # A user's pause before the cell (kernelvisor snapshots before a cell that follows one).
+        time.sleep(0.05)
         [cell] = run_cells(k, [FLOOD], timeout=STREAM_TIMEOUT, quiet_after=10)
     check_ok([cell])
     streams = [m for m in cell.iopub if m["msg_type"] == "stream"]
