@@ -34,8 +34,8 @@ from kvharness import (
 # A cell with a function whose local is seen at a breakpoint (line 3), and output after it.
 CELL = "def double(x):\n    y = x * 2\n    return y\n\nz = double(21)\nprint('z is', z)\n"
 BREAK_IN_DOUBLE = 3
-# A loop that would run for ten seconds: stopped at line 4, interrupted there.
-LOOP = "import time\nfor i in range(1000):\n    time.sleep(0.01)\n    last = i\nprint('done')\n"
+# A loop that runs for a second when not stopped: stopped at line 4, interrupted there.
+LOOP = "import time\nfor i in range(100):\n    time.sleep(0.01)\n    last = i\nprint('done')\n"
 BREAK_IN_LOOP = 4
 
 
@@ -302,8 +302,10 @@ def test_disconnect_ends_the_session(session: tuple[Kernel, Dap]) -> None:
 def test_the_adapter_does_not_outlive_the_kernel(how: str) -> None:
     tag = uuid.uuid4().hex
     with running_kernel(KERNELVISOR, env={**os.environ, "KV_DEBUG_TEST_TAG": tag}) as k:
-        Dap(k.kc).start()
+        dap = Dap(k.kc)
+        dap.start()
         assert len(adapters(tag)) == 1
+        cell_dir = Path(dap.ok("dumpCell", {"code": "1"})["sourcePath"]).parent
         if how != "shutdown_request":
             proc = kernel_process(k.km)
             assert proc is not None
@@ -313,6 +315,9 @@ def test_the_adapter_does_not_outlive_the_kernel(how: str) -> None:
     while adapters(tag):
         assert time.monotonic() < deadline, f"adapter left running after {how}"
         time.sleep(0.1)
+    if how == "shutdown_request":
+        # The kernel's cell files go with it (a killed kernel cannot clean up).
+        assert not cell_dir.exists()
 
 
 def test_debug_requests_wait_for_a_worker() -> None:
@@ -338,3 +343,28 @@ def test_a_thread_cell_stops_at_its_breakpoint(session: tuple[Kernel, Dap]) -> N
     assert "MainThread" in names and len(names) == 2, names
     dap.ok("continue", {"threadId": thread})
     assert get_reply(kernel.kc, msg_id)["content"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("just_my_code", [True, False])
+def test_the_worker_serves_while_a_cell_is_stopped(kernel: Kernel, just_my_code: bool) -> None:
+    """Stopped at a breakpoint, the worker's own threads go on: output printed before the
+    breakpoint is delivered (the flusher), completion is answered (the aux thread). Also when
+    the standard library is debugged too (justMyCode false), where those threads run."""
+    kc = kernel.kc
+    dap = Dap(kc)
+    dap.start(just_my_code=just_my_code)
+    code = "print('before the breakpoint')\nimportant_value = 1\nimportant_value += 1\n"
+    set_breakpoint(dap, code, 3)
+    msg_id = kc.execute(code)
+    thread, _ = dap.stop_at()
+    deadline = time.monotonic() + TIMEOUT
+    while "before the breakpoint\n" not in stream_text(
+        [m for m in dap.iopub if m["parent_header"].get("msg_id") == msg_id]
+    ):
+        assert time.monotonic() < deadline, "output printed before the breakpoint never came"
+        dap.drain(0.1)
+    complete = kc.complete("important_v")
+    reply = get_reply(kc, complete)
+    assert reply["content"]["matches"] == ["important_value"], reply["content"]
+    dap.ok("continue", {"threadId": thread})
+    assert get_reply(kc, msg_id)["content"]["status"] == "ok"
