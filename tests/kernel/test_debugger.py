@@ -331,18 +331,30 @@ def test_debug_requests_wait_for_a_worker() -> None:
 
 
 def test_a_thread_cell_stops_at_its_breakpoint(session: tuple[Kernel, Dap]) -> None:
-    """`# thread` cells (and subshells) run in threads of the worker; those are debugged too."""
+    """`# thread` cells (and subshells) run in threads of the worker; those are debugged too,
+    and interrupted there like the main thread."""
     kernel, dap = session
-    code = "# thread\nimport threading\nname = threading.current_thread().name\nr = 5\n"
-    path = set_breakpoint(dap, code, 4)
-    msg_id = kernel.kc.execute(code)
-    thread, frames = dap.stop_at()
-    assert frames[0]["line"] == 4 and frames[0]["source"]["path"] == path
-    assert dap.locals_of(frames[0]["id"])["name"] != "'MainThread'"
-    names = [t["name"] for t in dap.ok("threads")["threads"]]
-    assert "MainThread" in names and len(names) == 2, names
-    dap.ok("continue", {"threadId": thread})
-    assert get_reply(kernel.kc, msg_id)["content"]["status"] == "ok"
+    kc = kernel.kc
+    code = (
+        "# thread\nimport threading, time\nname = threading.current_thread().name\n"
+        "for n in range(100):\n    time.sleep(0.01)\n"
+    )
+    path = set_breakpoint(dap, code, 5)
+    for _ in range(2):  # and again: that thread is still traced after the interrupt
+        msg_id = kc.execute(code)
+        _, frames = dap.stop_at()
+        assert frames[0]["line"] == 5 and frames[0]["source"]["path"] == path
+        assert dap.locals_of(frames[0]["id"])["name"] != "'MainThread'"
+        names = [t["name"] for t in dap.ok("threads")["threads"]]
+        assert "MainThread" in names and len(names) == 2, names
+        kernel.km.interrupt_kernel()
+        reply = get_reply(kc, msg_id)
+        assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+        dap.event("continued")
+    dap.ok("setBreakpoints", {"source": {"path": path}, "breakpoints": []})
+    reply, _ = execute(kc, code)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert result_text(execute(kc, "n")[1]) == "99"
 
 
 @pytest.mark.parametrize("just_my_code", [True, False])

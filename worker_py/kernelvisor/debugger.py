@@ -181,7 +181,7 @@ class Debugger:
         self.client = DapClient(*self._endpoint, self._on_event)
         self._keep_leading_blank_lines()
         if not self._retrace_registered:
-            self.shell.events.register("pre_run_cell", self._trace_main_thread)
+            self.shell.events.register("pre_run_cell", self._trace_cell_thread)
             self._retrace_registered = True
         self.started = True
 
@@ -211,16 +211,12 @@ class Debugger:
             index, transform = self._removed_transforms.pop()
             transforms.insert(index, transform)
 
-    def _trace_main_thread(self, *_: Any) -> None:
-        """Before a cell on the main thread: make sure pydevd traces it. An exception raised
-        out of the trace function (an interrupt at a breakpoint) turns tracing off for the
-        thread; Python 3.12+ (sys.monitoring) has no per-thread trace to lose."""
-        if (
-            self.started
-            and sys.version_info < (3, 12)
-            and threading.current_thread() is threading.main_thread()
-            and sys.gettrace() is None
-        ):
+    def _trace_cell_thread(self, *_: Any) -> None:
+        """Before a cell, on the thread that runs it: make sure pydevd traces that thread. An
+        exception raised out of the trace function (an interrupt at a breakpoint) turns
+        tracing off for the thread; Python 3.12+ (sys.monitoring) has no per-thread trace to
+        lose."""
+        if self.started and sys.version_info < (3, 12) and sys.gettrace() is None:
             import debugpy
 
             debugpy.debug_this_thread()
