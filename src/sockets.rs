@@ -31,26 +31,7 @@ pub fn bind(
     conn: &ConnectionInfo,
     welcome: WelcomeFn,
 ) -> anyhow::Result<ClientSockets> {
-    if conn.curve.is_some() {
-        anyhow::ensure!(
-            crate::curve::available(),
-            "the connection file has CURVE keys, but this kernelvisor's libzmq has no CURVE"
-        );
-        info!("CurveZMQ: the five sockets are CURVE servers (transport encryption)");
-    } else if conn.transport == "tcp" && !is_loopback(&conn.ip) {
-        warn!(
-            ip = %conn.ip,
-            "listening on the network over TCP without encryption: code and outputs travel \
-             in plain text (messages are signed, not hidden). Ask the client for CurveZMQ \
-             (kernelvisor install --encryption curve; jupyter_client's transport_encryption)"
-        );
-    }
-    if conn.key.is_empty() {
-        warn!(
-            "the connection file has an empty key: messages are not signed, so anyone who \
-             can connect to the shell socket can run code"
-        );
-    }
+    check_protection(conn)?;
     let asked = conn.ports();
     let (shell, shell_port) = router(ctx, conn, "shell", asked.shell)?;
     let (control, control_port) = router(ctx, conn, "control", asked.control)?;
@@ -73,6 +54,32 @@ pub fn bind(
         stdin,
         iopub,
     })
+}
+
+/// Checks that CURVE keys can be used; warns when the kernel listens unprotected: beyond
+/// loopback without CURVE (readable on the network), or with an empty key (unsigned).
+fn check_protection(conn: &ConnectionInfo) -> anyhow::Result<()> {
+    if conn.curve.is_some() {
+        anyhow::ensure!(
+            crate::curve::available(),
+            "the connection file has CURVE keys, but this kernelvisor's libzmq has no CURVE"
+        );
+        info!("CurveZMQ: the five sockets are CURVE servers (transport encryption)");
+    } else if conn.transport == "tcp" && !is_loopback(&conn.ip) {
+        warn!(
+            ip = %conn.ip,
+            "listening on the network over TCP without encryption: code and outputs travel \
+             in plain text (messages are signed, not hidden). Ask the client for CurveZMQ \
+             (kernelvisor install --encryption curve; jupyter_client's transport_encryption)"
+        );
+    }
+    if conn.key.is_empty() {
+        warn!(
+            "the connection file has an empty key: messages are not signed, so anyone who \
+             can connect to the shell socket can run code"
+        );
+    }
+    Ok(())
 }
 
 /// Binds a ROUTER for `channel`; returns it and its port.
