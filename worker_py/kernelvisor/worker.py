@@ -31,7 +31,7 @@ from contextvars import ContextVar
 from typing import Any, TextIO
 
 import kernelvisor
-from kernelvisor import comms, debugger, threads
+from kernelvisor import comms, threads
 from kernelvisor.capture import CStdio, FdCapture
 from kernelvisor.cells import current_cell
 from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
@@ -252,6 +252,7 @@ class Worker:
     def start_shell(self) -> None:
         # IPython is imported here, not at module level: the worker is only ready (and
         # opens main) once it is loaded and the shell exists.
+        from kernelvisor.debugger import Debugger
         from kernelvisor.execute import Executor
         from kernelvisor.handlers import HANDLERS
         from kernelvisor.shell import ZMQInteractiveShell, shell_config
@@ -281,13 +282,15 @@ class Worker:
         self.handlers = HANDLERS
         # debug_request: on a thread of its own; an interrupt first resumes a cell's thread
         # held at a breakpoint.
-        self.debugger = debugger.Debugger(self.shell, self.outbox, self.aux_conn)
+        self.debugger = Debugger(self.shell, self.outbox, self.aux_conn)
         self.gate.resume_suspended = self.debugger.resume_for_interrupt
         self.aux = _SerialThread("kernelvisor-aux")
         run_startup(self.shell)
 
     def connect_main(self) -> None:
         """Open ``main`` and send the full hello on it: the worker is ready."""
+        from kernelvisor.debugger import available as debugger_available
+
         conn = Connection.connect(self.path)
         hello = {
             "op": "hello",
@@ -304,7 +307,7 @@ class Worker:
             },
             "implementation_version": kernelvisor.__version__,
             "banner": self.shell.banner,
-            "debugger": debugger.available(),
+            "debugger": debugger_available(),
         }
         conn.send([control_frame(hello)])
         self.main_conn = conn
