@@ -50,6 +50,9 @@ pub struct CellPlan {
     pub stop_on_error: bool,
     /// Its tags.
     pub tags: Tags,
+    /// Its first line is `%undo`: no snapshot is taken before it (it rolls back to the
+    /// one before).
+    pub undo: bool,
 }
 
 impl CellPlan {
@@ -79,11 +82,18 @@ impl CellPlan {
             .or_else(|| content.silent.then_some(Mode::Task))
             .or_else(|| tag_list.iter().find_map(|t| mode_named(t, "")))
             .unwrap_or(Mode::Queue);
+        let undo = content
+            .code
+            .trim_start()
+            .lines()
+            .next()
+            .is_some_and(|l| l.split_whitespace().next() == Some("%undo"));
         CellPlan {
             mode,
             silent: content.silent,
             stop_on_error: content.stop_on_error,
             tags,
+            undo,
         }
     }
 

@@ -56,25 +56,7 @@ const TRIO_CHECK: &str = "import trio; ";
 /// be required.
 const PREFIX_SCRIPT: &str = "import sys; print(sys.prefix)";
 
-/// Event-loop library the worker runs user code under.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    /// The standard library's asyncio (the default).
-    #[default]
-    Asyncio,
-    /// Trio.
-    Trio,
-}
-
-impl Backend {
-    /// The spelling used on the command line (`asyncio` / `trio`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Asyncio => "asyncio",
-            Backend::Trio => "trio",
-        }
-    }
-}
+pub use crate::backend::Backend;
 
 /// Arguments of `kernelvisor install`.
 #[derive(Debug, clap::Args)]

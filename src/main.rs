@@ -5,6 +5,8 @@
 //! `kernelvisor -f CONNECTION_FILE` runs the kernel (what kernel.json launches);
 //! `kernelvisor install` writes the kernelspec.
 
+mod admission;
+mod backend;
 mod cell_plan;
 mod connection;
 mod curve;
@@ -16,12 +18,16 @@ mod heartbeat;
 mod install;
 mod iopub;
 mod ipc;
+mod ipc_ops;
 mod kernel;
 mod kernel_info;
+mod msg_type;
 mod outbox;
 mod pool;
+mod proc_children;
 mod proctree;
 mod signer;
+mod snapshot;
 mod sockets;
 mod wire;
 mod worker;
@@ -78,8 +84,22 @@ struct RunArgs {
     python_version: Option<String>,
     /// The event loop of the workers' main thread (trio is passed to every worker as
     /// `--backend trio`; `kernelvisor install --backend trio` writes a spec that sets it).
-    #[arg(long, value_enum, default_value_t = install::Backend::Asyncio)]
-    backend: install::Backend,
+    #[arg(long, value_enum, default_value_t = backend::Backend::Asyncio)]
+    backend: backend::Backend,
+    /// Forked snapshots of the main worker at cell boundaries, so that a crash costs only
+    /// the cell: `on` or `off` (switched at run time by `%snapshot on|off`).
+    #[arg(
+        long,
+        value_name = "on|off",
+        env = "KERNELVISOR_SNAPSHOTS",
+        default_value = "on",
+        value_parser = parse_on_off
+    )]
+    snapshots: bool,
+    /// Private memory a snapshot may hold (e.g. 2G) before it is dropped. Default: half
+    /// the memory limit, or no budget without one.
+    #[arg(long, value_name = "SIZE", env = "KERNELVISOR_SNAPSHOT_MEMORY", value_parser = parse_size)]
+    snapshot_memory: Option<u64>,
     /// The workers' Python has debugpy (recorded by `kernelvisor install`), so `kernel_info`
     /// advertises the debugger before the first worker says so itself.
     #[arg(long)]
@@ -180,6 +200,7 @@ fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
     };
     let connection = connection::ConnectionInfo::load(&path)?;
     die_with_parent(parent)?;
+    become_subreaper()?;
     let config = kernel::KernelConfig {
         connection,
         python: args.python,
@@ -198,6 +219,10 @@ fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
         interrupt_grace: seconds(args.interrupt_grace, "--interrupt-grace")?,
         backend: args.backend,
         debugger: args.debugger,
+        snapshots: snapshot::SnapshotConfig {
+            enabled: args.snapshots,
+            memory_budget: args.snapshot_memory.or(args.memory_limit.map(|l| l / 2)),
+        },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -244,6 +269,24 @@ fn parse_size(text: &str) -> Result<u64, String> {
 /// Asks Linux for SIGTERM when the process that launched us dies, so an orphaned kernel
 /// shuts down (and takes its workers with it) instead of lingering. `parent` is the parent
 /// read first thing in `main`: if it is gone already (it died while we started, before the
+/// `on`/`off` (also `true`/`false`, `1`/`0`).
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("{text:?}: expected on or off")),
+    }
+}
+
+/// Makes the supervisor a child subreaper: a snapshot, forked by a worker, is reparented
+/// to us when that worker dies, so that we can promote it (and reap it).
+fn become_subreaper() -> anyhow::Result<()> {
+    #[cfg(target_os = "linux")]
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| anyhow::anyhow!("cannot become a child subreaper: {e}"))?;
+    Ok(())
+}
+
 /// request took effect), the SIGTERM is raised now.
 fn die_with_parent(parent: nix::unistd::Pid) -> anyhow::Result<()> {
     #[cfg(target_os = "linux")]

@@ -1,6 +1,6 @@
-//! The worker pool: which worker holds the namespace, which are warm and idle, which are
-//! starting — and the idle policy of async-kernel's `Caller.to_thread` pool, applied to
-//! processes:
+//! The worker pool: one [`WorkerSlot`] per worker process (its role, connections, and
+//! everything the kernel tracks of it), and the idle policy of async-kernel's
+//! `Caller.to_thread` pool, applied to processes:
 //!
 //! - when a worker becomes idle it is retired at once if the number of idle workers
 //!   already equals `max_idle` (`MAX_IDLE_POOL_INSTANCES`);
@@ -10,13 +10,16 @@
 //! except that `warm` workers are always kept ready (IPython imported), so that a crash or a
 //! borrowed worker costs a swap, not a Python start-up.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
-use crate::worker::{Frames, WorkerId};
+use crate::ipc_ops::ToWorker;
+use crate::snapshot::SnapshotState;
+use crate::worker::{Frames, Proc, WorkerId};
 
 /// The pool settings.
 #[derive(Debug, Clone, Copy)]
@@ -30,45 +33,99 @@ pub struct PoolPolicy {
     pub warm: usize,
 }
 
-/// A connected worker.
-#[derive(Debug)]
-pub struct Worker {
-    /// Its id.
-    pub id: WorkerId,
-    /// Its process id.
-    pub pid: u32,
-    /// The `main` connection: cells, comms, shutdown.
-    pub main: mpsc::UnboundedSender<Frames>,
-    /// The `aux` connection: introspection and `input_reply`, answered while a cell runs.
-    pub aux: mpsc::UnboundedSender<Frames>,
+/// What a worker is for, now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerRole {
+    /// Started, not yet ready (no `main` hello). An heir (a promoted snapshot) becomes
+    /// the main worker when ready; others join the idle pool.
+    Starting {
+        /// It is a promoted snapshot taking over the namespace.
+        heir: bool,
+    },
+    /// It holds the namespace.
+    Main,
+    /// Ready in the pool, since then.
+    Idle(Instant),
+    /// Lent out to run a `# process` cell.
+    Borrowed,
+    /// Asked to exit, not yet gone.
+    Retiring,
 }
 
-impl Worker {
+/// One worker process and everything the kernel tracks of it.
+#[derive(Debug)]
+pub struct WorkerSlot {
+    /// Its id.
+    pub id: WorkerId,
+    /// Its process (signals go through it).
+    pub proc: Proc,
+    /// What it is for.
+    pub role: WorkerRole,
+    /// The `main` connection: cells, comms, shutdown, snapshots.
+    main: Option<mpsc::UnboundedSender<Frames>>,
+    /// The `aux` connection: introspection and `input_reply`, answered while a cell runs.
+    aux: Option<mpsc::UnboundedSender<Frames>>,
+    /// Why the supervisor killed it, for its crash report.
+    pub kill_reason: Option<KillReason>,
+    /// The execution count it announced last (`execute_input`).
+    pub execution_count: Option<u64>,
+    /// Its `main` connection has ended (everything it sent is handled).
+    pub drained: bool,
+    /// It exited, and waits for `main` to drain before its death is handled.
+    pub exit: Option<(ExitStatus, Vec<String>, Instant)>,
+    /// When it last sent anything (liveness of a busy main worker).
+    pub last_heard: Instant,
+    /// Its snapshots (the main worker's).
+    pub snapshots: SnapshotState,
+}
+
+/// Why the supervisor killed a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KillReason {
+    /// A crash-like kill: the text is the cause shown to the user.
+    Crash(String),
+    /// `%undo`: the namespace goes back to its snapshot on purpose.
+    Undo,
+}
+
+impl WorkerSlot {
     /// Sends on `main`. A closed channel means the worker is gone; its exit event cleans up.
     pub fn send_main(&self, frames: Frames) {
-        let _ = self.main.send(frames);
+        if let Some(tx) = &self.main {
+            let _ = tx.send(frames);
+        }
     }
 
     /// Sends on `aux`.
     pub fn send_aux(&self, frames: Frames) {
-        let _ = self.aux.send(frames);
+        if let Some(tx) = &self.aux {
+            let _ = tx.send(frames);
+        }
     }
 
     /// Asks the worker to exit, on both connections: a busy worker reads only `aux`.
     pub fn shutdown(&self) {
-        let bye = Bytes::from_static(br#"{"op":"shutdown"}"#);
-        self.send_aux(vec![bye.clone()]);
-        self.send_main(vec![bye]);
+        self.send_aux(ToWorker::Shutdown.message());
+        self.send_main(ToWorker::Shutdown.message());
+    }
+
+    /// Sends its process a signal (never after it was reaped).
+    pub fn signal(&self, sig: Signal) {
+        self.proc.signal(sig);
+    }
+
+    /// Whether its `main` connection is up (so its end must be drained).
+    pub fn has_main(&self) -> bool {
+        self.main.is_some()
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
     }
 }
 
-#[derive(Debug)]
-struct Starting {
-    pid: u32,
-    aux: Option<mpsc::UnboundedSender<Frames>>,
-}
-
-/// What happened to a worker that said hello.
+/// What happened to a worker that said hello on `main`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Placement {
     /// It now holds the namespace.
@@ -81,17 +138,12 @@ pub enum Placement {
     Unknown,
 }
 
-/// Worker bookkeeping; spawning and messaging are the kernel's.
+/// Every worker, by id; spawning and messaging are the kernel's.
 #[derive(Debug)]
 pub struct Pool {
     policy: PoolPolicy,
-    main: Option<Worker>,
-    idle: VecDeque<(Worker, Instant)>,
-    starting: HashMap<WorkerId, Starting>,
-    /// Workers lent out to run `# process` cells.
-    borrowed: HashMap<WorkerId, Worker>,
-    /// Workers asked to exit, not yet gone: id → pid.
-    retiring: HashMap<WorkerId, u32>,
+    slots: HashMap<WorkerId, WorkerSlot>,
+    main: Option<WorkerId>,
 }
 
 impl Pool {
@@ -99,127 +151,193 @@ impl Pool {
     pub fn new(policy: PoolPolicy) -> Self {
         Pool {
             policy,
+            slots: HashMap::new(),
             main: None,
-            idle: VecDeque::new(),
-            starting: HashMap::new(),
-            borrowed: HashMap::new(),
-            retiring: HashMap::new(),
         }
     }
 
     /// The worker holding the namespace, if one is up.
-    pub fn main(&self) -> Option<&Worker> {
-        self.main.as_ref()
+    pub fn main(&self) -> Option<&WorkerSlot> {
+        self.main.and_then(|id| self.slots.get(&id))
     }
 
-    /// Records a spawned process.
-    pub fn started(&mut self, id: WorkerId, pid: u32) {
-        self.starting.insert(id, Starting { pid, aux: None });
+    /// The worker holding the namespace, to change its state.
+    pub fn main_mut(&mut self) -> Option<&mut WorkerSlot> {
+        self.main.and_then(|id| self.slots.get_mut(&id))
+    }
+
+    /// Any worker, by id.
+    pub fn get(&self, id: WorkerId) -> Option<&WorkerSlot> {
+        self.slots.get(&id)
+    }
+
+    /// Any worker, by id, to change its state.
+    pub fn get_mut(&mut self, id: WorkerId) -> Option<&mut WorkerSlot> {
+        self.slots.get_mut(&id)
+    }
+
+    /// A lent worker, by id.
+    pub fn borrowed(&self, id: WorkerId) -> Option<&WorkerSlot> {
+        self.get(id).filter(|w| w.role == WorkerRole::Borrowed)
+    }
+
+    /// Every worker.
+    pub fn all(&self) -> impl Iterator<Item = &WorkerSlot> {
+        self.slots.values()
+    }
+
+    /// Records a spawned (or promoted) process.
+    pub fn started(&mut self, id: WorkerId, proc: Proc, heir: bool) {
+        let slot = WorkerSlot {
+            id,
+            proc,
+            role: WorkerRole::Starting { heir },
+            main: None,
+            aux: None,
+            kill_reason: None,
+            execution_count: None,
+            drained: false,
+            exit: None,
+            last_heard: Instant::now(),
+            snapshots: SnapshotState::default(),
+        };
+        self.slots.insert(id, slot);
+    }
+
+    /// Whether an heir is on its way to take over the namespace.
+    pub fn heir_starting(&self) -> bool {
+        self.slots
+            .values()
+            .any(|w| w.role == WorkerRole::Starting { heir: true })
     }
 
     /// A worker opened its `aux` connection.
     pub fn aux_connected(&mut self, id: WorkerId, aux: mpsc::UnboundedSender<Frames>) -> bool {
-        match self.starting.get_mut(&id) {
-            Some(s) => {
-                s.aux = Some(aux);
+        match self.slots.get_mut(&id) {
+            Some(w) if matches!(w.role, WorkerRole::Starting { .. }) => {
+                w.aux = Some(aux);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
-    /// A worker said hello on `main`: it becomes the main worker if there is none,
-    /// otherwise it joins the idle pool (or is retired if that is full).
+    /// A worker said hello on `main`: an heir, or the first worker while there is no
+    /// main one and no heir coming, becomes the main worker; others join the idle pool
+    /// (or are retired if that is full).
     pub fn ready(&mut self, id: WorkerId, main: mpsc::UnboundedSender<Frames>) -> Placement {
-        let Some(Starting {
-            pid,
-            aux: Some(aux),
-        }) = self.starting.remove(&id)
-        else {
+        let heir_coming = self.heir_starting();
+        let Some(w) = self.slots.get_mut(&id) else {
             return Placement::Unknown;
         };
-        let worker = Worker { id, pid, main, aux };
-        if self.main.is_none() {
-            self.main = Some(worker);
+        let WorkerRole::Starting { heir } = w.role else {
+            return Placement::Unknown;
+        };
+        if w.aux.is_none() {
+            return Placement::Unknown;
+        }
+        w.main = Some(main);
+        w.last_heard = Instant::now();
+        if heir || (self.main.is_none() && !heir_coming) {
+            w.role = WorkerRole::Main;
+            self.main = Some(id);
             return Placement::Main;
         }
-        self.make_idle(worker)
+        self.make_idle(id)
     }
 
     /// Puts a worker into the idle pool, or retires it if the pool already holds
     /// `max_idle` workers.
-    fn make_idle(&mut self, worker: Worker) -> Placement {
-        if self.idle.len() >= self.policy.max_idle {
-            self.retire(worker);
+    fn make_idle(&mut self, id: WorkerId) -> Placement {
+        if self.idle_ids().len() >= self.policy.max_idle {
+            self.retire(id);
             Placement::Retired
         } else {
-            self.idle.push_back((worker, Instant::now()));
+            if let Some(w) = self.slots.get_mut(&id) {
+                w.role = WorkerRole::Idle(Instant::now());
+            }
             Placement::Idle
         }
     }
 
-    fn retire(&mut self, worker: Worker) {
-        worker.shutdown();
-        self.retiring.insert(worker.id, worker.pid);
+    fn retire(&mut self, id: WorkerId) {
+        if let Some(w) = self.slots.get_mut(&id) {
+            w.shutdown();
+            w.role = WorkerRole::Retiring;
+        }
+    }
+
+    /// Idle workers, longest idle first.
+    fn idle_ids(&self) -> Vec<(Instant, WorkerId)> {
+        let mut idle: Vec<(Instant, WorkerId)> = self
+            .slots
+            .values()
+            .filter_map(|w| match w.role {
+                WorkerRole::Idle(since) => Some((since, w.id)),
+                _ => None,
+            })
+            .collect();
+        idle.sort_unstable();
+        idle
     }
 
     /// Lends the most recently idle worker out (for a `# process` cell).
-    pub fn borrow(&mut self) -> Option<&Worker> {
-        let (worker, _) = self.idle.pop_back()?;
-        let id = worker.id;
-        self.borrowed.insert(id, worker);
-        self.borrowed.get(&id)
-    }
-
-    /// A lent worker, by id.
-    pub fn borrowed(&self, id: WorkerId) -> Option<&Worker> {
-        self.borrowed.get(&id)
+    pub fn borrow(&mut self) -> Option<&WorkerSlot> {
+        let (_, id) = self.idle_ids().pop()?;
+        let w = self.slots.get_mut(&id)?;
+        w.role = WorkerRole::Borrowed;
+        Some(w)
     }
 
     /// A lent worker (reset since) becomes idle again — or is retired, by the policy.
     pub fn give_back(&mut self, id: WorkerId) -> Option<Placement> {
-        let worker = self.borrowed.remove(&id)?;
-        Some(self.make_idle(worker))
+        self.borrowed(id)?;
+        Some(self.make_idle(id))
     }
 
     /// Whether a worker is starting (it will join the idle pool, or become main).
     pub fn any_starting(&self) -> bool {
-        !self.starting.is_empty()
+        self.slots
+            .values()
+            .any(|w| matches!(w.role, WorkerRole::Starting { .. }))
     }
 
-    /// Promotes the longest-ready idle worker to main, if any.
-    pub fn promote_idle(&mut self) -> Option<&Worker> {
+    /// Promotes the most recently idle worker to main (its memory is the warmest), if
+    /// there is no main worker.
+    pub fn promote_idle(&mut self) -> Option<&WorkerSlot> {
         if self.main.is_none() {
-            // Most recently idle first: its memory is the warmest.
-            self.main = self.idle.pop_back().map(|(w, _)| w);
+            let (_, id) = self.idle_ids().pop()?;
+            if let Some(w) = self.slots.get_mut(&id) {
+                w.role = WorkerRole::Main;
+                w.last_heard = Instant::now();
+            }
+            self.main = Some(id);
         }
-        self.main.as_ref()
+        self.main()
     }
 
-    /// Removes a dead worker; says whether it was the main one.
-    pub fn remove(&mut self, id: WorkerId) -> Option<Role> {
-        if self.main.as_ref().is_some_and(|w| w.id == id) {
+    /// Removes a dead worker and returns its slot (its role says what it was).
+    pub fn remove(&mut self, id: WorkerId) -> Option<WorkerSlot> {
+        if self.main == Some(id) {
             self.main = None;
-            return Some(Role::Main);
         }
-        if let Some(i) = self.idle.iter().position(|(w, _)| w.id == id) {
-            self.idle.remove(i);
-            return Some(Role::Idle);
-        }
-        if self.starting.remove(&id).is_some() {
-            return Some(Role::Starting);
-        }
-        if self.borrowed.remove(&id).is_some() {
-            return Some(Role::Borrowed);
-        }
-        self.retiring.remove(&id).map(|_| Role::Retiring)
+        self.slots.remove(&id)
     }
 
     /// How many more workers to start so that `warm` are idle or on their way (and one
-    /// is main).
+    /// is main, or an heir is coming).
     pub fn missing(&self) -> usize {
         let want = 1 + self.policy.warm.min(self.policy.max_idle);
-        let have = usize::from(self.main.is_some()) + self.idle.len() + self.starting.len();
+        let have = self
+            .slots
+            .values()
+            .filter(|w| {
+                matches!(
+                    w.role,
+                    WorkerRole::Main | WorkerRole::Idle(_) | WorkerRole::Starting { .. }
+                )
+            })
+            .count();
         want.saturating_sub(have)
     }
 
@@ -230,78 +348,55 @@ impl Pool {
         if limit.is_zero() {
             return Vec::new();
         }
-        let mut reaped = Vec::new();
-        // Oldest idle first; stop at the warm floor.
-        while self.idle.len() > self.policy.warm {
-            match self.idle.front() {
-                Some((_, since)) if now.duration_since(*since) > limit => {
-                    let (w, _) = self.idle.pop_front().expect("front exists");
-                    reaped.push(w.id);
-                    self.retire(w);
-                }
-                _ => break,
-            }
+        let idle = self.idle_ids();
+        let spare = idle.len().saturating_sub(self.policy.warm);
+        let reaped: Vec<WorkerId> = idle
+            .into_iter()
+            .take(spare)
+            .take_while(|(since, _)| now.duration_since(*since) > limit)
+            .map(|(_, id)| id)
+            .collect();
+        for id in &reaped {
+            self.retire(*id);
         }
         reaped
     }
 
-    /// Every process we know of: id → pid.
-    pub fn all_pids(&self) -> Vec<(WorkerId, u32)> {
-        let mut out: Vec<(WorkerId, u32)> = self.main.iter().map(|w| (w.id, w.pid)).collect();
-        out.extend(self.idle.iter().map(|(w, _)| (w.id, w.pid)));
-        out.extend(self.starting.iter().map(|(id, s)| (*id, s.pid)));
-        out.extend(self.borrowed.values().map(|w| (w.id, w.pid)));
-        out.extend(self.retiring.iter().map(|(id, pid)| (*id, *pid)));
-        out
-    }
-
-    /// Asks every connected worker to exit; returns every process still to wait for.
-    pub fn shutdown_all(&mut self) -> Vec<(WorkerId, u32)> {
-        if let Some(w) = self.main.take() {
-            self.retire(w);
+    /// Asks every connected worker to exit.
+    pub fn shutdown_all(&mut self) {
+        self.main = None;
+        let ids: Vec<WorkerId> = self.slots.keys().copied().collect();
+        for id in ids {
+            self.retire(id);
         }
-        while let Some((w, _)) = self.idle.pop_front() {
-            self.retire(w);
-        }
-        let lent: Vec<WorkerId> = self.borrowed.keys().copied().collect();
-        for id in lent {
-            if let Some(w) = self.borrowed.remove(&id) {
-                self.retire(w);
-            }
-        }
-        self.all_pids()
     }
 
     /// A JSON description for `kernelvisor_info_request`.
     pub fn describe(&self, now: Instant) -> serde_json::Value {
+        let of = |pred: &dyn Fn(&WorkerRole) -> bool| {
+            let mut ws: Vec<&WorkerSlot> = self.slots.values().filter(|w| pred(&w.role)).collect();
+            ws.sort_by_key(|w| w.id);
+            ws.into_iter()
+                .map(|w| {
+                    let mut v = serde_json::json!({"id": w.id, "pid": w.pid()});
+                    if let WorkerRole::Idle(since) = w.role {
+                        v["idle_seconds"] = now.duration_since(since).as_secs_f64().into();
+                    }
+                    v
+                })
+                .collect::<Vec<_>>()
+        };
         serde_json::json!({
-            "main": self.main.as_ref().map(|w| serde_json::json!({"id": w.id, "pid": w.pid})),
-            "idle": self.idle.iter().map(|(w, since)| serde_json::json!({
-                "id": w.id, "pid": w.pid, "idle_seconds": now.duration_since(*since).as_secs_f64()
-            })).collect::<Vec<_>>(),
-            "starting": self.starting.iter().map(|(id, s)| serde_json::json!({"id": id, "pid": s.pid})).collect::<Vec<_>>(),
-            "borrowed": self.borrowed.values().map(|w| serde_json::json!({"id": w.id, "pid": w.pid})).collect::<Vec<_>>(),
-            "retiring": self.retiring.iter().map(|(id, pid)| serde_json::json!({"id": id, "pid": pid})).collect::<Vec<_>>(),
+            "main": self.main().map(|w| serde_json::json!({"id": w.id, "pid": w.pid()})),
+            "idle": of(&|r| matches!(r, WorkerRole::Idle(_))),
+            "starting": of(&|r| matches!(r, WorkerRole::Starting { .. })),
+            "borrowed": of(&|r| *r == WorkerRole::Borrowed),
+            "retiring": of(&|r| *r == WorkerRole::Retiring),
             "max_idle": self.policy.max_idle,
             "idle_shutdown_seconds": self.policy.idle_shutdown.as_secs_f64(),
             "warm": self.policy.warm,
         })
     }
-}
-
-/// What a removed worker was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// It held the namespace.
-    Main,
-    /// It was idle in the pool.
-    Idle,
-    /// It had not said hello yet.
-    Starting,
-    /// It was lent out to run a `# process` cell.
-    Borrowed,
-    /// It had been asked to exit.
-    Retiring,
 }
 
 #[cfg(test)]
@@ -312,8 +407,12 @@ mod tests {
         mpsc::unbounded_channel().0
     }
 
+    fn start(pool: &mut Pool, id: WorkerId, heir: bool) {
+        pool.started(id, Proc::detached(1000 + id as u32), heir);
+    }
+
     fn connect(pool: &mut Pool, id: WorkerId) -> Placement {
-        pool.started(id, 1000 + id as u32);
+        start(pool, id, false);
         assert!(pool.aux_connected(id, chan()));
         pool.ready(id, chan())
     }
@@ -338,7 +437,7 @@ mod tests {
             Placement::Retired,
             "idle == max_idle"
         );
-        assert_eq!(pool.remove(4), Some(Role::Retiring));
+        assert_eq!(pool.remove(4).map(|w| w.role), Some(WorkerRole::Retiring));
         assert_eq!(pool.missing(), 0);
     }
 
@@ -347,16 +446,33 @@ mod tests {
         let mut pool = Pool::new(policy(2, 0, 1));
         connect(&mut pool, 1);
         connect(&mut pool, 2);
-        assert_eq!(pool.remove(1), Some(Role::Main));
+        assert_eq!(pool.remove(1).map(|w| w.role), Some(WorkerRole::Main));
         assert_eq!(pool.promote_idle().map(|w| w.id), Some(2));
         assert_eq!(pool.missing(), 1, "the warm spare is to be replaced");
+    }
+
+    #[test]
+    fn an_heir_takes_the_namespace_and_spares_wait() {
+        let mut pool = Pool::new(policy(2, 0, 1));
+        connect(&mut pool, 1);
+        pool.remove(1);
+        start(&mut pool, 5, true);
+        assert_eq!(pool.missing(), 1, "the heir counts as the main worker");
+        assert_eq!(
+            connect(&mut pool, 2),
+            Placement::Idle,
+            "a spare ready first does not take over"
+        );
+        assert!(pool.aux_connected(5, chan()));
+        assert_eq!(pool.ready(5, chan()), Placement::Main);
+        assert_eq!(pool.main().map(|w| w.id), Some(5));
     }
 
     #[test]
     fn hello_without_aux_or_unknown_is_ignored() {
         let mut pool = Pool::new(policy(2, 0, 1));
         assert_eq!(pool.ready(9, chan()), Placement::Unknown);
-        pool.started(1, 5);
+        start(&mut pool, 1, false);
         assert_eq!(pool.ready(1, chan()), Placement::Unknown, "no aux yet");
     }
 
@@ -391,7 +507,7 @@ mod tests {
         );
         assert_eq!(pool.borrow().map(|w| w.id), Some(3));
         assert_eq!(pool.give_back(3), Some(Placement::Idle));
-        assert_eq!(pool.remove(2), Some(Role::Retiring));
+        assert_eq!(pool.remove(2).map(|w| w.role), Some(WorkerRole::Retiring));
     }
 
     #[test]

@@ -73,10 +73,10 @@ impl OverLimit {
     }
 }
 
-/// Checks the tree of `root` against `limit` bytes; `None` while it is within it (or
-/// gone).
-pub fn over_limit(root: u32, limit: u64) -> Option<OverLimit> {
-    let tree = tree(root);
+/// Checks the tree of `root` against `limit` bytes, leaving out the subtrees of `skip`
+/// (the worker's snapshot, counted on its own); `None` while it is within it (or gone).
+pub fn over_limit(root: u32, limit: u64, skip: &[u32]) -> Option<OverLimit> {
+    let tree = tree(root, skip);
     let resident: u64 = tree.iter().map(|m| m.rss).sum();
     if resident <= limit {
         return None;
@@ -103,11 +103,20 @@ pub fn over_limit(root: u32, limit: u64) -> Option<OverLimit> {
     })
 }
 
-/// `root` and its descendants (root first), with their memory; empty once it is gone.
-pub fn tree(root: u32) -> Vec<Member> {
+/// Resident memory of `root`'s tree, without the subtrees of `skip`.
+pub fn resident(root: u32, skip: &[u32]) -> u64 {
+    tree(root, skip).iter().map(|m| m.rss).sum()
+}
+
+/// `root` and its descendants (root first), with their memory, leaving out the subtrees of
+/// `skip`; empty once it is gone.
+pub fn tree(root: u32, skip: &[u32]) -> Vec<Member> {
     let mut members = Vec::new();
     let mut queue = vec![root];
     while let Some(pid) = queue.pop() {
+        if skip.contains(&pid) {
+            continue;
+        }
         let Some(member) = member(pid) else {
             continue;
         };
@@ -212,7 +221,7 @@ mod tests {
         let me = std::process::id();
         let deadline = Instant::now() + Duration::from_secs(10);
         let found = loop {
-            let tree = tree(me);
+            let tree = tree(me, &[]);
             // Until it has exec'd, the child still bears this binary's name.
             if let Some(m) = tree
                 .iter()
@@ -224,14 +233,14 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(found.rss > 0);
-        assert_eq!(tree(me)[0].pid, me);
+        assert_eq!(tree(me, &[])[0].pid, me);
         let (mut scanned, mut listed) = (children_by_scan(me), children(me));
         scanned.sort_unstable();
         listed.sort_unstable();
         assert_eq!(scanned, listed);
         assert_eq!(parent(child.id()), Some(me));
         // Over a 1-byte limit, named by the largest process (this test binary).
-        let over = over_limit(me, 1).expect("over a 1-byte limit");
+        let over = over_limit(me, 1, &[]).expect("over a 1-byte limit");
         assert!(over.descendants.contains(&child.id()));
         assert_eq!(over.largest.pid, me);
         assert!(
@@ -239,7 +248,7 @@ mod tests {
             "{}",
             over.reason()
         );
-        assert!(over_limit(me, u64::MAX).is_none());
+        assert!(over_limit(me, u64::MAX, &[]).is_none());
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -250,7 +259,7 @@ mod tests {
         let (pss, rss) = (pss(me).expect("smaps_rollup"), rss(me).unwrap());
         assert!(rss > 1 << 20, "a test binary uses more than 1 MiB: {rss}");
         assert!(pss > 0 && pss <= rss, "pss {pss} rss {rss}");
-        assert!(tree(u32::MAX).is_empty());
+        assert!(tree(u32::MAX, &[]).is_empty());
     }
 
     #[test]

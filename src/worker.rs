@@ -11,14 +11,22 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+
 use bytes::Bytes;
-use serde::Deserialize;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, Peer, Token};
+use crate::backend::Backend;
 use crate::ipc;
+use crate::ipc_ops::{Hello, Link};
 
 /// Identifies a worker for the lifetime of the supervisor.
 pub type WorkerId = u64;
@@ -34,53 +42,44 @@ pub struct WorkerConfig {
     /// The supervisor's listening socket.
     pub socket_path: PathBuf,
     /// The event loop of the workers' main thread.
-    pub backend: crate::install::Backend,
+    pub backend: Backend,
 }
 
-/// What a worker says first, on each of its two connections.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Hello {
-    /// `main` (cells; the full hello, once ready) or `aux` (introspection, stdin).
-    pub role: Role,
-    /// The `--worker-id` it was started with.
-    pub worker_id: WorkerId,
-    /// Its pid (checked against the spawned child).
+/// A worker process, owned: signals go through the task that waits for it, so they never
+/// reach a pid that was reaped (and maybe reused) since.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    /// Its process id (for logs and `/proc`; never signalled directly).
     pub pid: u32,
-    /// `language_info` for `kernel_info_reply`, as JSON (on `main`).
-    #[serde(default)]
-    pub language_info: serde_json::Value,
-    /// Whether it can import debugpy (on `main`).
-    #[serde(default)]
-    pub debugger: Option<bool>,
+    signals: mpsc::UnboundedSender<Signal>,
 }
 
-/// Which of a worker's two connections (see `worker_py/IPC.md`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Read by the worker's event loop: cells, comms, shutdown.
-    Main,
-    /// Read by a worker thread: answered while a cell blocks the main thread.
-    Aux,
+impl Proc {
+    /// Sends it a signal, if it has not been reaped yet.
+    pub fn signal(&self, sig: Signal) {
+        let _ = self.signals.send(sig);
+    }
 }
 
 /// Everything a worker does that the kernel must hear about.
 #[derive(Debug)]
 pub enum WorkerEvent {
-    /// A worker connected (`aux` first; `main` once it is ready); `tx` sends on that
-    /// connection.
+    /// A connection passed the handshake ([`crate::admission`]); `tx` sends on it.
     Connected {
         /// Its greeting.
         hello: Hello,
+        /// The peer's pid (`SO_PEERCRED`).
+        pid: u32,
         /// The connection's message channel.
         tx: mpsc::UnboundedSender<Frames>,
     },
-    /// A message from the worker, holding its bytes' share of the connection's budget
-    /// until it is handled (or, if it goes to IOPub, published).
-    Message(WorkerId, Frames, crate::flow::Credit),
+    /// A message from a worker's connection, holding its bytes' share of the connection's
+    /// budget until it is handled (or, if it goes to IOPub, published).
+    Message(WorkerId, Link, Frames, crate::flow::Credit),
     /// One of its IPC connections ended (the process may still be exiting). Every
-    /// message read on that connection was sent as an event before this one.
-    Disconnected(WorkerId, Role),
+    /// message read on that connection was sent as an event before this one. A
+    /// snapshot's carries its `seq`.
+    Disconnected(WorkerId, Link, Option<u64>),
     /// The process ended; `stderr_tail` is the last of what it wrote to its original
     /// stderr (a Python start-up error, or faulthandler's stack after a crash).
     Exited {
@@ -96,20 +95,27 @@ pub enum WorkerEvent {
 /// Lines of a worker's stderr kept for crash reports.
 const STDERR_TAIL: usize = 200;
 
-/// Starts worker `id`. Its exit is reported as [`WorkerEvent::Exited`].
+/// The fd a worker reads its token from.
+const TOKEN_FD: i32 = 3;
+
+/// Starts worker `id` with its secret `token` (read from fd 3, see
+/// [`crate::admission`]). Its exit is reported as [`WorkerEvent::Exited`].
 pub fn spawn(
     cfg: &WorkerConfig,
     id: WorkerId,
+    token: &Token,
     events: mpsc::UnboundedSender<WorkerEvent>,
-) -> std::io::Result<u32> {
+) -> std::io::Result<Proc> {
     let mut cmd = tokio::process::Command::new(&cfg.python);
     cmd.arg("-m")
         .arg("kernelvisor.worker")
         .arg("--connect")
         .arg(&cfg.socket_path)
         .arg("--worker-id")
-        .arg(id.to_string());
-    if cfg.backend != crate::install::Backend::Asyncio {
+        .arg(id.to_string())
+        .arg("--token-fd")
+        .arg(TOKEN_FD.to_string());
+    if cfg.backend != Backend::Asyncio {
         // asyncio is the worker's default; say nothing, so plain command lines stay plain.
         cmd.arg("--backend").arg(cfg.backend.as_str());
     }
@@ -118,26 +124,37 @@ pub fn spawn(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    // The token travels in a pipe the child inherits as fd 3: never in argv or the
+    // environment, where user code or `ps` could read it later.
+    let (token_rd, token_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    nix::unistd::write(&token_wr, token.as_str().as_bytes())?;
+    drop(token_wr);
+    let token_fd = token_rd.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (raw syscalls) between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+        cmd.pre_exec(move || {
+            nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
             #[cfg(target_os = "linux")]
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // Immune to SIGINT until the worker installs its own handler (Python keeps an
             // inherited SIG_IGN): VS Code signals every process of the kernel's tree, and a
             // worker still starting must not die of it.
             if libc::signal(libc::SIGINT, libc::SIG_IGN) == libc::SIG_ERR {
                 return Err(std::io::Error::last_os_error());
             }
+            if token_fd == TOKEN_FD {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                if libc::fcntl(TOKEN_FD, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(token_fd, TOKEN_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
     let mut child = cmd.spawn()?;
+    drop(token_rd);
     let pid = child.id().unwrap_or_default();
     info!(worker = id, pid, python = %cfg.python.display(), "worker starting");
     let tail = Arc::new(Mutex::new(VecDeque::new()));
@@ -149,8 +166,20 @@ pub fn spawn(
         .stderr
         .take()
         .map(|s| tokio::spawn(log_lines(id, "stderr", s, Some(tail.clone()))));
+    let (signals, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
     tokio::spawn(async move {
-        let status = match child.wait().await {
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                Some(sig) = signal_rx.recv() => {
+                    // Not reaped yet (wait has not returned), so the pid is still ours.
+                    if let Some(pid) = child.id() {
+                        send_signal(pid, sig);
+                    }
+                }
+            }
+        };
+        let status = match status {
             Ok(status) => status,
             Err(e) => {
                 warn!(worker = id, error = %e, "cannot wait for worker");
@@ -169,7 +198,49 @@ pub fn spawn(
             stderr_tail,
         });
     });
-    Ok(pid)
+    Ok(Proc { pid, signals })
+}
+
+/// Takes charge of a process that the supervisor did not spawn but must reap: a
+/// promoted snapshot, which its dead worker's exit reparented to the supervisor (a child
+/// subreaper). Reports its end as worker `id`'s [`WorkerEvent::Exited`].
+pub fn adopt(id: WorkerId, pid: u32, events: mpsc::UnboundedSender<WorkerEvent>) -> Proc {
+    let (signals, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
+    tokio::spawn(async move {
+        let target = Pid::from_raw(pid as i32);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let status = loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(sig) = signal_rx.recv() => {
+                    send_signal(pid, sig);
+                    continue;
+                }
+            }
+            match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw((code & 0xff) << 8),
+                Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
+                Ok(_) => {}
+                // Not our child: gone already, or reaped elsewhere.
+                Err(e) => {
+                    debug!(worker = id, pid, error = %e, "adopted worker: waitpid failed");
+                    break ExitStatus::from_raw(libc::SIGKILL);
+                }
+            }
+        };
+        let _ = events.send(WorkerEvent::Exited {
+            id,
+            status,
+            stderr_tail: Vec::new(),
+        });
+    });
+    Proc { pid, signals }
+}
+
+fn send_signal(pid: u32, sig: Signal) {
+    if let Err(e) = nix::sys::signal::kill(Pid::from_raw(pid as i32), sig) {
+        debug!(pid, ?sig, error = %e, "kill failed");
+    }
 }
 
 async fn log_lines(
@@ -191,12 +262,17 @@ async fn log_lines(
     }
 }
 
-/// Accepts worker connections on `listener` for as long as the supervisor runs.
-pub async fn accept_loop(listener: UnixListener, events: mpsc::UnboundedSender<WorkerEvent>) {
+/// Accepts worker connections on `listener` for as long as the supervisor runs; each
+/// must pass the handshake of [`Admission`] before anything it says is heard.
+pub async fn accept_loop(
+    listener: UnixListener,
+    admission: Admission,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, events.clone()));
+                tokio::spawn(serve_connection(stream, admission.clone(), events.clone()));
             }
             Err(e) => {
                 warn!(error = %e, "worker socket accept failed");
@@ -206,26 +282,58 @@ pub async fn accept_loop(listener: UnixListener, events: mpsc::UnboundedSender<W
     }
 }
 
-/// Reads the hello, then relays the worker's messages as events; a writer task drains
-/// the worker's channel, so the kernel never waits on a worker that does not read.
-async fn serve_connection(stream: UnixStream, events: mpsc::UnboundedSender<WorkerEvent>) {
+/// How long a connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads and checks the hello, then relays the worker's messages as events; a writer task
+/// drains the worker's channel, so the kernel never waits on a worker that does not read.
+async fn serve_connection(
+    stream: UnixStream,
+    admission: Admission,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            pid: c.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+        },
+        Err(e) => {
+            warn!(error = %e, "worker socket: no peer credentials; connection closed");
+            return;
+        }
+    };
     let (mut rd, mut wr) = stream.into_split();
-    let hello =
-        match tokio::time::timeout(Duration::from_secs(60), ipc::read_message(&mut rd)).await {
-            Ok(Ok(Some(frames))) => match serde_json::from_slice::<Hello>(&frames[0]) {
-                Ok(hello) => hello,
-                Err(e) => {
-                    warn!(error = %e, "worker connection without a valid hello");
-                    return;
-                }
-            },
-            other => {
-                warn!(?other, "worker connection closed before hello");
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, ipc::read_message(&mut rd)).await {
+        Ok(Ok(Some(frames))) => match parse_hello(&frames[0]) {
+            Ok(hello) => hello,
+            Err(e) => {
+                warn!(pid = peer.pid, uid = peer.uid, error = %e, "refused a worker connection: no valid hello");
                 return;
             }
-        };
+        },
+        other => {
+            warn!(
+                pid = peer.pid,
+                uid = peer.uid,
+                ?other,
+                "refused a worker connection: closed before hello"
+            );
+            return;
+        }
+    };
+    if let Err(why) = admission.admit(&hello, peer) {
+        warn!(
+            pid = peer.pid,
+            uid = peer.uid,
+            claimed_worker = hello.worker_id,
+            role = ?hello.role,
+            "refused a worker connection: {why}"
+        );
+        return;
+    }
     let id = hello.worker_id;
     let role = hello.role;
+    let seq = hello.seq;
     let (tx, mut rx) = mpsc::unbounded_channel::<Frames>();
     tokio::spawn(async move {
         while let Some(frames) = rx.recv().await {
@@ -235,7 +343,14 @@ async fn serve_connection(stream: UnixStream, events: mpsc::UnboundedSender<Work
             }
         }
     });
-    if events.send(WorkerEvent::Connected { hello, tx }).is_err() {
+    if events
+        .send(WorkerEvent::Connected {
+            hello,
+            pid: peer.pid,
+            tx,
+        })
+        .is_err()
+    {
         return;
     }
     // Flow control (flow.rs): no reading while this connection's output is still queued.
@@ -246,7 +361,7 @@ async fn serve_connection(stream: UnixStream, events: mpsc::UnboundedSender<Work
             Ok(Some(frames)) => {
                 let credit = budget.charge(crate::flow::size_of(&frames));
                 if events
-                    .send(WorkerEvent::Message(id, frames, credit))
+                    .send(WorkerEvent::Message(id, role, frames, credit))
                     .is_err()
                 {
                     return;
@@ -261,15 +376,41 @@ async fn serve_connection(stream: UnixStream, events: mpsc::UnboundedSender<Work
             }
         }
     }
-    let _ = events.send(WorkerEvent::Disconnected(id, role));
+    let _ = events.send(WorkerEvent::Disconnected(id, role, seq));
 }
 
-/// Sends a signal to a worker process.
-pub fn signal(pid: u32, sig: libc::c_int) {
-    if pid > 0 {
-        // SAFETY: plain syscall; a stale pid at worst gets a signal meant for a dead child.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
+/// A hello: the `hello` op with its fields.
+fn parse_hello(frame: &[u8]) -> Result<Hello, String> {
+    #[derive(serde::Deserialize)]
+    struct Op<'a> {
+        op: &'a str,
+    }
+    match serde_json::from_slice::<Op>(frame) {
+        Ok(Op { op: "hello" }) => serde_json::from_slice(frame).map_err(|e| e.to_string()),
+        Ok(Op { op }) => Err(format!("first message is {op:?}, not hello")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Private memory of a process (USS: `Private_Clean + Private_Dirty` of
+/// `/proc/PID/smaps_rollup`), in bytes; `None` once it is gone.
+pub fn uss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kib: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    Some(kib << 10)
+}
+
+#[cfg(test)]
+impl Proc {
+    /// A handle whose signals go nowhere (for bookkeeping tests).
+    pub fn detached(pid: u32) -> Proc {
+        Proc {
+            pid,
+            signals: mpsc::unbounded_channel().0,
         }
     }
 }
@@ -279,11 +420,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hello_roles() {
-        let aux: Hello =
-            serde_json::from_str(r#"{"op":"hello","role":"aux","worker_id":3,"pid":9}"#).unwrap();
-        assert_eq!(aux.role, Role::Aux);
-        assert!(aux.language_info.is_null());
-        assert!(serde_json::from_str::<Hello>(r#"{"op":"hello","worker_id":3,"pid":9}"#).is_err());
+    fn uss_of_this_process() {
+        let uss = uss_bytes(std::process::id()).unwrap();
+        assert!(
+            uss > 1 << 20,
+            "a test binary has more than 1 MiB of its own: {uss}"
+        );
+        assert!(uss_bytes(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn hellos() {
+        assert!(
+            parse_hello(br#"{"op":"hello","role":"aux","worker_id":3,"pid":9,"token":"t"}"#)
+                .is_ok()
+        );
+        assert!(
+            parse_hello(br#"{"op":"iopub","role":"aux","worker_id":3,"pid":9,"token":"t"}"#)
+                .is_err()
+        );
+        assert!(
+            parse_hello(br#"{"op":"hello","role":"boss","worker_id":3,"pid":9,"token":"t"}"#)
+                .is_err()
+        );
+        assert!(parse_hello(b"not json").is_err());
     }
 }

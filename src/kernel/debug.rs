@@ -19,7 +19,10 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
-use super::{request_ctrl, request_frames, Channel, Kernel, Pending};
+use super::execute::Pending;
+use super::{request_frames, Channel, Kernel};
+use crate::ipc_ops::ToWorker;
+use crate::msg_type::MsgType;
 use crate::wire::Incoming;
 use crate::worker::WorkerId;
 
@@ -210,7 +213,15 @@ impl Kernel {
             .in_flight
             .insert(id, (request.seq, request.command));
         self.publish_status(&msg.header_bytes, "busy");
-        let frames = request_frames(&request_ctrl(id, Channel::Control, &msg), &msg);
+        let ctrl = ToWorker::Request {
+            id,
+            channel: Channel::Control.name(),
+            msg_type: MsgType::DebugRequest.as_str(),
+            mode: None,
+            thread: None,
+            backend: None,
+        };
+        let frames = request_frames(ctrl.frame(), &msg);
         if let Some(w) = self.pool.main() {
             w.send_aux(frames);
         }
@@ -250,10 +261,16 @@ impl Kernel {
         for kept in script {
             self.next_request += 1;
             let id = self.next_request;
-            let ctrl = json!({"op": "request", "id": id, "channel": "control",
-                "msg_type": "debug_request"});
+            let ctrl = ToWorker::Request {
+                id,
+                channel: Channel::Control.name(),
+                msg_type: MsgType::DebugRequest.as_str(),
+                mode: None,
+                thread: None,
+                backend: None,
+            };
             let frames = vec![
-                Bytes::from(ctrl.to_string()),
+                ctrl.frame(),
                 kept.header,
                 Bytes::from_static(b"{}"),
                 Bytes::from_static(REPLAY_METADATA),

@@ -191,6 +191,14 @@ impl<T> Lanes<T> {
         out
     }
 
+    /// Forgets every running cell (their worker died); what waits stays queued.
+    pub fn release_running(&mut self) {
+        let subs = self.subshells.iter_mut().map(|(_, l)| l);
+        for lane in std::iter::once(&mut self.main).chain(subs) {
+            lane.running = None;
+        }
+    }
+
     /// Whether nothing runs or waits in any lane.
     pub fn is_quiet(&self) -> bool {
         std::iter::once(&self.main)

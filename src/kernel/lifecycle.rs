@@ -1,16 +1,38 @@
-//! Starting and stopping worker processes.
+//! Starting and stopping worker processes, and backing off when they cannot start.
+
+use nix::sys::signal::Signal;
+use tracing::{debug, error, warn};
 
 use super::*;
+use crate::admission::Token;
+
+/// Failed starts in a row after which requests are answered with the cause instead of
+/// waiting for a worker.
+const FAILURES_BEFORE_REFUSING: u32 = 2;
+
+/// The back-off after the first failed start; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The longest wait between two attempts to start a worker that keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl Kernel {
     /// Starts workers until the pool has its main worker and warm spares. A missing main
     /// worker starts at once; spares only while no cell runs or waits, so that warming
     /// them (a Python start-up each) never competes with a cell for the CPU. The watchdog
     /// tick calls this too, so spares follow within a tick of the kernel going quiet.
+    /// While workers fail to start, attempts back off exponentially.
     pub(super) fn refill_pool(&mut self) {
+        if self.exiting || self.next_spawn_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
         let missing = self.pool.missing();
         let quiet = !self.main_busy() && self.lanes.is_quiet();
-        let allowed = if self.pool.main().is_none() {
+        let no_main = self.pool.main().is_none() && !self.awaiting_heir();
+        let allowed = if self.spawn_failures > 0 {
+            // One attempt at a time until one succeeds.
+            usize::from(!self.pool.any_starting()).min(missing)
+        } else if no_main {
             missing.min(1)
         } else if quiet {
             missing
@@ -25,32 +47,151 @@ impl Kernel {
     pub(super) fn spawn_worker(&mut self) {
         self.next_worker += 1;
         let id = self.next_worker;
-        match worker::spawn(&self.worker_cfg, id, self.events_tx.clone()) {
-            Ok(pid) => self.pool.started(id, pid),
-            Err(e) => error!(
-                python = %self.worker_cfg.python.display(),
-                error = %e,
-                "cannot start a worker"
-            ),
+        let spawned = Token::random().and_then(|token| {
+            let proc = worker::spawn(&self.worker_cfg, id, &token, self.events_tx.clone())?;
+            Ok((token, proc))
+        });
+        match spawned {
+            Ok((token, proc)) => {
+                self.admission.expect(id, proc.pid, token);
+                self.pool.started(id, proc, false);
+            }
+            Err(e) => {
+                let why = format!(
+                    "cannot start the worker's Python {}: {e}",
+                    self.worker_cfg.python.display()
+                );
+                error!(python = %self.worker_cfg.python.display(), error = %e, "cannot start a worker");
+                self.note_start_failure(why);
+            }
+        }
+    }
+
+    /// A worker exited before it was ready: its Python cannot start (a wrong `--python`,
+    /// no `kernelvisor` package, …). Back off, and once it keeps failing, answer what waits
+    /// with the cause.
+    pub(super) fn start_failed(
+        &mut self,
+        id: WorkerId,
+        status: std::process::ExitStatus,
+        tail: &[String],
+    ) {
+        let words: Vec<&str> = tail
+            .iter()
+            .map(String::as_str)
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        let last = words
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n");
+        let why = format!(
+            "the worker's Python ({}) exited before it was ready ({}){}",
+            self.worker_cfg.python.display(),
+            crate::exit::describe_exit(status),
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!(":\n{last}")
+            }
+        );
+        debug!(worker = id, "{why}");
+        self.note_start_failure(why);
+    }
+
+    fn note_start_failure(&mut self, why: String) {
+        self.spawn_failures += 1;
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << self.spawn_failures.min(8).saturating_sub(1))
+            .min(MAX_BACKOFF);
+        self.next_spawn_at = Some(Instant::now() + backoff);
+        if self.spawn_failures == FAILURES_BEFORE_REFUSING {
+            // Logged once per run of failures, not per attempt.
+            warn!(retry_in = ?backoff, "workers cannot start: {why}");
+        }
+        if self.spawn_failures >= FAILURES_BEFORE_REFUSING {
+            self.start_failure = Some(why);
+            self.refuse_waiting();
+        }
+    }
+
+    /// Queues answers, for everything waiting for a worker, with the reason none can
+    /// start (sent by [`Self::send_refusals`]).
+    fn refuse_waiting(&mut self) {
+        let Some(why) = self.start_failure.clone() else {
+            return;
+        };
+        let mut waiting: Vec<(Channel, Incoming)> = self.waiting_for_worker.drain(..).collect();
+        waiting.extend(
+            self.lanes
+                .reset_all()
+                .into_iter()
+                .map(|q| (Channel::Shell, q.msg)),
+        );
+        waiting.extend(
+            self.process_queue
+                .drain(..)
+                .map(|q| (Channel::Shell, q.msg)),
+        );
+        self.refusals
+            .extend(waiting.into_iter().map(|(c, m)| (c, m, why.clone())));
+    }
+
+    /// Sends the refusals queued by [`Self::refuse_waiting`]; `kernel_info` requests that
+    /// waited for a worker's Python version are answered without it.
+    pub(super) async fn send_refusals(&mut self) {
+        if self.start_failure.is_some() && self.language_info.is_none() {
+            self.language_info = Some(kernel_info::language_info(""));
+            for (channel, msg) in std::mem::take(&mut self.deferred_kernel_info) {
+                self.kernel_info(channel, msg).await;
+            }
+        }
+        for (channel, msg, why) in std::mem::take(&mut self.refusals) {
+            self.refuse(channel, &msg, "WorkerStartFailed", why).await;
+        }
+    }
+
+    /// Reaps children the supervisor did not spawn as workers but was given as a child
+    /// subreaper: processes orphaned by a dead worker (its older snapshots, subprocesses
+    /// a cell started). Workers are reaped by their own tasks; only the rest is waited
+    /// for here, and only once exited (never blocking).
+    pub(super) fn reap_strays(&mut self) {
+        let ours: std::collections::HashSet<u32> = self.pool.all().map(|w| w.pid()).collect();
+        for pid in crate::proc_children::children(std::process::id()) {
+            if ours.contains(&pid) {
+                continue;
+            }
+            let target = nix::unistd::Pid::from_raw(pid as i32);
+            match nix::sys::wait::waitpid(target, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => {}
+                Ok(status) => debug!(pid, ?status, "reaped an orphan of a worker"),
+            }
         }
     }
 
     /// Asks every worker to exit, waits briefly, then kills what is left.
     pub(super) async fn stop_workers(&mut self) {
-        let mut alive: HashMap<WorkerId, u32> = self.pool.shutdown_all().into_iter().collect();
+        self.pool.shutdown_all();
         let deadline = tokio::time::Instant::now() + WORKER_EXIT_GRACE;
-        while !alive.is_empty() {
+        while self.pool.all().next().is_some() {
             match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
                 Ok(Some(WorkerEvent::Exited { id, .. })) => {
-                    alive.remove(&id);
+                    self.pool.remove(id);
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
         }
-        for (id, pid) in alive {
-            debug!(worker = id, pid, "killing worker at exit");
-            worker::signal(pid, libc::SIGKILL);
+        for w in self.pool.all() {
+            debug!(worker = w.id, pid = w.pid(), "killing worker at exit");
+            w.signal(Signal::SIGKILL);
         }
+        // Let the owning tasks deliver the kills before the runtime stops.
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -2,20 +2,20 @@
 //! `list_subshell_request` on control. A subshell is a lane of its own in the supervisor,
 //! and a named thread in the main worker (created by the worker on first use).
 
+use serde::Deserialize;
+use serde_json::json;
+use tracing::info;
+
 use super::*;
+use crate::ipc_ops::ToWorker;
 
 impl Kernel {
     pub(super) async fn create_subshell(&mut self, msg: Incoming) {
         let id = self.lanes.create_subshell();
         info!(subshell_id = %id, "subshell created");
         let reply = json!({"status": "ok", "subshell_id": id});
-        self.answer(
-            Channel::Control,
-            &msg,
-            "create_subshell_reply",
-            reply.to_string().as_bytes(),
-        )
-        .await;
+        self.answer(Channel::Control, &msg, reply.to_string().as_bytes())
+            .await;
     }
 
     /// Deletes a subshell: its queued cells are aborted, its worker thread is dropped once
@@ -40,26 +40,21 @@ impl Kernel {
         info!(subshell_id = %subshell_id, aborted = queued.len(), "subshell deleted");
         self.abort(queued).await;
         if let Some(w) = self.pool.main() {
-            let op = json!({"op": "drop_thread", "name": subshell_thread(&subshell_id)});
-            w.send_aux(vec![Bytes::from(op.to_string())]);
+            let name = thread_name(&subshell_id);
+            w.send_aux(ToWorker::DropThread { name: &name }.message());
         }
-        self.answer(
-            Channel::Control,
-            &msg,
-            "delete_subshell_reply",
-            br#"{"status":"ok"}"#,
-        )
-        .await;
+        self.answer(Channel::Control, &msg, br#"{"status":"ok"}"#)
+            .await;
     }
 
     pub(super) async fn list_subshells(&mut self, msg: Incoming) {
         let reply = json!({"status": "ok", "subshell_id": self.lanes.subshell_ids()});
-        self.answer(
-            Channel::Control,
-            &msg,
-            "list_subshell_reply",
-            reply.to_string().as_bytes(),
-        )
-        .await;
+        self.answer(Channel::Control, &msg, reply.to_string().as_bytes())
+            .await;
     }
+}
+
+/// The worker thread that runs a subshell's cells.
+pub(super) fn thread_name(subshell_id: &str) -> String {
+    format!("subshell-{subshell_id}")
 }

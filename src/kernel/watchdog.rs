@@ -1,7 +1,11 @@
 //! The periodic watchdog: overdue exits, memory limit, liveness, interrupt grace,
 //! `timeout=` tags, and the idle pool's reaper.
 
+use tracing::{info, warn};
+
 use super::*;
+use crate::ipc_ops::ToWorker;
+use crate::pool::KillReason;
 
 impl Kernel {
     /// Runs every `TICK`: overdue exits, memory limit, `timeout=` tags, liveness,
@@ -9,29 +13,37 @@ impl Kernel {
     pub(super) async fn watchdog(&mut self) {
         let now = Instant::now();
         let overdue: Vec<WorkerId> = self
-            .exits
-            .iter()
-            .filter(|(_, (_, _, at))| now.duration_since(*at) > DRAIN_WAIT)
-            .map(|(id, _)| *id)
+            .pool
+            .all()
+            .filter(|w| {
+                w.exit
+                    .as_ref()
+                    .is_some_and(|(_, _, at)| now.duration_since(*at) > DRAIN_WAIT)
+            })
+            .map(|w| w.id)
             .collect();
         for id in overdue {
-            if let Some((status, tail, _)) = self.exits.remove(&id) {
+            if let Some((status, tail, _)) = self.pool.get_mut(id).and_then(|w| w.exit.take()) {
                 warn!(worker = id, "its connection did not close after it exited");
                 self.worker_exited(id, status, tail).await;
             }
         }
-        if let Some(limit) = self.cfg.memory_limit {
-            for (id, pid) in self.pool.all_pids() {
-                if self.kill_reasons.contains_key(&id) {
-                    continue;
-                }
-                // The worker and whatever it started (proctree.rs).
-                if let Some(over) = crate::proctree::over_limit(pid, limit) {
-                    self.kill_worker(id, pid, over.reason());
-                    over.kill_descendants();
-                }
+        if self.heir_deadline.is_some_and(|d| now > d) {
+            warn!("the promoted snapshot did not come up in time; giving it up");
+            self.heir_deadline = None;
+            let heirs: Vec<WorkerId> = self
+                .pool
+                .all()
+                .filter(|w| w.role == crate::pool::WorkerRole::Starting { heir: true })
+                .map(|w| w.id)
+                .collect();
+            for id in heirs {
+                // Its exit answers what it owed (as "namespace lost").
+                self.kill_worker(id, KillReason::Crash("the snapshot did not come up".into()));
             }
         }
+        self.check_memory();
+        self.reap_strays();
         if self.check_timeouts(now) || self.check_main(now) {
             return;
         }
@@ -42,6 +54,37 @@ impl Kernel {
             );
         }
         self.refill_pool();
+    }
+
+    /// The memory limit: a worker over it is killed, its snapshot dropped first if that
+    /// is what tips it over (see [`Self::check_snapshot_memory`]).
+    fn check_memory(&mut self) {
+        let main = self
+            .pool
+            .main()
+            .map(|w| (w.pid(), w.snapshots.snapshot_pids()));
+        if let Some((pid, snapshots)) = main {
+            // The worker and whatever it started, not its snapshot (counted on its own).
+            let used = crate::proctree::resident(pid, &snapshots);
+            self.check_snapshot_memory(used);
+        }
+        let Some(limit) = self.cfg.memory_limit else {
+            return;
+        };
+        let over: Vec<(WorkerId, crate::proctree::OverLimit)> = self
+            .pool
+            .all()
+            .filter(|w| w.kill_reason.is_none())
+            .filter_map(|w| {
+                let snapshots = w.snapshots.snapshot_pids();
+                crate::proctree::over_limit(w.pid(), limit, &snapshots).map(|o| (w.id, o))
+            })
+            .collect();
+        for (id, over) in over {
+            // The worker and whatever it started (proctree.rs); its snapshot survives it.
+            self.kill_worker(id, KillReason::Crash(over.reason()));
+            over.kill_descendants();
+        }
     }
 
     /// Cells past their `timeout=` tag get the `interrupt` op (once); those still running
@@ -64,7 +107,7 @@ impl Kernel {
             let Some(worker) = worker else {
                 continue;
             };
-            if self.kill_reasons.contains_key(&worker.id) {
+            if worker.kill_reason.is_some() {
                 continue;
             }
             match exec.timed_out {
@@ -74,36 +117,44 @@ impl Kernel {
                         id, "a cell ran past its timeout= tag; interrupting it"
                     );
                     exec.timed_out = Some(now);
-                    let op = json!({"op": "interrupt", "id": id, "timeout": timeout.as_secs_f64()});
-                    worker.send_aux(vec![Bytes::from(op.to_string())]);
+                    worker.send_aux(
+                        ToWorker::Interrupt {
+                            id: *id,
+                            timeout: timeout.as_secs_f64(),
+                        }
+                        .message(),
+                    );
                 }
                 Some(at) if now.duration_since(at) > grace => {
-                    kill = Some((worker.id, worker.pid, timeout));
+                    kill = Some((worker.id, timeout));
                     break;
                 }
                 _ => {}
             }
         }
-        let Some((wid, pid, timeout)) = kill else {
+        let Some((wid, timeout)) = kill else {
             return false;
         };
         self.kill_worker(
             wid,
-            pid,
-            format!(
+            KillReason::Crash(format!(
                 "killed: the cell ran past its timeout={} tag and did not stop when interrupted",
                 seconds(timeout)
-            ),
+            )),
         );
         true
     }
 
     /// Interrupt grace and liveness of a busy main worker. Says whether it was killed.
     fn check_main(&mut self, now: Instant) -> bool {
-        let Some((wid, pid)) = self.pool.main().map(|w| (w.id, w.pid)) else {
+        let Some((wid, killed, last_heard)) = self
+            .pool
+            .main()
+            .map(|w| (w.id, w.kill_reason.is_some(), w.last_heard))
+        else {
             return false;
         };
-        if self.kill_reasons.contains_key(&wid) || !self.main_busy() {
+        if killed || !self.main_busy() {
             return false;
         }
         if let Some(grace) = self.cfg.interrupt_grace {
@@ -114,33 +165,30 @@ impl Kernel {
             if first.is_some_and(|first| now.duration_since(first) > grace) {
                 self.kill_worker(
                     wid,
-                    pid,
-                    format!(
+                    KillReason::Crash(format!(
                         "killed: the cell was still running {:.1} s after an interrupt",
                         grace.as_secs_f64()
-                    ),
+                    )),
                 );
                 return true;
             }
         }
         if let Some(timeout) = self.cfg.unresponsive_timeout {
-            if now.duration_since(self.last_heard) > timeout {
+            if now.duration_since(last_heard) > timeout {
                 self.kill_worker(
                     wid,
-                    pid,
-                    format!(
+                    KillReason::Crash(format!(
                         "killed: unresponsive for {:.1} s (not even its I/O thread answered: a deadlock in C code holding the GIL?)",
                         timeout.as_secs_f64()
-                    ),
+                    )),
                 );
                 return true;
             }
             if now.duration_since(self.last_ping) >= PING_EVERY {
                 self.last_ping = now;
                 self.ping_seq += 1;
-                let ping = format!(r#"{{"op":"ping","seq":{}}}"#, self.ping_seq);
                 if let Some(w) = self.pool.main() {
-                    w.send_aux(vec![Bytes::from(ping)]);
+                    w.send_aux(ToWorker::Ping { seq: self.ping_seq }.message());
                 }
             }
         }

@@ -70,6 +70,15 @@ def kv_info(kc: BlockingKernelClient, timeout: float = TIMEOUT) -> Pool:
     return pool
 
 
+def kv_snapshot_pid(kc: BlockingKernelClient, timeout: float = TIMEOUT) -> int | None:
+    """The pid of the main worker's snapshot, if one is ready (kernelvisor_info_request)."""
+    msg = kc.session.msg("kernelvisor_info_request", {})
+    kc.control_channel.send(msg)
+    reply = get_reply(kc, msg["header"]["msg_id"], timeout, channel="control")
+    pid = reply["content"]["snapshot"]["pid"]
+    return int(pid) if pid else None
+
+
 def wait_pool(
     kc: BlockingKernelClient,
     predicate: Callable[[Pool], bool],
@@ -210,14 +219,25 @@ def describe(msgs: list[Msg]) -> list[str]:
     return out
 
 
-def assert_crashed(reply: Msg, iopub: list[Msg], cause: str) -> Msg:
+RESTORED = "the namespace was restored to before this cell"
+
+
+def assert_crashed(reply: Msg, iopub: list[Msg], cause: str, restored: bool | None = None) -> Msg:
     """The cell ended with a WorkerCrashed error naming ``cause``: one iopub error before idle, an
-    error reply with the same ename/evalue. Returns the iopub error's content."""
+    error reply with the same ename/evalue. ``restored``: the message says the namespace was
+    restored to before this cell (True), or lost (False); None: either. Returns the iopub error's
+    content."""
     content = reply["content"]
     assert content["status"] == "error", content
     assert content["ename"] == "WorkerCrashed", content
     assert cause in content["evalue"], content["evalue"]
-    assert "namespace was lost" in content["evalue"], content["evalue"]
+    evalue = content["evalue"]
+    if restored is True:
+        assert RESTORED in evalue, evalue
+    elif restored is False:
+        assert "namespace was lost" in evalue, evalue
+    else:
+        assert "namespace was lost" in evalue or "namespace was restored" in evalue, evalue
     errors = of_type(iopub, "error")
     assert len(errors) == 1, describe(iopub)
     error = errors[0]["content"]
@@ -240,6 +260,22 @@ def assert_name_lost(kc: BlockingKernelClient, name: str) -> None:
     reply, iopub = execute(kc, name)
     assert reply["content"]["status"] == "error", (reply["content"], describe(iopub))
     assert reply["content"]["ename"] == "NameError", reply["content"]
+
+
+def assert_namespace_as_reported(kc: BlockingKernelClient, crash_reply: Msg, name: str) -> None:
+    """After a crash, ``name`` (defined before the crashing cell) is there if the crash message
+    said the namespace was restored (a snapshot), and gone if it said it was lost."""
+    evalue = crash_reply["content"]["evalue"]
+    reply, _ = execute(kc, name)
+    if RESTORED in evalue:
+        assert reply["content"]["status"] == "ok", (evalue, reply["content"])
+    elif "namespace was restored" in evalue:
+        # To an older snapshot (a burst of cells, README "Snapshots"): names of the cells
+        # after it are gone, as the message says.
+        assert "the changes of later cells" in evalue, evalue
+    else:
+        assert "namespace was lost" in evalue, evalue
+        assert reply["content"]["ename"] == "NameError", reply["content"]
 
 
 def assert_heartbeat(kc: BlockingKernelClient) -> None:

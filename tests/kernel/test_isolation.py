@@ -12,6 +12,7 @@ from isolation_support import (
     assert_healthy,
     assert_heartbeat,
     assert_name_lost,
+    assert_namespace_as_reported,
     describe,
     finish_cell,
     is_running,
@@ -95,7 +96,7 @@ def test_crash_becomes_worker_crashed_error(kernel: Kernel, case: str) -> None:
     assert_supervisor_survived(kernel, sup)
     assert_reaped(kernel, old_pid)
     # A fresh worker: the old namespace is gone, and it works.
-    assert_name_lost(kc, "survivor")
+    assert_namespace_as_reported(kc, reply, "survivor")
     assert_healthy(kc)
     assert main_worker(kc)[1] != old_pid
 
@@ -157,7 +158,7 @@ def test_sigkill_from_outside(kernel: Kernel) -> None:
     assert_crashed(reply, iopub, "killed by SIGKILL (signal 9)")
     assert_supervisor_survived(kernel, sup)
     assert_reaped(kernel, pid)
-    assert_name_lost(kc, "survivor")
+    assert_namespace_as_reported(kc, reply, "survivor")
     assert_healthy(kc)
 
 
@@ -194,7 +195,7 @@ def test_memory_limit_kills_with_out_of_memory() -> None:
         assert "the limit is 300 MiB" in reply["content"]["evalue"], reply["content"]["evalue"]
         assert_supervisor_survived(k, sup)
         assert_reaped(k, pid)
-        assert_name_lost(kc, "survivor")
+        assert_namespace_as_reported(kc, reply, "survivor")
         assert_healthy(kc)
         # A modest allocation under the limit is fine in the new worker.
         assert_healthy(kc, 'len(b"x" * (50 << 20))', str(50 << 20))
@@ -218,7 +219,7 @@ def test_unresponsive_worker_is_killed() -> None:
         assert_crashed(reply, iopub, "unresponsive")
         assert_supervisor_survived(k, sup)
         assert_reaped(k, pid)
-        assert_name_lost(kc, "survivor")
+        assert_namespace_as_reported(kc, reply, "survivor")
         assert_healthy(kc)
 
 

@@ -20,12 +20,14 @@ from isolation_support import (
     assert_crashed,
     assert_healthy,
     assert_name_lost,
+    assert_namespace_as_reported,
     describe,
     idle_workers,
     is_running,
     kill_pid,
     kv_info,
     kv_kernel,
+    kv_snapshot_pid,
     main_worker,
     settled,
     start_cell_marked,
@@ -61,7 +63,13 @@ def test_default_pool_keeps_one_warm_worker(kernel: Kernel) -> None:
     assert {c.pid for c in psutil.Process(sup).children()} == {main_pid, idle_pid}
 
 
-def test_crash_swaps_in_the_warm_worker_and_refills(kernel: Kernel) -> None:
+def test_crash_swaps_in_the_warm_worker_and_refills() -> None:
+    """Without a snapshot to promote (snapshots off), the warm spare takes over."""
+    with kv_kernel(snapshots="off") as kernel:
+        crash_swaps_in_the_warm_worker(kernel)
+
+
+def crash_swaps_in_the_warm_worker(kernel: Kernel) -> None:
     kc = kernel.kc
     execute(kc, "1")
     pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
@@ -164,7 +172,7 @@ def test_zero_warm_workers_keeps_no_idle_worker() -> None:
         old_id, _ = main_worker(kc)
         reply, iopub = execute(kc, EXIT_3)
         assert_crashed(reply, iopub, "exit code 3")
-        assert_name_lost(kc, "survivor")
+        assert_namespace_as_reported(kc, reply, "survivor")
         assert_healthy(kc)
         assert main_worker(kc)[0] > old_id
         assert_stays(kc, idle=0)
@@ -226,8 +234,12 @@ def test_shutdown_leaves_no_worker(busy: bool) -> None:
         assert_healthy(kc)
         pool = wait_pool(kc, lambda p: settled(p, 2), "a main and two idle workers")
         sup = supervisor_pid(k)
-        pids = all_worker_pids(pool) | {c.pid for c in psutil.Process(sup).children(True)}
-        assert len(pids) == 3
+        tree = {c.pid for c in psutil.Process(sup).children(True)}
+        snapshot = kv_snapshot_pid(kc)
+        # Three workers, and the main worker's snapshot (its child).
+        assert snapshot is not None
+        assert tree == all_worker_pids(pool) | {snapshot}
+        pids = tree
         if busy:
             start_cell_marked(kc, SLEEP_MARKED, "sleeping")
         k.km.shutdown_kernel(now=False)
@@ -289,9 +301,11 @@ def collect_workers(kc: BlockingKernelClient, sup: int) -> set[int]:
     assert get_reply(kc, msg_id)["content"]["status"] == "ok"
     collect_iopub(kc, msg_id)
     pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
-    pids = all_worker_pids(pool)
+    snapshot = kv_snapshot_pid(kc)
+    assert snapshot is not None, "the snapshot before the first cell"
+    pids = all_worker_pids(pool) | {snapshot}
     assert pids == {c.pid for c in psutil.Process(sup).children(recursive=True)}
-    assert len(pids) == 2
+    assert len(pids) == 3
     return pids
 
 

@@ -106,6 +106,11 @@ class WorkerProcess:
         )
         full_env.update(env or {})
         self.stderr_path = os.path.join(self.dir, "stderr.log")
+        # The secret, as the supervisor hands it over: in a pipe the worker inherits.
+        self.token = os.urandom(32).hex()
+        token_r, token_w = os.pipe()
+        os.write(token_w, self.token.encode())
+        os.close(token_w)
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
                 [
@@ -116,14 +121,18 @@ class WorkerProcess:
                     path,
                     "--worker-id",
                     "1",
+                    "--token-fd",
+                    str(token_r),
                     *args,
                 ],
+                pass_fds=(token_r,),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 env=full_env,
                 cwd=self.dir,
             )
+        os.close(token_r)
         self._timeout = timeout
         self._queue: collections.deque[Message] = collections.deque()
         try:

@@ -33,6 +33,7 @@ import importlib.util
 import inspect
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -1078,3 +1079,18 @@ class Caller:
     ) -> tuple[set[Pending[T]], set[Pending[T]]]:
         """Like ``asyncio.wait``: ``done, not_done = await Caller.wait(pendings, ...)``."""
         return await _wait(pendings, timeout=timeout, return_when=return_when)
+
+
+def _forget_threads_after_fork() -> None:
+    """In a forked child only the forking thread survives: every Caller running in
+    another thread (the to_thread pool, named threads, the reaper) is gone with it, and a
+    registry lock may have been held by one of them. Start the registries afresh; callers
+    created before the fork are stopped (their threads do not exist here)."""
+    Caller._glock = threading.RLock()
+    Caller._by_thread = {}
+    Caller._live = set()
+    Caller._reaper = None
+    Caller._reaper_wake = threading.Event()
+
+
+os.register_at_fork(after_in_child=_forget_threads_after_fork)

@@ -73,6 +73,18 @@ class FdCapture:
             self._drain_poller.register(read_fd, select.POLLIN)
         threading.Thread(target=self._loop, name="kernelvisor-fd-capture", daemon=True).start()
 
+    def restart_after_fork(self) -> None:
+        """In a promoted snapshot: new pipes on fds 1 and 2 and a new reader thread. The
+        old pipes were shared with the dead worker (and its reader did not survive the
+        fork)."""
+        self._lock = threading.RLock()
+        for pipe in self._pipes:
+            with contextlib.suppress(OSError):
+                os.close(pipe.fd)
+        self._pipes = []
+        self._drain_poller = select.poll()
+        self.start()
+
     def _loop(self) -> None:
         # Prints from this thread (a finalizer run by the GC) must not wait: it may hold
         # the lock that the flusher needs. It waits here instead, holding nothing.

@@ -93,7 +93,6 @@ class _Options:
     store_history: bool
     user_expressions: dict[str, Any]
     allow_stdin: bool
-    stop_on_error: bool
 
     @classmethod
     def parse(cls, content: dict[str, Any]) -> _Options:
@@ -105,7 +104,6 @@ class _Options:
             store_history=bool(content.get("store_history", not silent)),
             user_expressions=expressions if isinstance(expressions, dict) else {},
             allow_stdin=bool(content.get("allow_stdin", False)),
-            stop_on_error=bool(content.get("stop_on_error", True)),
         )
 
 
@@ -146,11 +144,9 @@ class Executor:
 
         Runs in a context of its own (a task's, or a copy), which becomes the cell's."""
         started = _now_iso()
-        stop_on_error = True
         cell = Cell(req.id, req.header, False)
         try:
             opts = _Options.parse(req.content_json())
-            stop_on_error = opts.stop_on_error
             cell.allow_stdin = opts.allow_stdin
             current_cell.set(cell)
             # Output of this cell (and of tasks and threads it starts) belongs to req.
@@ -176,9 +172,8 @@ class Executor:
             "engine": self._engine_id,
             "status": content["status"],
         }
-        self._outbox.reply(
-            req.id, "execute_reply", content, metadata, extra={"stop_on_error": stop_on_error}
-        )
+        # Whether an error aborts the queue is the supervisor's decision (its cell plan).
+        self._outbox.reply(req.id, content, metadata)
         self._schedule_history_save()
 
     def _schedule_history_save(self) -> None:

@@ -194,6 +194,16 @@ class Connection:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    def abandon(self) -> None:
+        """In a forked child: close this process's copy of the socket without a shutdown
+        (the parent's connection goes on) and never touch it again."""
+        try:
+            fd = self._sock.detach()
+        except OSError:
+            return
+        if fd >= 0:
+            os.close(fd)
+
     @classmethod
     def connect(cls, path: str) -> Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -79,7 +79,68 @@ class Request:
             "msg_type": self.msg_type,
         }
 
-    @property
-    def reply_type(self) -> str:
-        base = self.msg_type.removesuffix("_request")
-        return f"{base}_reply"
+
+# --- IPC operations ------------------------------------------------------------------
+# The mirror of src/ipc_ops.rs (IPC.md has the tables): each op, and the link it travels
+# on. "main" is read by the worker's main-thread event loop (in order with cells), "aux"
+# by a worker thread (answered while a cell runs), "snapshot" is a paused snapshot's one
+# connection.
+
+TO_WORKER: dict[str, tuple[str, ...]] = {
+    "request": ("main", "aux"),  # main: queue/task cells, comms; aux: the rest
+    "shutdown": ("main", "aux"),
+    "interrupt": ("aux",),
+    "drop_thread": ("aux",),
+    "reset": ("main",),
+    "ping": ("aux",),
+    "set_count": ("main",),
+    "snapshot": ("main",),
+    "snapshot_info": ("aux",),
+    "promote": ("snapshot",),
+}
+"""Supervisor -> worker ops, and the links they come on."""
+
+FROM_WORKER: dict[str, tuple[str, ...]] = {
+    "hello": ("main", "aux", "snapshot"),
+    "iopub": ("main",),
+    "reply": ("main", "aux"),
+    "done": ("main", "aux"),
+    "stdin": ("main",),
+    "pong": ("aux",),
+    "reset_done": ("main",),
+    "snapshot_taken": ("main",),
+    "snapshot_refused": ("main",),
+    "snapshot_policy": ("main",),
+    "snapshot_query": ("aux",),
+    "undo": ("main",),
+}
+"""Worker -> supervisor ops, and the links they go on."""
+
+
+@dataclass(frozen=True)
+class Promote:
+    """``promote``: a snapshot becomes worker ``worker_id`` (its worker died)."""
+
+    worker_id: int
+    token: str
+    execution_count: int
+
+    @classmethod
+    def from_control(cls, control: dict[str, Any]) -> Promote:
+        worker_id, token = control.get("worker_id"), control.get("token")
+        count = control.get("execution_count")
+        if not isinstance(worker_id, int) or not isinstance(token, str):
+            raise ProtocolError("promote without worker_id and token")
+        return cls(worker_id, token, count if isinstance(count, int) else 1)
+
+
+def hello(role: str, worker_id: int, pid: int, token: str, **extra: Any) -> dict[str, Any]:
+    """The first message on each link (``role``: main, aux or snapshot)."""
+    return {
+        "op": "hello",
+        "role": role,
+        "worker_id": worker_id,
+        "pid": pid,
+        "token": token,
+        **extra,
+    }

@@ -84,6 +84,13 @@ class Outbox:
         with self._lock:
             self._main = main
 
+    def attach_aux(self, aux: Connection) -> None:
+        """Send on a new ``aux`` (a promoted snapshot's), and on it until main is attached."""
+        with self._lock:
+            self._aux = aux
+            self._main = aux
+            self._broken.clear()
+
     def _send(self, frames: Sequence[BytesLike], flush: bool = True) -> None:
         # hold(): a SIGINT arriving mid-send is raised once the message is out whole.
         with self._gate.hold(), self._lock:
@@ -182,18 +189,10 @@ class Outbox:
         ]
         self._send(frames)
 
-    def reply(
-        self,
-        req_id: int,
-        msg_type: str,
-        content: JsonLike,
-        metadata: JsonLike | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
+    def reply(self, req_id: int, content: JsonLike, metadata: JsonLike | None = None) -> None:
+        """The reply to request ``req_id`` (the supervisor names it after the request)."""
         status = content.get("status", "ok") if isinstance(content, dict) else "ok"
-        control = {"op": "reply", "id": req_id, "msg_type": msg_type, "status": status}
-        if extra:
-            control.update(extra)
+        control = {"op": "reply", "id": req_id, "status": status}
         self._send([control_frame(control), _json(metadata), _json(content)])
 
     def done(self, req_id: int) -> None:
@@ -205,10 +204,14 @@ class Outbox:
 
     # --- aux: answers computed off the main thread ------------------------------------
 
-    def aux_reply(self, req_id: int, msg_type: str, content: dict[str, Any]) -> None:
+    def aux_reply(self, req_id: int, content: dict[str, Any]) -> None:
         status = content.get("status", "ok")
-        control = {"op": "reply", "id": req_id, "msg_type": msg_type, "status": status}
+        control = {"op": "reply", "id": req_id, "status": status}
         self._write(self._aux, [control_frame(control), EMPTY, dumps(content)])
+
+    def aux_control(self, control: dict[str, Any]) -> None:
+        """A control-only message on aux (e.g. ``snapshot_query``), from any thread."""
+        self._write(self._aux, [control_frame(control)])
 
     def aux_done(self, req_id: int) -> None:
         self._write(self._aux, [control_frame({"op": "done", "id": req_id})])

@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import collections
 import collections.abc
+import contextlib
 import contextvars
 import dataclasses
 import faulthandler
@@ -37,8 +38,10 @@ from kernelvisor.cells import current_cell
 from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
 from kernelvisor.interrupts import SigintGate
 from kernelvisor.ipc import Connection, ProtocolError
-from kernelvisor.messages import Request
+from kernelvisor.messages import Request, hello
 from kernelvisor.outbox import Outbox, control_frame
+from kernelvisor.snapshot import Snapshots
+from kernelvisor.snapshot_magics import register_magics
 from kernelvisor.stdin import StdinBridge
 from kernelvisor.streams import STDERR, STDOUT, Flusher, OutputBuffer, OutStream
 
@@ -55,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kernelvisor.worker")
     parser.add_argument("--connect", required=True, metavar="SOCKET_PATH")
     parser.add_argument("--worker-id", required=True, type=int)
+    parser.add_argument(
+        "--token-fd",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="read the worker's secret from this inherited fd (then close it)",
+    )
     parser.add_argument(
         "--backend",
         choices=("asyncio", "trio"),
@@ -165,8 +175,11 @@ class Worker:
         diag: TextIO,
         fatal_signals: FatalSignalFlush | None = None,
         backend: str = "asyncio",
+        token: str = "",
     ) -> None:
         self.path = path
+        # Proves to the supervisor that a connection is ours (IPC.md "Handshake").
+        self.token = token
         self.backend = backend
         self.aux_conn = aux
         self.main_conn: Connection | None = None
@@ -187,6 +200,7 @@ class Worker:
         self.outbox = Outbox(aux, self.buffer, self.gate, self.capture.drain, self._orphan_output)
         self.flusher = Flusher(self.outbox.flush_streams)
         self.buffer.on_first_write = self.flusher.wake
+        self.buffer.on_full = self.flusher.wake_now
         self.buffer.on_full = self.flusher.wake_now
         self.buffer.before_first_write = self.capture.drain
         # Keeps the C handler's callback alive; armed by start_capture.
@@ -212,15 +226,17 @@ class Worker:
         diag: TextIO,
         fatal_signals: FatalSignalFlush | None = None,
         backend: str = "asyncio",
+        token: str = "",
     ) -> Worker:
         """Open ``aux`` and say hello on it at once (the supervisor then knows the pid)."""
-        aux = Connection.connect(path)
-        aux.send([control_frame({"op": "hello", "role": "aux", **cls._identity(worker_id)})])
-        return cls(path, aux, worker_id, diag, fatal_signals, backend)
+        aux = cls._connect_aux(path, worker_id, token)
+        return cls(path, aux, worker_id, diag, fatal_signals, backend, token)
 
     @staticmethod
-    def _identity(worker_id: int) -> dict[str, Any]:
-        return {"worker_id": worker_id, "pid": os.getpid()}
+    def _connect_aux(path: str, worker_id: int, token: str) -> Connection:
+        aux = Connection.connect(path)
+        aux.send([control_frame(hello("aux", worker_id, os.getpid(), token))])
+        return aux
 
     def _orphan_output(self, name: str, text: str) -> None:
         self.diag.write(text)
@@ -285,6 +301,9 @@ class Worker:
         self.debugger = Debugger(self.shell, self.outbox, self.aux_conn)
         self.gate.resume_suspended = self.debugger.resume_for_interrupt
         self.aux = _SerialThread("kernelvisor-aux")
+        self.snapshots = Snapshots(self)
+        self._snapshot_info: queue.Queue[dict[str, Any]] = queue.Queue()
+        register_magics(self)
         run_startup(self.shell)
 
     def connect_main(self) -> None:
@@ -292,11 +311,12 @@ class Worker:
         from kernelvisor.debugger import available as debugger_available
 
         conn = Connection.connect(self.path)
-        hello = {
-            "op": "hello",
-            "role": "main",
-            **self._identity(self.worker_id),
-            "language_info": {
+        greeting = hello(
+            "main",
+            self.worker_id,
+            os.getpid(),
+            self.token,
+            language_info={
                 "name": "python",
                 "version": platform.python_version(),
                 "mimetype": "text/x-python",
@@ -305,25 +325,19 @@ class Worker:
                 "nbconvert_exporter": "python",
                 "file_extension": ".py",
             },
-            "implementation_version": kernelvisor.__version__,
-            "banner": self.shell.banner,
-            "debugger": debugger_available(),
-        }
-        conn.send([control_frame(hello)])
+            implementation_version=kernelvisor.__version__,
+            banner=self.shell.banner,
+            debugger=debugger_available(),
+        )
+        conn.send([control_frame(greeting)])
         self.main_conn = conn
         self.outbox.attach_main(conn)
 
     def run(self) -> None:
         """Serve until shutdown; never returns."""
-        assert self.main_conn is not None, "connect_main first"
-        threading.Thread(target=self._aux_loop, name="kernelvisor-aux-reader", daemon=True).start()
-        main_fd = self.main_conn.fileno()
-        self.loop.add_reader(main_fd, self._read_main)
-        self.stdin.watch_fd = main_fd
-        self.stdin.on_watch_readable = self._read_main
+        self._serve_links()
         if self.trio is not None:
             self.trio.start()
-        self.loop.call_soon(self._make_caller)
         while True:
             try:
                 self.loop.run_forever()
@@ -344,6 +358,95 @@ class Worker:
         except BaseException:
             log.exception("exit hooks failed")
         self._exit(0)
+
+    def _serve_links(self) -> None:
+        """Start reading ``aux`` (a thread) and ``main`` (the loop), and make the main
+        thread's Caller once the loop runs."""
+        assert self.main_conn is not None, "connect_main first"
+        threading.Thread(target=self._aux_loop, name="kernelvisor-aux-reader", daemon=True).start()
+        main_fd = self.main_conn.fileno()
+        self.loop.add_reader(main_fd, self._read_main)
+        self.stdin.watch_fd = main_fd
+        self.stdin.on_watch_readable = self._read_main
+        self._main_caller = None
+        self._caller_ready.clear()
+        self.loop.call_soon(self._make_caller)
+
+    # --- snapshots -------------------------------------------------------------------
+
+    def discard_inbox(self) -> None:
+        """In a snapshot: what the worker had read but not handled is not ours."""
+        self._main_inbox.clear()
+
+    def rewire_after_fork(self, execution_count: int) -> None:
+        """In a promoted snapshot: build what did not survive the fork, then serve."""
+        import selectors
+
+        loop: Any = self.loop
+        # A selector of our own: the old epoll instance was shared with the dead worker,
+        # and lists its descriptors. Keep the loop itself (tasks, timers, Callers made in
+        # it stay valid), re-registering only its self-pipe.
+        old = loop._selector
+        loop._selector = selectors.DefaultSelector()
+        old.close()
+        loop._add_reader(loop._ssock.fileno(), loop._read_from_self)
+        self.capture.restart_after_fork()
+        self.flusher = Flusher(self.outbox.flush_streams)
+        self.buffer.on_first_write = self.flusher.wake
+        self.buffer.on_full = self.flusher.wake_now
+        sys.stdout = OutStream(self.buffer, self.flusher, STDOUT, 1)
+        sys.stderr = OutStream(self.buffer, self.flusher, STDERR, 2)
+        self.flusher.start()
+        self.aux_conn = self._connect_aux(self.path, self.worker_id, self.token)
+        self.outbox.attach_aux(self.aux_conn)
+        self.aux = _SerialThread("kernelvisor-aux")
+        # Its thread did not survive the fork (and snapshots are never taken while debugpy
+        # is loaded): a fresh one, on the new aux link.
+        from kernelvisor.debugger import Debugger
+
+        self.debugger = Debugger(self.shell, self.outbox, self.aux_conn)
+        self.gate.resume_suspended = self.debugger.resume_for_interrupt
+        self._reopen_history()
+        self.set_count(execution_count)
+        self.gate.install()
+        self.connect_main()
+        self._serve_links()
+
+    def _reopen_history(self) -> None:
+        """Never use the dead worker's SQLite connection: open our own, in a new session
+        (the dead worker may have written lines of its own after the fork)."""
+        hm = getattr(self.shell, "history_manager", None)
+        if hm is None or not getattr(hm, "enabled", False):
+            return
+        try:
+            hm.init_db()
+            hm.new_session()
+            thread_class = type(getattr(hm, "save_thread", None) or object)
+            if getattr(hm, "save_thread", None) is not None and hasattr(thread_class, "stop"):
+                hm.save_thread = thread_class(hm)
+                hm.save_thread.start()
+        except Exception:
+            log.exception("cannot reopen the history database; history is off")
+            hm.enabled = False
+
+    def set_count(self, execution_count: int) -> None:
+        """Number the next cell ``execution_count`` (the namespace's numbering goes on
+        across a crash); ``In`` keeps one entry per number."""
+        shell = self.shell
+        shell.execution_count = execution_count
+        hm = getattr(shell, "history_manager", None)
+        if hm is not None:
+            for hist in (hm.input_hist_parsed, hm.input_hist_raw):
+                while len(hist) < execution_count:
+                    hist.append("")
+
+    def snapshot_info(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The supervisor's view of the snapshot (for %snapshot), asked on ``aux``."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._snapshot_info.get_nowait()
+        self.outbox.aux_control({"op": "snapshot_query"})
+        return self._snapshot_info.get(timeout=timeout)
 
     def _exit(self, code: int) -> None:
         try:
@@ -451,6 +554,25 @@ class Worker:
             if op == "drop_thread":
                 self.loop.call_soon_threadsafe(self._drop_thread, str(control.get("name", "")))
                 return
+            if op == "snapshot":
+                # On main, between cells, in order with them (the main thread reads main).
+                seq = control.get("seq")
+                if isinstance(seq, int):
+                    self.snapshots.take(seq)
+                return
+            if op == "set_count":
+                # On main: handled here, in order, before the request that follows it.
+                count = control.get("execution_count")
+                if isinstance(count, int):
+                    if threading.current_thread() is threading.main_thread():
+                        self.set_count(count)
+                    else:
+                        self.loop.call_soon_threadsafe(self.set_count, count)
+                return
+            if op == "snapshot_info":
+                info = control.get("info")
+                self._snapshot_info.put(info if isinstance(info, dict) else {})
+                return
             if op == "reset":
                 # Back to the idle pool after a `# process` cell: a fresh namespace, warm
                 # imports kept. Runs on the main loop, after anything queued before it.
@@ -531,7 +653,7 @@ class Worker:
                 "evalue": str(exc),
                 "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
             }
-        self.outbox.aux_reply(req.id, req.reply_type, content)
+        self.outbox.aux_reply(req.id, content)
 
     # --- main thread -----------------------------------------------------------------
 
@@ -661,14 +783,30 @@ def _as_error_cell(req: Request, exc: Exception) -> Request:
     return dataclasses.replace(req, content=json.dumps(content).encode(), mode="queue")
 
 
+def read_token(fd: int | None) -> str:
+    """The secret the supervisor passed in an inherited pipe; the fd is closed after."""
+    if fd is None:
+        return ""
+    try:
+        data = b""
+        while chunk := os.read(fd, 256):
+            data += chunk
+        return data.decode("ascii").strip()
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    token = read_token(args.token_fd)
     # Before faulthandler: a fatal signal dumps the stacks first, then flushes output.
     fatal_signals = FatalSignalFlush()
     fatal_signals.install()
     diag = setup_diagnostics()
     try:
-        worker = Worker.connect(args.connect, args.worker_id, diag, fatal_signals, args.backend)
+        worker = Worker.connect(
+            args.connect, args.worker_id, diag, fatal_signals, args.backend, token
+        )
     except OSError:
         log.exception("cannot connect to %s", args.connect)
         sys.exit(1)

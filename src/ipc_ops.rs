@@ -1,0 +1,304 @@
+//! The IPC operations between supervisor and worker, typed on this side (their mirror is
+//! `worker_py/kernelvisor/messages.py`; the layout is in `worker_py/IPC.md`). Frame 0 of
+//! every IPC message is one of these, as JSON with an `"op"` tag; the Jupyter frames that
+//! follow it are passed through as bytes.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::worker::WorkerId;
+
+/// Which of a worker's connections a message travels on (see `worker_py/IPC.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Link {
+    /// Read by the worker's main-thread event loop: cells, comms, shutdown, snapshots.
+    Main,
+    /// Read by a worker thread: answered while a cell blocks the main thread.
+    Aux,
+    /// The one connection of a paused snapshot (a forked copy of a worker).
+    Snapshot,
+}
+
+/// Where an `execute_request` runs in the worker (IPC.md "Run modes"); absent: the main
+/// thread, one cell after another (`queue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunMode {
+    /// A concurrent task on the main thread's event loop.
+    Task,
+    /// Another thread, with its own event loop.
+    Thread,
+}
+
+/// Supervisor → worker.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ToWorker<'a> {
+    /// A Jupyter request; its frames follow.
+    Request {
+        /// Unique per supervisor; the worker's `reply`/`done` names it.
+        id: u64,
+        /// The client channel it came on: `shell`, `control` or `stdin`.
+        channel: &'a str,
+        /// Its `msg_type`.
+        msg_type: &'a str,
+        /// Run mode of an `execute_request` (absent: `queue`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mode: Option<RunMode>,
+        /// With `mode: thread`: the thread's name (absent: the `to_thread` pool).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        thread: Option<&'a str>,
+        /// With `mode: thread`: the event loop of a thread created for it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        backend: Option<Backend>,
+    },
+    /// Finish, flush and exit 0.
+    Shutdown,
+    /// Interrupt one cell (its `timeout=` tag expired).
+    Interrupt {
+        /// The cell's request id.
+        id: u64,
+        /// The tag's seconds, for the error message.
+        timeout: f64,
+    },
+    /// Stop a named thread once its cells are done (a deleted subshell).
+    DropThread {
+        /// Its name.
+        name: &'a str,
+    },
+    /// Reset the namespace (a borrowed worker going back to the pool).
+    Reset,
+    /// Liveness: answered with `pong` by the worker's `aux` reader.
+    Ping {
+        /// Echoed back.
+        seq: u64,
+    },
+    /// The execution count of the next cell (a worker taking over the namespace's
+    /// numbering after a crash).
+    SetCount {
+        /// The next cell's number.
+        execution_count: u64,
+    },
+    /// Fork a paused snapshot now (on `main`: between cells).
+    Snapshot {
+        /// Names the snapshot in its `hello` and in `snapshot_taken`.
+        seq: u64,
+    },
+    /// The answer to `snapshot_query` (on `aux`).
+    SnapshotInfo {
+        /// What `%snapshot` shows (see `kernelvisor_info_request`'s `snapshot`).
+        info: serde_json::Value,
+    },
+    /// To a snapshot: become a worker (the live one died), as worker `worker_id`,
+    /// authenticating its new connections with `token`.
+    Promote {
+        /// Its id from now on.
+        worker_id: WorkerId,
+        /// Its new secret (hex).
+        token: &'a str,
+        /// The next cell's number.
+        execution_count: u64,
+    },
+}
+
+impl ToWorker<'_> {
+    /// The control frame.
+    pub fn frame(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("IPC ops serialize"))
+    }
+
+    /// This op alone, as a message.
+    pub fn message(&self) -> Vec<Bytes> {
+        vec![self.frame()]
+    }
+}
+
+/// What a connection says first.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Hello {
+    /// Which connection this is.
+    pub role: Link,
+    /// The `--worker-id` it was started with (a snapshot: its live worker's).
+    pub worker_id: WorkerId,
+    /// The worker's secret (hex), read from the fd it was started with.
+    pub token: String,
+    /// A snapshot's `seq` (from the `snapshot` op).
+    #[serde(default)]
+    pub seq: Option<u64>,
+    /// `language_info` for `kernel_info_reply`, as JSON (on `main`).
+    #[serde(default)]
+    pub language_info: serde_json::Value,
+    /// Whether it can import debugpy (on `main`).
+    #[serde(default)]
+    pub debugger: Option<bool>,
+}
+
+/// Worker → supervisor (after `hello`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FromWorker<'a> {
+    /// Publish on IOPub; frames: parent_header, metadata, content, buffers….
+    Iopub {
+        /// Its `msg_type`.
+        #[serde(borrow)]
+        msg_type: &'a str,
+    },
+    /// The reply to request `id` (its type is derived from the request's by the
+    /// supervisor); frames: metadata, content, buffers….
+    Reply {
+        /// The request.
+        id: u64,
+        /// `ok`, `error` or `aborted`.
+        #[serde(borrow)]
+        status: &'a str,
+    },
+    /// Request `id` is finished and has no reply (comm messages, `input_reply`).
+    Done {
+        /// The request.
+        id: u64,
+    },
+    /// An `input_request` for execute request `id`; frames: parent_header, metadata, content.
+    Stdin {
+        /// The asking cell's request.
+        id: u64,
+        /// `input_request`.
+        #[serde(borrow)]
+        msg_type: &'a str,
+    },
+    /// The answer to `ping`.
+    Pong {},
+    /// The `reset` is done.
+    ResetDone,
+    /// A snapshot was forked (from the live worker, on `main`).
+    SnapshotTaken {
+        /// The `snapshot` op's.
+        seq: u64,
+        /// The snapshot's pid.
+        pid: u32,
+        /// How long the fork took the live worker, in milliseconds.
+        fork_ms: f64,
+    },
+    /// `%snapshot on|off`: switch snapshots.
+    SnapshotPolicy {
+        /// On or off.
+        enabled: bool,
+    },
+    /// `%snapshot`: the supervisor answers `snapshot_info` on `aux`.
+    SnapshotQuery,
+    /// `%undo`: kill this worker and promote its snapshot (if there is none, the worker
+    /// says so itself and never sends this).
+    Undo,
+    /// No snapshot could be taken (from the live worker, on `main`).
+    SnapshotRefused {
+        /// The `snapshot` op's.
+        seq: u64,
+        /// Why, for the user ("CUDA was initialized").
+        #[serde(borrow)]
+        reason: std::borrow::Cow<'a, str>,
+    },
+}
+
+impl<'a> FromWorker<'a> {
+    /// Parses a control frame.
+    pub fn parse(frame: &'a [u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(frame)
+    }
+}
+
+/// A message type fit to be written into a header (ASCII letters, digits, `_`).
+pub fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_serialize_as_ipc_md_says() {
+        let req = ToWorker::Request {
+            id: 7,
+            channel: "shell",
+            msg_type: "execute_request",
+            mode: Some(RunMode::Thread),
+            thread: Some("w"),
+            backend: Some(Backend::Trio),
+        };
+        assert_eq!(
+            serde_json::to_value(&req).unwrap(),
+            serde_json::json!({"op": "request", "id": 7, "channel": "shell",
+                "msg_type": "execute_request", "mode": "thread", "thread": "w", "backend": "trio"})
+        );
+        let plain = ToWorker::Request {
+            id: 1,
+            channel: "shell",
+            msg_type: "x",
+            mode: None,
+            thread: None,
+            backend: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            serde_json::json!({"op": "request", "id": 1, "channel": "shell", "msg_type": "x"})
+        );
+        assert_eq!(&ToWorker::Shutdown.frame()[..], br#"{"op":"shutdown"}"#);
+        assert_eq!(
+            &ToWorker::DropThread { name: "t" }.frame()[..],
+            br#"{"op":"drop_thread","name":"t"}"#
+        );
+    }
+
+    #[test]
+    fn worker_ops_parse() {
+        let r = FromWorker::parse(br#"{"op":"reply","id":3,"status":"ok"}"#).unwrap();
+        assert!(matches!(
+            r,
+            FromWorker::Reply {
+                id: 3,
+                status: "ok"
+            }
+        ));
+        assert!(matches!(
+            FromWorker::parse(br#"{"op":"pong","seq":4}"#).unwrap(),
+            FromWorker::Pong {}
+        ));
+        assert!(matches!(
+            FromWorker::parse(br#"{"op":"reset_done"}"#).unwrap(),
+            FromWorker::ResetDone
+        ));
+        assert!(FromWorker::parse(br#"{"op":"reply","id":"x"}"#).is_err());
+        assert!(FromWorker::parse(br#"{"op":"nope"}"#).is_err());
+        let refused =
+            FromWorker::parse(br#"{"op":"snapshot_refused","seq":2,"reason":"CUDA \"x\""}"#)
+                .unwrap();
+        assert!(
+            matches!(refused, FromWorker::SnapshotRefused { seq: 2, reason } if reason == "CUDA \"x\"")
+        );
+    }
+
+    #[test]
+    fn hello_needs_a_token_and_a_role() {
+        let aux: Hello = serde_json::from_str(
+            r#"{"op":"hello","role":"aux","worker_id":3,"pid":9,"token":"ab"}"#,
+        )
+        .unwrap();
+        assert_eq!(aux.role, Link::Aux);
+        assert!(serde_json::from_str::<Hello>(
+            r#"{"op":"hello","role":"aux","worker_id":3,"pid":9}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<Hello>(
+            r#"{"op":"hello","worker_id":3,"pid":9,"token":"x"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(is_identifier("execute_reply"));
+        assert!(!is_identifier("bad\"type"));
+        assert!(!is_identifier(""));
+    }
+}

@@ -1,0 +1,298 @@
+//! Execute scheduling: each `execute_request` gets a plan (run mode, tags), waits in its
+//! lane (or for a borrowed worker, for `# process` cells), and is handed to a worker when
+//! it may start; when it finishes, its lane moves on (or is aborted after an error).
+
+use tracing::{debug, info, warn};
+
+use super::*;
+use crate::cell_plan::{CellPlan, Mode};
+use crate::ipc_ops::{RunMode, ToWorker};
+use crate::msg_type::MsgType;
+use lanes::{Kind, LaneId};
+
+/// A request handed to a worker, waiting for its reply.
+#[derive(Debug)]
+pub(super) struct Pending {
+    pub channel: Channel,
+    pub identities: Vec<Bytes>,
+    pub header: Bytes,
+    pub msg_type: MsgType,
+    pub worker: WorkerId,
+    /// Runs in a worker lent from the pool (a `# process` cell), not in the main one.
+    pub borrowed: bool,
+    /// Its cell waits in `input()` (an `input_reply` goes to its worker).
+    pub awaiting_input: bool,
+    /// For an execute request: its lane, interrupts and timeout.
+    pub exec: Option<Execution>,
+}
+
+/// What the supervisor tracks of a running execute request.
+#[derive(Debug)]
+pub(super) struct Execution {
+    /// The lane whose queue an error aborts (`None`: a `# process` cell aborts nothing).
+    pub lane: Option<LaneId>,
+    /// It is its lane's running cell (a queue cell), not a task/thread cell beside it.
+    pub holds_lane: bool,
+    /// An error reply aborts its lane's queue (decided here, from the request and tags).
+    pub abort_on_error: bool,
+    /// Its `timeout=` tag.
+    pub timeout: Option<Duration>,
+    /// When it was sent to the worker.
+    pub started: Instant,
+    /// When an interrupt (signal) first reached it.
+    pub interrupted: Option<Instant>,
+    /// When its `timeout=` tag made us send it the `interrupt` op.
+    pub timed_out: Option<Instant>,
+}
+
+impl Execution {
+    fn new(lane: Option<LaneId>, holds_lane: bool, plan: &CellPlan) -> Self {
+        Execution {
+            abort_on_error: lane.is_some() && plan.abort_on_error(),
+            lane,
+            holds_lane,
+            timeout: plan.tags.timeout,
+            started: Instant::now(),
+            interrupted: None,
+            timed_out: None,
+        }
+    }
+}
+
+/// An execute request waiting for its turn (or for a worker), with its plan.
+#[derive(Debug)]
+pub(super) struct Queued {
+    pub msg: Incoming,
+    pub plan: CellPlan,
+    /// Arrival order: what waited for a worker is sent in it.
+    pub seq: u64,
+}
+
+impl Kernel {
+    pub(super) fn register(
+        &mut self,
+        channel: Channel,
+        msg: &Incoming,
+        worker: WorkerId,
+        exec: Option<Execution>,
+    ) -> u64 {
+        self.next_request += 1;
+        let id = self.next_request;
+        self.pending.insert(
+            id,
+            Pending {
+                channel,
+                identities: msg.identities.clone(),
+                header: msg.header_bytes.clone(),
+                msg_type: MsgType::parse(&msg.header.msg_type),
+                worker,
+                borrowed: self.pool.borrowed(worker).is_some(),
+                awaiting_input: false,
+                exec,
+            },
+        );
+        id
+    }
+
+    /// An `execute_request` arrived: refuse it if it names an unknown subshell, else
+    /// queue it or run it by its plan.
+    pub(super) async fn execute_request(&mut self, msg: Incoming) {
+        let lane = LaneId::of(msg.header.subshell_id.as_deref());
+        if !self.lanes.exists(&lane) {
+            let id = msg.header.subshell_id.clone().unwrap_or_default();
+            warn!(subshell_id = %id, "execute_request for an unknown subshell");
+            let evalue = format!("no subshell with id {id:?} (it was deleted, or never created)");
+            self.refuse(Channel::Shell, &msg, "UnknownSubshellError", evalue)
+                .await;
+            return;
+        }
+        if let Some(why) = self.start_failure.clone() {
+            if self.pool.main().is_none() {
+                self.refuse(Channel::Shell, &msg, "WorkerStartFailed", why)
+                    .await;
+                return;
+            }
+        }
+        let plan = CellPlan::parse(&msg.content, &msg.metadata);
+        self.next_arrival += 1;
+        let queued = Queued {
+            msg,
+            plan,
+            seq: self.next_arrival,
+        };
+        match queued.plan.mode {
+            Mode::Process => {
+                self.process_queue.push_back(queued);
+                self.dispatch_process();
+            }
+            Mode::Queue | Mode::Task | Mode::Thread { .. } => {
+                let kind = match queued.plan.mode {
+                    Mode::Queue => Kind::Queue,
+                    _ => Kind::Beside,
+                };
+                if self.lanes.push(&lane, kind, queued).is_err() {
+                    unreachable!("the lane exists");
+                }
+                self.dispatch_execute();
+            }
+        }
+    }
+
+    /// Sends the main worker what may start now (see [`lanes`]), in arrival order across
+    /// lanes, so cells that waited for a worker start as they would have on a ready one.
+    /// A snapshot is taken first when the policy says so (see [`crate::snapshot`]).
+    pub(super) fn dispatch_execute(&mut self) {
+        if self.pool.main().is_none() || self.debug.replaying() {
+            return;
+        }
+        while let Some((lane, _)) = self.lanes.first_ready(|q| q.seq) {
+            let (kind, queued) = self.lanes.pop_front(&lane).expect("a ready front");
+            self.maybe_snapshot(queued.plan.undo);
+            let holds_lane = kind == Kind::Queue;
+            let id = self.start_execute(lane.clone(), queued, holds_lane);
+            if holds_lane {
+                self.lanes.start(&lane, id);
+            }
+        }
+    }
+
+    /// Hands one execute request to the main worker, with its run mode; returns its id.
+    fn start_execute(&mut self, lane: LaneId, queued: Queued, holds_lane: bool) -> u64 {
+        let Queued { msg, plan, .. } = queued;
+        let wid = self.pool.main().map(|w| w.id).expect("a main worker");
+        let exec = Execution::new(Some(lane.clone()), holds_lane, &plan);
+        if self.quiet_since.take().is_some() {
+            // Liveness is measured from when the worker became busy.
+            if let Some(w) = self.pool.main_mut() {
+                w.last_heard = Instant::now();
+            }
+        }
+        let id = self.register(Channel::Shell, &msg, wid, Some(exec));
+        self.publish_status(&msg.header_bytes, "busy");
+        let subshell_thread;
+        let (mode, thread, backend) = match (&plan.mode, &lane) {
+            (Mode::Task, _) => (Some(RunMode::Task), None, None),
+            (Mode::Thread { name, backend }, _) => {
+                (Some(RunMode::Thread), name.as_deref(), *backend)
+            }
+            (_, LaneId::Subshell(sub)) => {
+                subshell_thread = subshells::thread_name(sub);
+                (Some(RunMode::Thread), Some(subshell_thread.as_str()), None)
+            }
+            (_, LaneId::Main) => (None, None, None),
+        };
+        let ctrl = ToWorker::Request {
+            id,
+            channel: Channel::Shell.name(),
+            msg_type: MsgType::ExecuteRequest.as_str(),
+            mode,
+            thread,
+            backend,
+        };
+        let frames = request_frames(ctrl.frame(), &msg);
+        let last_count = self.last_count;
+        if let Some(w) = self.pool.main_mut() {
+            w.snapshots.touch();
+            // `# process` cells took numbers since this worker's last cell: go on after them.
+            if let Some(n) = last_count.filter(|n| w.execution_count.is_none_or(|c| c < *n)) {
+                w.execution_count = Some(n);
+                w.send_main(
+                    ToWorker::SetCount {
+                        execution_count: n + 1,
+                    }
+                    .message(),
+                );
+            }
+            if mode == Some(RunMode::Thread) {
+                // `aux` is read by a worker thread: a cell blocking the main thread (which
+                // reads `main`) must not hold up cells that run elsewhere.
+                w.send_aux(frames);
+            } else {
+                w.send_main(frames);
+            }
+        }
+        id
+    }
+
+    /// Runs waiting `# process` cells, each in a worker borrowed from the idle pool; starts
+    /// a worker when none is idle (and none is on its way).
+    pub(super) fn dispatch_process(&mut self) {
+        while !self.process_queue.is_empty() {
+            let Some(wid) = self.pool.borrow().map(|w| w.id) else {
+                if !self.pool.any_starting() {
+                    self.spawn_worker();
+                }
+                return;
+            };
+            let Queued { msg, plan, .. } = self.process_queue.pop_front().expect("not empty");
+            let exec = Execution::new(None, false, &plan);
+            let id = self.register(Channel::Shell, &msg, wid, Some(exec));
+            info!(
+                worker = wid,
+                "running a `# process` cell in a borrowed worker"
+            );
+            self.publish_status(&msg.header_bytes, "busy");
+            if let Some(w) = self.pool.borrowed(wid) {
+                // It shares the main namespace's numbering.
+                if let Some(n) = self.last_count {
+                    w.send_main(
+                        ToWorker::SetCount {
+                            execution_count: n + 1,
+                        }
+                        .message(),
+                    );
+                }
+                let ctrl = ToWorker::Request {
+                    id,
+                    channel: Channel::Shell.name(),
+                    msg_type: MsgType::ExecuteRequest.as_str(),
+                    mode: None,
+                    thread: None,
+                    backend: None,
+                };
+                w.send_main(request_frames(ctrl.frame(), &msg));
+            }
+        }
+    }
+
+    /// An execute request of the main worker finished: free its lane, abort the lane's
+    /// queue after an error if its plan says so, then run what may run now.
+    pub(super) async fn execute_done(&mut self, id: u64, exec: Execution, failed: bool) {
+        if let (true, Some(lane)) = (exec.holds_lane, &exec.lane) {
+            if !self.lanes.finish(lane, id) {
+                debug!(id, ?lane, "a cell of a deleted subshell finished");
+            }
+        }
+        if failed && exec.abort_on_error {
+            if let Some(lane) = &exec.lane {
+                let queued = self.lanes.drain(lane);
+                self.abort(queued).await;
+            }
+        }
+        if !self.main_busy() {
+            self.quiet_since = Some(Instant::now());
+        }
+        self.dispatch_execute();
+    }
+
+    /// The execute requests running in worker `wid` (the main one).
+    pub(super) fn main_executions(
+        &mut self,
+        wid: WorkerId,
+    ) -> impl Iterator<Item = &mut Execution> {
+        self.pending
+            .values_mut()
+            .filter(move |p| p.worker == wid && !p.borrowed)
+            .filter_map(|p| p.exec.as_mut())
+    }
+
+    /// Whether an execute request is running in the main worker.
+    pub(super) fn main_busy(&self) -> bool {
+        let Some(wid) = self.pool.main().map(|w| w.id) else {
+            return false;
+        };
+        self.pending
+            .values()
+            .any(|p| p.worker == wid && !p.borrowed && p.exec.is_some())
+    }
+}

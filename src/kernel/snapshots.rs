@@ -1,0 +1,197 @@
+//! The kernel's side of snapshots (design in [`crate::snapshot`]): asking the main worker
+//! to fork one when the policy says so, keeping the newest, dropping it when memory is
+//! tight, `%snapshot` and `%undo`.
+
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::*;
+use crate::ipc_ops::ToWorker;
+use crate::pool::KillReason;
+
+impl Kernel {
+    /// Before a cell is sent to the main worker: fork a snapshot first if the policy says
+    /// so (never before an `%undo` cell, which goes back to the snapshot before it).
+    pub(super) fn maybe_snapshot(&mut self, undo: bool) {
+        if !self.snapshots_on || undo || self.main_busy() || self.cfg.backend != Backend::Asyncio {
+            return;
+        }
+        let now = Instant::now();
+        let quiet = self.quiet_since.map_or(Duration::ZERO, |since| {
+            now.duration_since(since).max(Duration::from_nanos(1))
+        });
+        let count = self.last_count;
+        let Some(w) = self.pool.main_mut() else {
+            return;
+        };
+        if !w.snapshots.due(now, quiet) {
+            tracing::trace!(
+                quiet_us = quiet.as_micros() as u64,
+                "no snapshot before this cell"
+            );
+            return;
+        }
+        self.next_snapshot += 1;
+        let seq = self.next_snapshot;
+        w.snapshots.requested(seq, now, count);
+        w.send_main(ToWorker::Snapshot { seq }.message());
+    }
+
+    /// A snapshot connected (the handshake checked it is the worker's child).
+    pub(super) fn snapshot_connected(
+        &mut self,
+        id: WorkerId,
+        seq: u64,
+        link: mpsc::UnboundedSender<worker::Frames>,
+    ) {
+        if self
+            .late_heir
+            .as_ref()
+            .is_some_and(|l| l.dead == id && l.seq == seq)
+        {
+            let late = self.late_heir.take().expect("checked");
+            self.admission.forget(id);
+            let _ = link.send(late.promote);
+            return;
+        }
+        let Some(w) = self.pool.get_mut(id) else {
+            return;
+        };
+        match w.snapshots.connected(seq, link) {
+            Ok(old) => drop(old),
+            // Not expected (late, or replaced): dropping the link ends it.
+            Err(link) => drop(link),
+        }
+    }
+
+    pub(super) fn snapshot_taken(&mut self, id: WorkerId, seq: u64, pid: u32, fork_ms: f64) {
+        self.admission.expect_snapshot(id, pid);
+        if let Some(w) = self.pool.get_mut(id) {
+            tracing::debug!(worker = id, seq, pid, fork_ms, "snapshot taken");
+            // The replaced one exits when its link closes.
+            drop(w.snapshots.taken(seq, pid, fork_ms));
+        }
+    }
+
+    pub(super) fn snapshot_refused(&mut self, id: WorkerId, seq: u64, reason: String) {
+        if let Some(w) = self.pool.get_mut(id) {
+            if w.snapshots.refused.as_deref() != Some(reason.as_str()) {
+                warn!(worker = id, reason, "no snapshot");
+            }
+            // Without a snapshot of the current state, the old one would restore
+            // too far back without saying so: drop it.
+            drop(w.snapshots.drop_current(reason.clone()));
+            w.snapshots.refuse(seq, reason);
+        }
+    }
+
+    /// `%snapshot on|off`.
+    pub(super) fn set_snapshots(&mut self, enabled: bool) {
+        info!(enabled, "snapshots switched");
+        self.snapshots_on = enabled;
+        if !enabled {
+            if let Some(w) = self.pool.main_mut() {
+                drop(w.snapshots.drop_current("snapshots are off".into()));
+            }
+        }
+    }
+
+    /// Why a crash of the worker whose snapshots these are would lose the namespace.
+    pub(super) fn no_snapshot_reason(&self, state: &crate::snapshot::SnapshotState) -> String {
+        if !self.snapshots_on {
+            return "no snapshot: snapshots are off".into();
+        }
+        if self.cfg.backend != Backend::Asyncio {
+            return "no snapshot: not supported with the trio backend yet".into();
+        }
+        if let Some(why) = &state.refused {
+            return format!("no snapshot: {why}");
+        }
+        if let Some(why) = &state.dropped {
+            return format!("no snapshot: it was dropped ({why})");
+        }
+        "no snapshot was ready".into()
+    }
+
+    /// The snapshot's state, for `%snapshot` and `kernelvisor_info_request`.
+    pub(super) fn snapshot_info(&self) -> Value {
+        let w = self.pool.main();
+        let current = w.and_then(|w| w.snapshots.latest());
+        json!({
+            "enabled": self.snapshots_on,
+            "ready": current.is_some(),
+            "pid": current.map(|s| s.pid),
+            "seq": current.map(|s| s.seq),
+            "age_seconds": current.as_ref().map(|s| s.taken_at.elapsed().as_secs_f64()),
+            "age_cells": current.map(|s| self.last_count.unwrap_or(0).saturating_sub(s.count.unwrap_or(0))),
+            "before_cell": current.map(|s| s.count.unwrap_or(0) + 1),
+            "private_bytes": current.and_then(|s| worker::uss_bytes(s.pid)),
+            "fork_ms": current.map(|s| s.fork_ms),
+            "memory_budget": self.cfg.snapshots.memory_budget,
+            "why_not": match (current, w) {
+                (None, Some(w)) => Some(self.no_snapshot_reason(&w.snapshots)),
+                (None, None) => Some("no worker is up".to_string()),
+                _ => None,
+            },
+        })
+    }
+
+    pub(super) fn answer_snapshot_query(&self, id: WorkerId) {
+        if let Some(w) = self.pool.get(id) {
+            w.send_aux(
+                ToWorker::SnapshotInfo {
+                    info: self.snapshot_info(),
+                }
+                .message(),
+            );
+        }
+    }
+
+    /// `%undo`: the worker is killed and its snapshot promoted; the `%undo` cell's reply
+    /// says so.
+    pub(super) fn undo(&mut self, id: WorkerId) {
+        let ready = self
+            .pool
+            .main()
+            .is_some_and(|w| w.id == id && w.snapshots.latest().is_some());
+        if ready && self.snapshots_on {
+            self.kill_worker(id, KillReason::Undo);
+        } else {
+            warn!(worker = id, "%undo without a snapshot; ignored");
+        }
+    }
+
+    /// Memory: a snapshot over its budget is dropped; when the worker's tree and its
+    /// snapshot together pass the memory limit, the snapshot goes first, so that the
+    /// live worker is not killed for the snapshot's sake. Says whether any was dropped.
+    pub(super) fn check_snapshot_memory(&mut self, worker_bytes: u64) -> bool {
+        let budget = self.cfg.snapshots.memory_budget;
+        let limit = self.cfg.memory_limit;
+        let Some(w) = self.pool.main_mut() else {
+            return false;
+        };
+        let Some(pid) = w.snapshots.current().map(|s| s.pid) else {
+            return false;
+        };
+        let Some(private) = worker::uss_bytes(pid) else {
+            return false;
+        };
+        let why = if budget.is_some_and(|b| private > b) {
+            format!(
+                "its private memory reached {} MiB, over the --snapshot-memory budget",
+                private >> 20
+            )
+        } else if limit.is_some_and(|l| worker_bytes <= l && worker_bytes + private > l) {
+            format!(
+                "memory was tight: the worker ({} MiB) and the snapshot ({} MiB) together passed the memory limit",
+                worker_bytes >> 20,
+                private >> 20
+            )
+        } else {
+            return false;
+        };
+        warn!(worker = w.id, why, "snapshot dropped");
+        drop(w.snapshots.drop_current(why));
+        true
+    }
+}

@@ -1,0 +1,209 @@
+"""Forked snapshots (IPC.md "Snapshots"): between cells, on the supervisor's ``snapshot``
+op, the worker forks a paused copy of itself. The copy closes its share of the worker's
+connections, connects back as a ``snapshot`` link and waits. If the worker dies, the
+supervisor sends the copy ``promote``: it rebuilds what did not survive the fork (threads,
+connections, the fd capture, the event loop's selector, the history database connection)
+and carries on as the worker, with the namespace as it was at the fork.
+
+What is shared across the fork: open files, sockets and database connections that user
+code holds are the same open descriptions in both processes (a file position, a socket's
+peer). After a promotion they still work, but whatever the dead worker did with them
+after the fork (bytes written, a transaction half done) is not undone. Threads and
+background tasks started by cells do not survive; user threads are named in the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from kernelvisor.crash import really_exit
+from kernelvisor.ipc import Connection, ProtocolError
+from kernelvisor.messages import Promote, hello
+from kernelvisor.outbox import control_frame
+
+if TYPE_CHECKING:
+    from kernelvisor.worker import Worker
+
+log = logging.getLogger(__name__)
+
+FORK_UNSAFE_ATTR = "__kernelvisor_fork_unsafe__"
+"""A module that sets this attribute (to a reason string) stops snapshots while loaded."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def fork_unsafe_reason(worker: Worker) -> str | None:
+    """Why forking now would give a broken copy, or None. Never imports anything."""
+    if worker.trio is not None:
+        return "not supported with the trio backend yet"
+    if type(worker.loop).__module__.startswith("uvloop"):
+        return "not supported with uvloop yet"
+    modules = sys.modules
+    if "pydevd" in modules or "debugpy.server" in modules:
+        # debugpy's threads and its adapter connection cannot be carried over a fork.
+        return "the debugger (debugpy) is on"
+    torch = modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            if torch.cuda.is_initialized():
+                return "CUDA was initialized (torch)"
+    xla_bridge = modules.get("jax._src.xla_bridge")
+    if xla_bridge is not None:
+        backends = getattr(xla_bridge, "_backends", None) or {}
+        if any(name != "cpu" for name in backends):
+            return "jax initialized an accelerator backend"
+    if "cupy" in modules:
+        return "CuPy is loaded (CUDA does not survive fork)"
+    for name, module in list(modules.items()):
+        reason = getattr(module, FORK_UNSAFE_ATTR, None) if module is not None else None
+        if reason:
+            return f"{name} is not fork-safe ({reason})"
+    return None
+
+
+class Snapshots:
+    """The worker's side: forking on request, reaping its snapshot children, and, in a
+    snapshot, waiting for promotion."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        # Snapshot children not yet reaped: pid -> pidfd (or -1).
+        self._children: dict[int, int] = {}
+        self.last: dict[str, Any] | None = None
+
+    def take(self, seq: int) -> None:
+        """Fork a snapshot (main thread, no cell running). In the parent, report it; in
+        the child, this returns only once the snapshot is promoted."""
+        w = self._worker
+        reason = fork_unsafe_reason(w)
+        if reason is None and w.gate.running_cells():
+            reason = "a cell was running"
+        if reason is not None:
+            w.outbox.control({"op": "snapshot_refused", "seq": seq, "reason": reason})
+            return
+        w.outbox.flush_streams()
+        user_threads = [
+            t.name
+            for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.name.startswith("kernelvisor")
+        ]
+        count = w.shell.execution_count
+        with self._quiet():
+            started = time.perf_counter()
+            pid = os.fork()
+        if pid == 0:
+            self._in_snapshot(seq, user_threads)
+            return
+        fork_ms = (time.perf_counter() - started) * 1000
+        self._watch(pid)
+        self.last = {"pid": pid, "seq": seq, "at": time.time(), "count": count}
+        w.outbox.control({"op": "snapshot_taken", "seq": seq, "pid": pid, "fork_ms": fork_ms})
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Hold the locks the copy needs free (output, sends, history) across the fork,
+        so no thread of ours is inside them when it happens. Same order as senders."""
+        w = self._worker
+        hm = getattr(w.shell, "history_manager", None)
+        locks: list[Any] = [w.outbox._lock, w.capture._lock]
+        if hm is not None:
+            locks += [hm.db_input_cache_lock, hm.db_output_cache_lock]
+        with w.gate.hold(), contextlib.ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
+            yield
+
+    def _watch(self, pid: int) -> None:
+        """Reap the child when it exits (it is dropped, or replaced by a newer one)."""
+        loop = self._worker.loop
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._children[pid] = -1
+            return
+        self._children[pid] = pidfd
+        loop.add_reader(pidfd, self._reap, pid)
+
+    def _reap(self, pid: int) -> None:
+        pidfd = self._children.pop(pid, -1)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)
+        if pidfd >= 0:
+            self._worker.loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+    # --- in the snapshot ----------------------------------------------------------------
+
+    def _in_snapshot(self, seq: int, user_threads: list[str]) -> None:
+        w = self._worker
+        # One click of a frontend that signals every process in the tree must not reach
+        # a paused copy.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Nothing of the worker's links stays open here: its death must close them.
+        if w.main_conn is not None:
+            w.main_conn.abandon()
+        w.aux_conn.abandon()
+        for pidfd in self._children.values():
+            if pidfd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(pidfd)
+        self._children = {}
+        # The supervisor reads the worker's stderr to its end: do not hold it open.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, w.diag.fileno())
+        os.close(devnull)
+        w.discard_inbox()
+        try:
+            link = Connection.connect(w.path)
+            link.send(
+                [control_frame(hello("snapshot", w.worker_id, os.getpid(), w.token, seq=seq))]
+            )
+        except OSError:
+            really_exit(0)
+        promote = self._wait(link)
+        self._become_worker(promote, link, user_threads)
+
+    def _wait(self, link: Connection) -> Promote:
+        """Paused until promoted; exits when the supervisor drops the link (a newer
+        snapshot, shutdown, or the supervisor's death)."""
+        import json
+
+        while True:
+            try:
+                frames = link.recv()
+                control = json.loads(frames[0])
+            except (EOFError, OSError, ProtocolError, ValueError, IndexError):
+                really_exit(0)
+            if isinstance(control, dict) and control.get("op") == "promote":
+                try:
+                    return Promote.from_control(control)
+                except ProtocolError:
+                    really_exit(1)
+
+    def _become_worker(self, promote: Promote, link: Connection, user_threads: list[str]) -> None:
+        w = self._worker
+        # Our worker is dead and we were reparented to the supervisor (a subreaper): die
+        # with it from now on, as a spawned worker does.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:
+            really_exit(0)
+        link.abandon()
+        w.worker_id = promote.worker_id
+        w.token = promote.token
+        w.rewire_after_fork(promote.execution_count)
+        if user_threads:
+            log.warning(
+                "restored from a snapshot; threads started by cells are gone: %s",
+                ", ".join(user_threads),
+            )
+        log.info("snapshot promoted: worker %d (pid %d)", w.worker_id, os.getpid())
