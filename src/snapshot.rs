@@ -109,6 +109,9 @@ pub struct SnapshotState {
     pub refused: Option<String>,
     /// Why the last snapshot was dropped (memory), if it was.
     pub dropped: Option<String>,
+    /// Dropped or replaced snapshots that may not have exited yet (not the worker's
+    /// memory, whatever the process tree says).
+    lingering: Vec<u32>,
 }
 
 impl Default for SnapshotState {
@@ -122,6 +125,7 @@ impl Default for SnapshotState {
             last_fork_ms: 0.0,
             refused: None,
             dropped: None,
+            lingering: Vec::new(),
         }
     }
 }
@@ -227,6 +231,7 @@ impl SnapshotState {
     pub fn drop_current(&mut self, why: String) -> Option<Snapshot> {
         let s = self.current.take()?;
         self.dropped = Some(why);
+        self.lingering.push(s.pid);
         Some(s)
     }
 
@@ -256,8 +261,10 @@ impl SnapshotState {
         }
     }
 
-    /// The pids of its snapshots (ready or being taken).
-    pub fn snapshot_pids(&self) -> Vec<u32> {
+    /// The pids of its snapshots: ready, being taken, or dropped and still exiting.
+    pub fn snapshot_pids(&mut self) -> Vec<u32> {
+        self.lingering
+            .retain(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
         let requested = self
             .requested
             .as_ref()
@@ -267,7 +274,15 @@ impl SnapshotState {
             .iter()
             .map(|s| s.pid)
             .chain(requested)
+            .chain(self.lingering.iter().copied())
             .collect()
+    }
+
+    /// Remembers a snapshot that was let go, until it has exited.
+    pub fn let_go(&mut self, old: Option<Snapshot>) {
+        if let Some(s) = old {
+            self.lingering.push(s.pid);
+        }
     }
 
     /// The ready snapshot.

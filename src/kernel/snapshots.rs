@@ -58,7 +58,7 @@ impl Kernel {
             return;
         };
         match w.snapshots.connected(seq, link) {
-            Ok(old) => drop(old),
+            Ok(old) => w.snapshots.let_go(old),
             // Not expected (late, or replaced): dropping the link ends it.
             Err(link) => drop(link),
         }
@@ -69,7 +69,8 @@ impl Kernel {
         if let Some(w) = self.pool.get_mut(id) {
             tracing::debug!(worker = id, seq, pid, fork_ms, "snapshot taken");
             // The replaced one exits when its link closes.
-            drop(w.snapshots.taken(seq, pid, fork_ms));
+            let old = w.snapshots.taken(seq, pid, fork_ms);
+            w.snapshots.let_go(old);
         }
     }
 

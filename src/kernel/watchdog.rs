@@ -61,7 +61,7 @@ impl Kernel {
     fn check_memory(&mut self) {
         let main = self
             .pool
-            .main()
+            .main_mut()
             .map(|w| (w.pid(), w.snapshots.snapshot_pids()));
         if let Some((pid, snapshots)) = main {
             // The worker and whatever it started, not its snapshot (counted on its own).
@@ -71,15 +71,18 @@ impl Kernel {
         let Some(limit) = self.cfg.memory_limit else {
             return;
         };
-        let over: Vec<(WorkerId, crate::proctree::OverLimit)> = self
-            .pool
-            .all()
-            .filter(|w| w.kill_reason.is_none())
-            .filter_map(|w| {
-                let snapshots = w.snapshots.snapshot_pids();
-                crate::proctree::over_limit(w.pid(), limit, &snapshots).map(|o| (w.id, o))
-            })
-            .collect();
+        let ids: Vec<WorkerId> = self.pool.all().map(|w| w.id).collect();
+        let mut over: Vec<(WorkerId, crate::proctree::OverLimit)> = Vec::new();
+        for id in ids {
+            let Some(w) = self.pool.get_mut(id).filter(|w| w.kill_reason.is_none()) else {
+                continue;
+            };
+            // Not its snapshots (counted on their own), even those still exiting.
+            let snapshots = w.snapshots.snapshot_pids();
+            if let Some(o) = crate::proctree::over_limit(w.pid(), limit, &snapshots) {
+                over.push((id, o));
+            }
+        }
         for (id, over) in over {
             // The worker and whatever it started (proctree.rs); its snapshot survives it.
             self.kill_worker(id, KillReason::Crash(over.reason()));

@@ -324,3 +324,27 @@ def test_segfault_is_an_error_and_the_kernel_lives_on(page: Page, lab: Lab) -> N
     # The same supervisor process: the worker died, not the kernel.
     assert supervisor_pid(lab, kernel_id) == pid
     assert psutil.Process(pid).is_running()
+
+
+def test_a_variable_defined_before_a_segfault_survives_it(page: Page, lab: Lab) -> None:
+    """Cells run one by one, as a person does: the snapshot forked before the crashing cell
+    takes over, and the next cell sees what the cells before it defined."""
+    name = write_notebook(
+        lab,
+        "snapshot.ipynb",
+        [
+            ("x = 'defined before the crash'", []),
+            ("import ctypes\nctypes.string_at(0)", []),
+            ("print(x)", []),
+        ],
+    )
+    kernel_id = open_notebook(page, lab, name)
+    run_cell_from_keyboard(page, 0)
+    wait_settled(page, "the first cell done")
+    run_cell_from_keyboard(page, 1)
+    wait_output(page, 1, "WorkerCrashed", "the crash reported in the cell")
+    cells = wait_settled(page, "the kernel idle after the crash")
+    assert "restored to before this cell" in text(cells[1]), json.dumps(cells[1], indent=1)
+    run_cell_from_keyboard(page, 2)
+    wait_output(page, 2, "defined before the crash", "the old variable printed after the crash")
+    assert_kernel_never_died(page, lab, kernel_id)

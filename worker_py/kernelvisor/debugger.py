@@ -134,7 +134,7 @@ class Debugger:
                 response = _failure(request, f"{type(exc).__name__}: {exc}")
             finally:
                 self._replaying = False
-            self.outbox.aux_reply(req.id, "debug_reply", response)
+            self.outbox.aux_reply(req.id, response)
 
     def process(self, request: Message) -> Message:
         """The DAP response to ``request``."""

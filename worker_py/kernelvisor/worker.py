@@ -400,13 +400,16 @@ class Worker:
         self.aux_conn = self._connect_aux(self.path, self.worker_id, self.token)
         self.outbox.attach_aux(self.aux_conn)
         self.aux = _SerialThread("kernelvisor-aux")
+        # Off the way to the first cell: a SQLite open and a committed insert.
+        threading.Thread(
+            target=self._reopen_history, name="kernelvisor-history-reopen", daemon=True
+        ).start()
         # Its thread did not survive the fork (and snapshots are never taken while debugpy
         # is loaded): a fresh one, on the new aux link.
         from kernelvisor.debugger import Debugger
 
         self.debugger = Debugger(self.shell, self.outbox, self.aux_conn)
         self.gate.resume_suspended = self.debugger.resume_for_interrupt
-        self._reopen_history()
         self.set_count(execution_count)
         self.gate.install()
         self.connect_main()
@@ -414,13 +417,15 @@ class Worker:
 
     def _reopen_history(self) -> None:
         """Never use the dead worker's SQLite connection: open our own, in a new session
-        (the dead worker may have written lines of its own after the fork)."""
+        (the dead worker may have written lines of its own after the fork). Under the
+        history caches' locks, which every write-out takes."""
         hm = getattr(self.shell, "history_manager", None)
         if hm is None or not getattr(hm, "enabled", False):
             return
         try:
-            hm.init_db()
-            hm.new_session()
+            with hm.db_input_cache_lock, hm.db_output_cache_lock:
+                hm.init_db()
+                hm.new_session()
             thread_class = type(getattr(hm, "save_thread", None) or object)
             if getattr(hm, "save_thread", None) is not None and hasattr(thread_class, "stop"):
                 hm.save_thread = thread_class(hm)
