@@ -213,14 +213,7 @@ impl Kernel {
             .in_flight
             .insert(id, (request.seq, request.command));
         self.publish_status(&msg.header_bytes, "busy");
-        let ctrl = ToWorker::Request {
-            id,
-            channel: Channel::Control.name(),
-            msg_type: MsgType::DebugRequest.as_str(),
-            mode: None,
-            thread: None,
-            backend: None,
-        };
+        let ctrl = debug_op(id);
         let frames = request_frames(ctrl.frame(), &msg);
         if let Some(w) = self.pool.main() {
             w.send_aux(frames);
@@ -261,14 +254,7 @@ impl Kernel {
         for kept in script {
             self.next_request += 1;
             let id = self.next_request;
-            let ctrl = ToWorker::Request {
-                id,
-                channel: Channel::Control.name(),
-                msg_type: MsgType::DebugRequest.as_str(),
-                mode: None,
-                thread: None,
-                backend: None,
-            };
+            let ctrl = debug_op(id);
             let frames = vec![
                 ctrl.frame(),
                 kept.header,
@@ -371,6 +357,18 @@ pub(super) fn remove_cell_dir() {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             warn!(dir = %dir.display(), error = %e, "cannot remove the cell-file directory");
         }
+    }
+}
+
+/// The control frame of `debug_request` `id` to a worker (on `aux`).
+fn debug_op(id: u64) -> ToWorker<'static> {
+    ToWorker::Request {
+        id,
+        channel: Channel::Control.name(),
+        msg_type: MsgType::DebugRequest.as_str(),
+        mode: None,
+        thread: None,
+        backend: None,
     }
 }
 

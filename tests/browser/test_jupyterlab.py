@@ -342,9 +342,19 @@ def test_a_variable_defined_before_a_segfault_survives_it(page: Page, lab: Lab) 
     run_cell_from_keyboard(page, 0)
     wait_settled(page, "the first cell done")
     run_cell_from_keyboard(page, 1)
-    wait_output(page, 1, "WorkerCrashed", "the crash reported in the cell")
+    wait_js(
+        page,
+        """() => {
+            const panel = window.jupyterapp.shell.currentWidget;
+            const cell = panel.node.querySelectorAll('.jp-Notebook .jp-Cell.jp-CodeCell')[1];
+            const out = cell && cell.querySelector('.jp-OutputArea-output');
+            return out !== null && out !== undefined && out.innerText.includes('WorkerCrashed');
+        }""",
+        "the crash reported in the cell",
+    )
     cells = wait_settled(page, "the kernel idle after the crash")
     assert "restored to before this cell" in text(cells[1]), json.dumps(cells[1], indent=1)
     run_cell_from_keyboard(page, 2)
     wait_output(page, 2, "defined before the crash", "the old variable printed after the crash")
+    wait_settled(page, "the kernel idle after the last cell")
     assert_kernel_never_died(page, lab, kernel_id)

@@ -167,6 +167,21 @@ def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
 
 # ---- cells ----
 
+# A cell that swallows every KeyboardInterrupt, saying so each time. Its marker is printed inside
+# the try: a SIGINT landing while print() sends it is raised when print() returns.
+STUBBORN = """\
+import time
+started = False
+while True:
+    try:
+        if not started:
+            started = True
+            print("looping", flush=True)
+        time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("caught", flush=True)
+"""
+
 
 def start_cell(kc: BlockingKernelClient, code: str, **kwargs: Any) -> str:
     """Sends a cell and waits until it is running (its execute_input is on iopub)."""

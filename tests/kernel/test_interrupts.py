@@ -10,6 +10,7 @@ import time
 
 import pytest
 from isolation_support import (
+    STUBBORN,
     assert_crashed,
     assert_healthy,
     assert_heartbeat,
@@ -32,20 +33,6 @@ from kvharness import Kernel, execute, get_reply, parent_id, result_text
 
 SLEEP_MARKED = 'import time\nprint("sleeping", flush=True)\ntime.sleep(30)'
 
-# A cell that swallows every KeyboardInterrupt, saying so each time. Its marker is printed inside
-# the try: a SIGINT landing while print() sends it is raised when print() returns.
-STUBBORN = """\
-import time
-started = False
-while True:
-    try:
-        if not started:
-            started = True
-            print("looping", flush=True)
-        time.sleep(0.1)
-    except KeyboardInterrupt:
-        print("caught", flush=True)
-"""
 
 # An interrupt is asynchronous (a signal, or a message handled by the supervisor in its own
 # time); this pause lets one sent while idle be handled before the next cell is sent. It only

@@ -13,6 +13,7 @@ import psutil
 import pytest
 from isolation_support import (
     RESTORED,
+    STUBBORN,
     assert_crashed,
     describe,
     finish_cell,
@@ -107,20 +108,6 @@ def test_sigkill_from_outside_restores(snap_kernel: Kernel) -> None:
     assert_crashed(reply, iopub, "SIGKILL", restored=True)
     reply, iopub = execute(kc, CHECK)
     assert result_text(iopub) == CHECK_RESULT, describe(iopub)
-
-
-STUBBORN = """\
-import time
-started = False
-while True:
-    try:
-        if not started:
-            started = True
-            print("looping", flush=True)
-        time.sleep(0.1)
-    except KeyboardInterrupt:
-        print("caught", flush=True)
-"""
 
 
 def test_second_interrupt_restores(snap_kernel: Kernel) -> None:
@@ -239,6 +226,13 @@ def test_a_fork_unsafe_module_stops_snapshots_and_says_why() -> None:
         assert "no snapshot: fakecuda is not fork-safe" in reply["content"]["evalue"]
 
 
+def two_cells(kc) -> None:  # type: ignore[no-untyped-def]
+    """``a = 1``, a pause, ``a = 2``: a snapshot holds ``a == 1``."""
+    execute(kc, "a = 1")
+    time.sleep(PAUSE)
+    execute(kc, "a = 2")
+
+
 def snapshot_state(kc) -> dict:  # type: ignore[no-untyped-def,type-arg]
     msg = kc.session.msg("kernelvisor_info_request", {})
     kc.control_channel.send(msg)
@@ -249,9 +243,7 @@ def snapshot_state(kc) -> dict:  # type: ignore[no-untyped-def,type-arg]
 def test_snapshot_state_and_undo() -> None:
     with kv_kernel() as k:
         kc = k.kc
-        execute(kc, "a = 1")
-        time.sleep(PAUSE)
-        execute(kc, "a = 2")
+        two_cells(kc)
         state = snapshot_state(kc)
         assert state["ready"] and state["enabled"], state
         assert state["before_cell"] == 2 and state["age_cells"] == 1, state
@@ -311,9 +303,7 @@ def test_memory_hungry_snapshot_is_dropped_not_the_worker(settings: dict, why: s
 def test_no_snapshot_outlives_the_kernel(how: str) -> None:
     with kv_kernel() as k:
         kc = k.kc
-        execute(kc, "a = 1")
-        time.sleep(PAUSE)
-        execute(kc, "a = 2")
+        two_cells(kc)
         state = snapshot_state(kc)
         snap = state["pid"]
         assert snap and psutil.pid_exists(snap), state
@@ -327,9 +317,7 @@ def test_no_snapshot_outlives_the_kernel(how: str) -> None:
 def test_restart_leaves_no_snapshot() -> None:
     with kv_kernel() as k:
         kc = k.kc
-        execute(kc, "a = 1")
-        time.sleep(PAUSE)
-        execute(kc, "a = 2")
+        two_cells(kc)
         snap = snapshot_state(kc)["pid"]
         k.km.restart_kernel(now=False)
         kc.wait_for_ready(timeout=TIMEOUT)
