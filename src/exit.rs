@@ -6,18 +6,11 @@ use std::process::ExitStatus;
 pub fn describe_exit(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     if let Some(sig) = status.signal() {
-        let name = match sig {
-            libc::SIGSEGV => "SIGSEGV",
-            libc::SIGABRT => "SIGABRT",
-            libc::SIGKILL => "SIGKILL",
-            libc::SIGBUS => "SIGBUS",
-            libc::SIGFPE => "SIGFPE",
-            libc::SIGILL => "SIGILL",
-            libc::SIGTERM => "SIGTERM",
-            libc::SIGINT => "SIGINT",
-            _ => "signal",
-        };
-        let hint = if sig == libc::SIGKILL {
+        // The name from nix's signal table ("signal" for a number it does not know).
+        let name = nix::sys::signal::Signal::try_from(sig)
+            .map(|s| s.as_str())
+            .unwrap_or("signal");
+        let hint = if sig == nix::sys::signal::Signal::SIGKILL as i32 {
             " — by someone else, e.g. the system's out-of-memory killer"
         } else {
             ""
