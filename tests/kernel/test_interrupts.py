@@ -192,9 +192,13 @@ def test_group_sigint_does_not_reach_idle_workers() -> None:
 
 
 # Stuck in C code with the GIL held (see test_isolation.DEADLOCK): SIGINT cannot get through.
+# The marker's print may still be finishing its send when the test's first SIGINT lands (the
+# interrupt is then raised as print returns): swallowed, so the cell reaches its deadlock either
+# way.
 DEADLOCK_MARKED = (
     "import ctypes\nlibc = ctypes.PyDLL(None)\nm = ctypes.create_string_buffer(64)\n"
-    'libc.pthread_mutex_init(m, None)\nlibc.pthread_mutex_lock(m)\nprint("stuck", flush=True)\n'
+    "libc.pthread_mutex_init(m, None)\nlibc.pthread_mutex_lock(m)\n"
+    'try:\n    print("stuck", flush=True)\nexcept KeyboardInterrupt:\n    pass\n'
     "libc.pthread_mutex_lock(m)"
 )
 

@@ -85,7 +85,7 @@ EXPECTED: list[tuple[str, Callable[[NotebookNode], None]]] = [
         "import ctypes",
         fails(
             "WorkerCrashed",
-            "the namespace was restored to before this cell",
+            "the namespace was restored to before",
             "reading address 0 ...\n",
         ),
     ),
