@@ -70,6 +70,30 @@ def fork_unsafe_reason(worker: Worker) -> str | None:
     return None
 
 
+def _let_go_of(fd: int) -> None:
+    """Points every descriptor open on the same file as ``fd`` (the worker's original
+    stderr, which faulthandler and the crash report keep copies of) at /dev/null."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        names, target = [str(fd)], ""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for name in names:
+            other = int(name)
+            if other in (0, 1, 2, devnull):
+                continue
+            try:
+                same = other == fd or os.readlink(f"/proc/self/fd/{other}") == target
+            except OSError:
+                continue
+            if same:
+                os.dup2(devnull, other)
+    finally:
+        os.close(devnull)
+
+
 class Snapshots:
     """The worker's side: forking on request, reaping its snapshot children, and, in a
     snapshot, waiting for promotion."""
@@ -157,10 +181,9 @@ class Snapshots:
                 with contextlib.suppress(OSError):
                     os.close(pidfd)
         self._children = {}
-        # The supervisor reads the worker's stderr to its end: do not hold it open.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, w.diag.fileno())
-        os.close(devnull)
+        # The supervisor reads the worker's stderr to its end (and waits for it before it
+        # reports the worker's death): hold none of the descriptors open on it.
+        _let_go_of(w.diag.fileno())
         w.discard_inbox()
         try:
             link = Connection.connect(w.path)
