@@ -151,7 +151,7 @@ impl Admission {
                 if hello.seq.is_none() {
                     return Err("a snapshot hello without seq".into());
                 }
-                let parent = parent_pid(peer.pid);
+                let parent = crate::proctree::parent(peer.pid);
                 if parent != Some(e.pid) && !e.snapshots.contains(&peer.pid) {
                     return Err(format!(
                         "pid {} (parent {parent:?}) is not a child of worker {} ({})",
@@ -166,14 +166,6 @@ impl Admission {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, Expected>> {
         self.expected.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// A process's parent pid, from `/proc/PID/stat` (`None` once it is gone).
-pub fn parent_pid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces or ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -234,7 +226,7 @@ mod tests {
         let t = Token::random().unwrap();
         let me = std::process::id();
         // This test process plays the snapshot: its parent is the "worker".
-        let parent = parent_pid(me).unwrap();
+        let parent = crate::proctree::parent(me).unwrap();
         a.expect(1, parent, t.clone());
         let peer = Peer {
             uid: a.uid,

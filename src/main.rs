@@ -24,7 +24,6 @@ mod kernel_info;
 mod msg_type;
 mod outbox;
 mod pool;
-mod proc_children;
 mod proctree;
 mod signer;
 mod snapshot;

@@ -140,7 +140,7 @@ fn member(pid: u32) -> Option<Member> {
 
 /// The children of `pid`: each of its threads lists those it started
 /// (`/proc/PID/task/TID/children`); where the kernel has no such file, a scan of `/proc`.
-fn children(pid: u32) -> Vec<u32> {
+pub fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
@@ -174,7 +174,7 @@ fn children_by_scan(pid: u32) -> Vec<u32> {
 
 /// The parent of `pid` (`/proc/PID/stat`, after the command name, which may hold
 /// spaces and parentheses).
-fn parent(pid: u32) -> Option<u32> {
+pub fn parent(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm.split_whitespace().nth(1)?.parse().ok()
@@ -185,6 +185,18 @@ fn rss(pid: u32) -> Option<u64> {
     let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * page_size())
+}
+
+/// Private memory (USS: `Private_Clean + Private_Dirty` of `/proc/PID/smaps_rollup`), in
+/// bytes; `None` once it is gone.
+pub fn uss(pid: u32) -> Option<u64> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kib: u64 = rollup
+        .lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    Some(kib << 10)
 }
 
 /// Proportional set size (`/proc/PID/smaps_rollup`, Linux ≥ 4.14); `None` without it.
@@ -251,6 +263,16 @@ mod tests {
         assert!(over_limit(me, u64::MAX, &[]).is_none());
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn private_memory_of_this_process() {
+        let own = uss(std::process::id()).unwrap();
+        assert!(
+            own > 1 << 20,
+            "a test binary has more than 1 MiB of its own: {own}"
+        );
+        assert!(uss(u32::MAX).is_none());
     }
 
     #[test]

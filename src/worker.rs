@@ -392,18 +392,6 @@ fn parse_hello(frame: &[u8]) -> Result<Hello, String> {
     }
 }
 
-/// Private memory of a process (USS: `Private_Clean + Private_Dirty` of
-/// `/proc/PID/smaps_rollup`), in bytes; `None` once it is gone.
-pub fn uss_bytes(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let kib: u64 = text
-        .lines()
-        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum();
-    Some(kib << 10)
-}
-
 #[cfg(test)]
 impl Proc {
     /// A handle whose signals go nowhere (for bookkeeping tests).
@@ -418,16 +406,6 @@ impl Proc {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uss_of_this_process() {
-        let uss = uss_bytes(std::process::id()).unwrap();
-        assert!(
-            uss > 1 << 20,
-            "a test binary has more than 1 MiB of its own: {uss}"
-        );
-        assert!(uss_bytes(u32::MAX).is_none());
-    }
 
     #[test]
     fn hellos() {

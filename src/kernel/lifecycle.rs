@@ -161,7 +161,7 @@ impl Kernel {
     /// for here, and only once exited (never blocking).
     pub(super) fn reap_strays(&mut self) {
         let ours: std::collections::HashSet<u32> = self.pool.all().map(|w| w.pid()).collect();
-        for pid in crate::proc_children::children(std::process::id()) {
+        for pid in crate::proctree::children(std::process::id()) {
             if ours.contains(&pid) {
                 continue;
             }

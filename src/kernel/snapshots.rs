@@ -126,7 +126,7 @@ impl Kernel {
             "age_seconds": current.as_ref().map(|s| s.taken_at.elapsed().as_secs_f64()),
             "age_cells": current.map(|s| self.last_count.unwrap_or(0).saturating_sub(s.count.unwrap_or(0))),
             "before_cell": current.map(|s| s.count.unwrap_or(0) + 1),
-            "private_bytes": current.and_then(|s| worker::uss_bytes(s.pid)),
+            "private_bytes": current.and_then(|s| crate::proctree::uss(s.pid)),
             "fork_ms": current.map(|s| s.fork_ms),
             "memory_budget": self.cfg.snapshots.memory_budget,
             "why_not": match (current, w) {
@@ -174,7 +174,7 @@ impl Kernel {
         let Some(pid) = w.snapshots.current().map(|s| s.pid) else {
             return false;
         };
-        let Some(private) = worker::uss_bytes(pid) else {
+        let Some(private) = crate::proctree::uss(pid) else {
             return false;
         };
         let why = if budget.is_some_and(|b| private > b) {
