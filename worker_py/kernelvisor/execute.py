@@ -291,7 +291,7 @@ class Executor:
         """Await a cell with top-level ``await``, cancellable from any thread."""
         if self._main_asyncio and cell.thread_ident == self._main_ident:
             # We may be the first step of a coroutine that is not a task yet (see
-            # Worker._start_execute): the cell gets a task of its own, in its context, so
+            # RunModes.start_execute): the cell gets a task of its own, in its context, so
             # that its code runs in a task as asyncio code expects; an interrupt
             # cancels that task while it awaits.
             task = asyncio.ensure_future(run)

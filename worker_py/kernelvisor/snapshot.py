@@ -31,7 +31,7 @@ from kernelvisor.messages import Promote, hello
 from kernelvisor.outbox import control_frame
 
 if TYPE_CHECKING:
-    from kernelvisor.worker import Worker
+    from kernelvisor.wiring import Worker
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kernelvisor.worker import Worker
+    from kernelvisor.wiring import Worker
 
 UNDO_WAIT_SECONDS = 5.0
 
