@@ -21,6 +21,8 @@ Where the loop comes from:
   after the caller runs ``anyio.run(scheduler, backend=...)``.
 - ``Caller("manual")``: not started; ``start_sync()`` starts it in a new thread, ``async with``
   runs it in the entering task's loop until the block exits.
+
+The ``to_thread`` pool and the reaper of its idle workers are in caller_pool.py.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import Any, ClassVar, Literal, NamedTuple, ParamSpec, TypeVar, overload
+from typing import Any, ClassVar, Literal, ParamSpec, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -57,6 +59,7 @@ from kernelvisor._pending import (
 )
 from kernelvisor._pending import as_completed as _as_completed
 from kernelvisor._pending import wait as _wait
+from kernelvisor.caller_pool import PoolStats, ThreadPool, forget_reaper_after_fork, stop_reaper
 
 _sniffio_cvar: contextvars.ContextVar[str | None] | None
 try:
@@ -98,13 +101,6 @@ class _State(enum.IntEnum):
     STOPPED = 4
 
 
-class PoolStats(NamedTuple):
-    """A caller's ``to_thread`` pool: workers waiting for work, workers running a call."""
-
-    idle: int
-    busy: int
-
-
 class _Job:
     __slots__ = ("args", "context", "deadline", "func", "kwargs", "pending", "serial")
 
@@ -135,41 +131,12 @@ def _check_backend(backend: str, *, new_loop: bool) -> None:
         )
 
 
-def _reap_idle_workers() -> None:
-    """Stops ``to_thread`` workers idle for longer than IDLE_WORKER_SHUTDOWN_DURATION;
-    exits once no caller has an idle worker that can expire."""
-    while True:
-        now = time.monotonic()
-        expired: list[Caller] = []
-        next_due: float | None = None
-        with Caller._glock:
-            Caller._reaper_wake.clear()
-            for parent in list(Caller._live):
-                duration = parent.IDLE_WORKER_SHUTDOWN_DURATION
-                if duration <= 0 or not parent._idle:
-                    continue
-                for worker in list(parent._idle):
-                    due = worker._idle_since + duration
-                    if due <= now:
-                        parent._idle.remove(worker)
-                        expired.append(worker)
-                    elif next_due is None or due < next_due:
-                        next_due = due
-            if next_due is None and not expired:
-                if Caller._reaper is threading.current_thread():
-                    Caller._reaper = None
-                return
-        for worker in expired:
-            worker.stop()
-        if next_due is not None:
-            Caller._reaper_wake.wait(max(0.0, next_due - time.monotonic()))
-
-
 class Caller:
     """Runs calls in one thread's event loop; see the module docstring.
 
     ``Caller(modifier=None, /, *, name=None, backend=None, backend_options=None,
-    zmq_context=None)``; ``modifier`` is one of:
+    zmq_context=None)`` (``zmq_context``: kept for user code, see the property);
+    ``modifier`` is one of:
 
     - ``"CurrentThread"``: the caller of this thread (created on first use). An event loop
       must be running in this thread, else ``RuntimeError``.
@@ -190,8 +157,6 @@ class Caller:
     _by_thread: ClassVar[dict[threading.Thread, Caller]] = {}
     _live: ClassVar[set[Caller]] = set()
     _counter: ClassVar[itertools.count[int]] = itertools.count(1)
-    _reaper: ClassVar[threading.Thread | None] = None
-    _reaper_wake: ClassVar[threading.Event] = threading.Event()
     _current: ClassVar[contextvars.ContextVar[tuple[Caller, Pending[Any]] | None]] = (
         contextvars.ContextVar("kernelvisor_caller_current", default=None)
     )
@@ -216,9 +181,7 @@ class Caller:
     _children: set[Caller]
     _stopped_children: list[Caller]
     _is_worker: bool
-    _idle: list[Caller]
-    _busy: set[Caller]
-    _idle_since: float
+    _pool: ThreadPool
     _bound: threading.Event
     _start_error: BaseException | None
     _stopped: Pending[None]
@@ -348,9 +311,7 @@ class Caller:
         inst._children = set()
         inst._stopped_children = []
         inst._is_worker = False
-        inst._idle = []
-        inst._busy = set()
-        inst._idle_since = 0.0
+        inst._pool = ThreadPool(inst)
         inst._bound = threading.Event()
         inst._start_error = None
         inst._stopped = Pending()
@@ -358,6 +319,10 @@ class Caller:
         with cls._glock:
             cls._live.add(inst)
         return inst
+
+    def _stopping(self) -> bool:
+        """Stopping or stopped: it takes no more calls."""
+        return self._state >= _State.STOPPING
 
     def _check_matches(self, name: str | None, backend: str | None) -> None:
         if name is not None and name != self._name:
@@ -723,62 +688,12 @@ class Caller:
         ``MAX_IDLE_POOL_INSTANCES`` are already idle; idle workers stop after
         ``IDLE_WORKER_SHUTDOWN_DURATION`` seconds (if > 0). See ``pool_stats()``.
         """
-        while True:
-            with Caller._glock:
-                if self._state >= _State.STOPPING:
-                    raise RuntimeError(f"{self!r} is stopped")
-                worker = self._idle.pop() if self._idle else None
-                fresh = worker is None
-                if worker is None:
-                    worker = self._new_child(
-                        f"{self._name}-worker-{next(Caller._counter)}",
-                        self._backend,
-                        self._backend_options,
-                        self._zmq_context,
-                        is_worker=True,
-                    )
-                self._busy.add(worker)
-            if fresh:
-                worker._launch_thread(wait=False)
-            try:
-                pen = worker.call_soon(func, *args, **kwargs)
-            except RuntimeError:
-                with Caller._glock:
-                    self._busy.discard(worker)
-                if fresh:  # it could not even start: another one would not either
-                    raise
-                continue  # an idle worker that stopped meanwhile: take another one
-            pen.add_done_callback(functools.partial(self._release_worker, worker))
-            return pen
-
-    def _release_worker(self, worker: Caller, _pen: Pending[Any]) -> None:
-        with Caller._glock:
-            self._busy.discard(worker)
-            keep = (
-                self._state < _State.STOPPING
-                and worker._state < _State.STOPPING
-                and len(self._idle) < self.MAX_IDLE_POOL_INSTANCES
-            )
-            if keep:
-                worker._idle_since = time.monotonic()
-                self._idle.append(worker)
-                if self.IDLE_WORKER_SHUTDOWN_DURATION > 0:
-                    if Caller._reaper is None:
-                        Caller._reaper = threading.Thread(
-                            target=_reap_idle_workers,
-                            name="kernelvisor-caller-reaper",
-                            daemon=True,
-                        )
-                        Caller._reaper.start()
-                    else:
-                        Caller._reaper_wake.set()  # re-read the (possibly changed) duration
-        if not keep:
-            worker.stop()
+        return self._pool.call(func, args, kwargs)
 
     def pool_stats(self) -> PoolStats:
         """This caller's ``to_thread`` pool: idle and busy worker counts."""
         with Caller._glock:
-            return PoolStats(idle=len(self._idle), busy=len(self._busy))
+            return self._pool.stats()
 
     # --- children ---------------------------------------------------------------------------
 
@@ -888,9 +803,7 @@ class Caller:
             parent = self._parent
             if parent is not None:
                 parent._children.discard(self)
-                parent._busy.discard(self)
-                if self in parent._idle:
-                    parent._idle.remove(self)
+                parent._pool.discard(self)
             children = list(self._children)
             self._stopped_children = list({*self._stopped_children, *children})
         msg = f"{self!r} stopped"
@@ -949,13 +862,7 @@ class Caller:
                 ok = caller.join(timeout) and ok
             except RuntimeError:
                 ok = False
-        with Caller._glock:
-            reaper = Caller._reaper
-            Caller._reaper_wake.set()
-        if reaper is not None and reaper is not me:
-            reaper.join(timeout)
-            ok = ok and not reaper.is_alive()
-        return ok
+        return stop_reaper(timeout) and ok
 
     # --- async context ----------------------------------------------------------------------
 
@@ -1017,7 +924,14 @@ class Caller:
 
     @property
     def zmq_context(self) -> Any:
-        """Opaque: kept and passed on to children (the worker itself has no zmq)."""
+        """The ``zmq_context`` given at creation (``None`` if none was), for user code.
+
+        In async-kernel a caller carries the kernel's ``zmq.Context`` so that code running
+        in its thread can open sockets on it; code written for async-kernel passes it to
+        ``Caller(...)`` and ``get(...)``. Here the worker has no zmq (the supervisor owns
+        every socket), so kernelvisor never uses the value: it only keeps it, copies it to
+        children made by ``get`` (unless given there) and ``to_thread`` workers, and
+        returns it here."""
         return self._zmq_context
 
     @property
@@ -1089,8 +1003,7 @@ def _forget_threads_after_fork() -> None:
     Caller._glock = threading.RLock()
     Caller._by_thread = {}
     Caller._live = set()
-    Caller._reaper = None
-    Caller._reaper_wake = threading.Event()
+    forget_reaper_after_fork()
 
 
 os.register_at_fork(after_in_child=_forget_threads_after_fork)
