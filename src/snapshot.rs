@@ -3,19 +3,24 @@
 //!
 //! The worker forks a paused copy of itself between cells when asked (`snapshot` op);
 //! the copy connects back as a `snapshot` link and waits. If the worker dies, the kernel
-//! promotes the copy: the namespace is back as it was when the copy was forked. One
-//! snapshot is kept: a newer one replaces it once it is connected.
+//! promotes the copy: the namespace is back as it was when the copy was forked. Two
+//! snapshots are kept: the newest (what a crash restores) and the one before it, so that
+//! `%undo` can go back to before the last cell even when the newest was taken after it.
 //!
 //! **Policy.** A snapshot is taken only at a quiescent point (no cell running in the main
 //! worker), and only when cells or comm messages reached the worker since the last one
-//! ("dirty"). Then, before the next request is sent to the worker:
-//! - always, when the worker has been quiet for at least [`IDLE_GAP`] (the cell follows an
-//!   idle period: interactive use, so a crash costs exactly that cell);
-//! - during a burst (Run All, pipelined requests), only once the last snapshot is older than
-//!   [`BURST_INTERVAL`], or 20 times the last fork's duration if that is longer, which
-//!   bounds the fork's share of a burst's time to about 5%.
+//! ("dirty"):
+//! - when the worker has been quiet for [`IDLE_GAP`] after its last reply (the kernel
+//!   arms a timer for it: [`SnapshotState::idle_due_at`]). At human pace the fork and the
+//!   copy's start-up are over long before the next cell arrives, so they cost that cell
+//!   nothing, and a crash costs exactly that cell;
+//! - before a cell that arrives after [`IDLE_GAP`] of quiet if the timer has not fired yet;
+//! - during a burst (Run All, pipelined requests), before a cell only once the last
+//!   snapshot is older than [`BURST_INTERVAL`], or 20 times the last fork's duration if
+//!   that is longer, which bounds the fork's share of a burst's time to about 5%.
 //!
-//! Never before a `%undo` cell (it rolls back to the snapshot before it).
+//! Never before a `%undo` cell. `%undo` promotes the newest snapshot taken before the last
+//! cell ran (see [`SnapshotState::take`]).
 
 use std::time::{Duration, Instant};
 
@@ -100,6 +105,8 @@ struct Requested {
 #[derive(Debug)]
 pub struct SnapshotState {
     current: Option<Snapshot>,
+    /// The one before `current`, kept for `%undo`.
+    previous: Option<Snapshot>,
     requested: Option<Requested>,
     /// Requests reached the worker since the last snapshot.
     dirty: bool,
@@ -107,8 +114,10 @@ pub struct SnapshotState {
     last_fork_ms: f64,
     /// Why the last attempt failed (the worker refused: CUDA, …).
     pub refused: Option<String>,
-    /// Why the last snapshot was dropped (memory), if it was.
+    /// Why the last snapshot was dropped (memory), if none was taken since.
     pub dropped: Option<String>,
+    /// Why a snapshot was last dropped, even if a newer one was taken since.
+    pub last_drop: Option<String>,
     /// Dropped or replaced snapshots that may not have exited yet (not the worker's
     /// memory, whatever the process tree says).
     lingering: Vec<u32>,
@@ -118,6 +127,7 @@ impl Default for SnapshotState {
     fn default() -> Self {
         SnapshotState {
             current: None,
+            previous: None,
             requested: None,
             // A fresh worker has start-up state worth keeping before its first cell.
             dirty: true,
@@ -125,6 +135,7 @@ impl Default for SnapshotState {
             last_fork_ms: 0.0,
             refused: None,
             dropped: None,
+            last_drop: None,
             lingering: Vec::new(),
         }
     }
@@ -147,6 +158,15 @@ impl SnapshotState {
             .is_none_or(|at| now.duration_since(at) >= spacing)
     }
 
+    /// When the idle snapshot is due, for a worker quiet since `quiet_since` (`None`: a cell
+    /// runs): [`IDLE_GAP`] after it, if anything reached the worker since the last one.
+    pub fn idle_due_at(&self, quiet_since: Option<Instant>) -> Option<Instant> {
+        if !self.dirty || self.requested.is_some() {
+            return None;
+        }
+        quiet_since.map(|since| since + IDLE_GAP)
+    }
+
     /// A request reached the worker: its state may change.
     pub fn touch(&mut self) {
         self.dirty = true;
@@ -165,8 +185,8 @@ impl SnapshotState {
         });
     }
 
-    /// The worker forked snapshot `seq` as `pid`. Returns the replaced snapshot, if the
-    /// new one is now complete.
+    /// The worker forked snapshot `seq` as `pid`. Returns the snapshot to let go (the one
+    /// before the replaced one), if the new one is now complete.
     pub fn taken(&mut self, seq: u64, pid: u32, fork_ms: f64) -> Option<Snapshot> {
         self.last_fork_ms = fork_ms;
         match &mut self.requested {
@@ -176,7 +196,7 @@ impl SnapshotState {
         self.complete()
     }
 
-    /// Snapshot `seq` connected. Returns the replaced snapshot if the new one is now
+    /// Snapshot `seq` connected. Returns the snapshot to let go if the new one is now
     /// complete; `Err` gives the link back if no such snapshot is expected.
     pub fn connected(
         &mut self,
@@ -199,14 +219,19 @@ impl SnapshotState {
         let (pid, fork_ms) = r.taken?;
         self.refused = None;
         self.dropped = None;
-        self.current.replace(Snapshot {
+        let replaced = self.current.replace(Snapshot {
             seq: r.seq,
             pid,
             link: r.link?,
             taken_at: r.at,
             count: r.count,
             fork_ms,
-        })
+        });
+        // Two of the same cell would be one too many: the newer one is enough.
+        match replaced {
+            Some(old) if old.count == r.count => Some(old),
+            old => std::mem::replace(&mut self.previous, old),
+        }
     }
 
     /// The worker could not fork snapshot `seq`.
@@ -222,24 +247,49 @@ impl SnapshotState {
         if self.current.as_ref().is_some_and(|s| s.seq == seq) {
             self.current = None;
         }
+        if self.previous.as_ref().is_some_and(|s| s.seq == seq) {
+            self.previous = None;
+        }
         if self.requested.as_ref().is_some_and(|r| r.seq == seq) {
             self.requested = None;
         }
     }
 
-    /// Drops the snapshot (its process exits when its link closes), saying why.
-    pub fn drop_current(&mut self, why: String) -> Option<Snapshot> {
-        let s = self.current.take()?;
-        self.dropped = Some(why);
-        self.lingering.push(s.pid);
-        Some(s)
+    /// Drops both snapshots (their processes exit when their links close), saying why.
+    pub fn drop_all(&mut self, why: String) {
+        let dropped = [self.current.take(), self.previous.take()];
+        for s in dropped.into_iter().flatten() {
+            self.dropped = Some(why.clone());
+            self.last_drop = Some(why.clone());
+            self.lingering.push(s.pid);
+        }
     }
 
-    /// The snapshot to promote, taken out: the newest one that was forked, even if it
-    /// has not connected yet (its worker died right after the fork); else the ready one.
-    pub fn take(&mut self) -> Option<Promotable> {
-        let current = self.current.take();
-        match self.requested.take() {
+    /// Drops the ready snapshot `pid`, saying why.
+    pub fn drop_pid(&mut self, pid: u32, why: String) {
+        let s = if self.previous.as_ref().is_some_and(|s| s.pid == pid) {
+            self.previous.take()
+        } else if self.current.as_ref().is_some_and(|s| s.pid == pid) {
+            self.current.take()
+        } else {
+            None
+        };
+        if let Some(s) = s {
+            self.lingering.push(s.pid);
+            self.last_drop = Some(why.clone());
+            if self.current.is_none() {
+                self.dropped = Some(why);
+            }
+        }
+    }
+
+    /// The snapshot to promote, taken out; the others are dropped with this state.
+    /// - After a crash (`undo_of` is `None`): the newest one that was forked, even if it
+    ///   has not connected yet (its worker died right after the fork).
+    /// - For `%undo` of the cell numbered `undo_of`: the newest one taken before that cell
+    ///   ran (its count is below it).
+    pub fn take(&mut self, undo_of: Option<u64>) -> Option<Promotable> {
+        let forked = match self.requested.take() {
             Some(Requested {
                 seq,
                 count,
@@ -252,12 +302,21 @@ impl SnapshotState {
                 count,
                 link,
             }),
-            _ => current.map(|s| Promotable {
+            _ => None,
+        };
+        let ready = [self.current.take(), self.previous.take()]
+            .into_iter()
+            .flatten()
+            .map(|s| Promotable {
                 seq: s.seq,
                 pid: s.pid,
                 count: s.count,
                 link: Some(s.link),
-            }),
+            });
+        let mut newest_first = forked.into_iter().chain(ready);
+        match undo_of {
+            None => newest_first.next(),
+            Some(cell) => newest_first.find(|s| s.count.unwrap_or(0) < cell),
         }
     }
 
@@ -272,6 +331,7 @@ impl SnapshotState {
             .map(|(pid, _)| pid);
         self.current
             .iter()
+            .chain(self.previous.iter())
             .map(|s| s.pid)
             .chain(requested)
             .chain(self.lingering.iter().copied())
@@ -285,9 +345,17 @@ impl SnapshotState {
         }
     }
 
-    /// The ready snapshot.
-    pub fn current(&self) -> Option<&Snapshot> {
-        self.current.as_ref()
+    /// The ready snapshots, newest first.
+    pub fn ready(&self) -> impl Iterator<Item = &Snapshot> {
+        self.current.iter().chain(self.previous.iter())
+    }
+
+    /// The snapshot `%undo` of the cell numbered `cell` would promote.
+    pub fn undo_target(&self, cell: u64) -> Option<SnapshotView> {
+        self.latest()
+            .into_iter()
+            .chain(self.ready().map(Snapshot::view))
+            .find(|s| s.count.unwrap_or(0) < cell)
     }
 
     /// The snapshot a crash now would promote: the newest forked one (connected or not),
@@ -309,13 +377,19 @@ impl SnapshotState {
                 fork_ms: *fork_ms,
             });
         }
-        self.current.as_ref().map(|s| SnapshotView {
-            seq: s.seq,
-            pid: s.pid,
-            taken_at: s.taken_at,
-            count: s.count,
-            fork_ms: s.fork_ms,
-        })
+        self.current.as_ref().map(Snapshot::view)
+    }
+}
+
+impl Snapshot {
+    fn view(&self) -> SnapshotView {
+        SnapshotView {
+            seq: self.seq,
+            pid: self.pid,
+            taken_at: self.taken_at,
+            count: self.count,
+            fork_ms: self.fork_ms,
+        }
     }
 }
 
@@ -337,7 +411,7 @@ mod tests {
         assert!(!s.due(t0, IDLE_GAP), "one at a time");
         assert!(s.taken(1, 10, 2.0).is_none());
         assert!(s.connected(1, link()).unwrap().is_none());
-        assert_eq!(s.current().map(|c| c.pid), Some(10));
+        assert_eq!(s.ready().next().map(|c| c.pid), Some(10));
         assert!(!s.due(t0, IDLE_GAP), "clean: nothing ran since");
         s.touch();
         assert!(s.due(t0, IDLE_GAP), "after an idle period");
@@ -348,17 +422,79 @@ mod tests {
         );
         assert!(s.due(t0 + BURST_INTERVAL, burst), "burst: spaced");
         // A slow fork spaces burst snapshots further apart.
-        s.requested(2, t0, None);
+        s.requested(2, t0, Some(1));
         s.taken(2, 11, 20.0);
-        let old = s.connected(2, link()).unwrap();
-        assert_eq!(
-            old.map(|o| o.pid),
-            Some(10),
-            "the older one is handed back to drop"
+        assert!(
+            s.connected(2, link()).unwrap().is_none(),
+            "the older one is kept"
         );
         s.touch();
         assert!(!s.due(t0 + Duration::from_millis(300), burst));
         assert!(s.due(t0 + Duration::from_millis(400), burst));
+        s.requested(3, t0, Some(2));
+        s.taken(3, 12, 1.0);
+        let old = s.connected(3, link()).unwrap();
+        assert_eq!(
+            old.map(|o| o.pid),
+            Some(10),
+            "the third hands the first back to drop"
+        );
+        assert_eq!(s.ready().map(|r| r.pid).collect::<Vec<_>>(), [12, 11]);
+    }
+
+    #[test]
+    fn idle_timer_is_armed_only_when_dirty_and_quiet() {
+        let t0 = Instant::now();
+        let mut s = SnapshotState::default();
+        assert_eq!(s.idle_due_at(Some(t0)), Some(t0 + IDLE_GAP));
+        assert_eq!(s.idle_due_at(None), None, "a cell runs");
+        s.requested(1, t0, None);
+        assert_eq!(s.idle_due_at(Some(t0)), None, "one at a time");
+        s.taken(1, 10, 1.0);
+        s.connected(1, link()).unwrap();
+        assert_eq!(s.idle_due_at(Some(t0)), None, "nothing ran since");
+        s.touch();
+        assert!(s.idle_due_at(Some(t0)).is_some());
+    }
+
+    #[test]
+    fn undo_goes_before_the_last_cell_and_a_crash_to_the_newest() {
+        let t0 = Instant::now();
+        let mut s = SnapshotState::default();
+        // Before cell 1 (count None), then after cell 1 at idle (count 1).
+        for (seq, pid, count) in [(1, 10, None), (2, 11, Some(1))] {
+            s.requested(seq, t0, count);
+            s.taken(seq, pid, 1.0);
+            s.connected(seq, link()).unwrap();
+        }
+        // `%undo` runs as cell 2 and undoes cell 1: the snapshot from before it.
+        assert_eq!(s.undo_target(1).map(|v| v.pid), Some(10));
+        assert_eq!(s.undo_target(2).map(|v| v.pid), Some(11));
+        let mut crash = SnapshotState::default();
+        std::mem::swap(&mut crash, &mut s);
+        let mut undo = SnapshotState::default();
+        for (seq, pid, count) in [(1, 10, None), (2, 11, Some(1))] {
+            undo.requested(seq, t0, count);
+            undo.taken(seq, pid, 1.0);
+            undo.connected(seq, link()).unwrap();
+        }
+        assert_eq!(crash.take(None).map(|p| p.pid), Some(11));
+        assert_eq!(undo.take(Some(1)).map(|p| p.pid), Some(10));
+        // Two of the same count: the newer replaces it, the older one stays for %undo.
+        let mut same = SnapshotState::default();
+        for (seq, pid, count) in [(1, 10, None), (2, 11, Some(1)), (3, 12, Some(1))] {
+            same.requested(seq, t0, count);
+            same.taken(seq, pid, 1.0);
+            let old = same.connected(seq, link()).unwrap();
+            assert_eq!(old.map(|o| o.pid), (seq == 3).then_some(11));
+        }
+        assert_eq!(same.ready().map(|r| r.pid).collect::<Vec<_>>(), [12, 10]);
+        same.drop_pid(10, "tight".into());
+        assert_eq!(same.ready().map(|r| r.pid).collect::<Vec<_>>(), [12]);
+        assert!(same.dropped.is_none(), "the newest is still there");
+        assert_eq!(same.last_drop.as_deref(), Some("tight"));
+        same.drop_pid(12, "budget".into());
+        assert_eq!(same.dropped.as_deref(), Some("budget"));
     }
 
     #[test]
@@ -369,17 +505,17 @@ mod tests {
         s.requested(1, t0, Some(3));
         s.refuse(1, "CUDA was initialized".into());
         assert_eq!(s.refused.as_deref(), Some("CUDA was initialized"));
-        assert!(s.current().is_none());
+        assert!(s.ready().next().is_none());
         s.requested(2, t0, Some(3));
         s.connected(2, link()).unwrap();
         s.taken(2, 12, 1.0);
         assert!(s.refused.is_none());
         s.gone(2);
-        assert!(s.take().is_none(), "a dead snapshot is not promoted");
+        assert!(s.take(None).is_none(), "a dead snapshot is not promoted");
         // Forked but not connected yet: promoted all the same (it connects later).
         s.requested(3, t0, Some(4));
         s.taken(3, 13, 1.0);
-        let late = s.take().unwrap();
+        let late = s.take(None).unwrap();
         assert_eq!(
             (late.pid, late.count, late.link.is_none()),
             (13, Some(4), true)

@@ -108,7 +108,7 @@ impl Kernel {
         }
         let words = last_words(&tail);
         let lost = self.no_snapshot_reason(&slot.snapshots);
-        let snapshot = self.promote_snapshot(&mut slot);
+        let snapshot = self.promote_snapshot(&mut slot, undo);
         let snapshot_count = snapshot.as_ref().and_then(|s| s.count);
         let count = slot.execution_count;
         let owed = self.take_owed(id);
@@ -272,11 +272,16 @@ impl Kernel {
         .await;
     }
 
-    /// Promotes the dead main worker's snapshot, if it has one and snapshots are on:
-    /// returns it (the heir is on its way).
-    fn promote_snapshot(&mut self, slot: &mut WorkerSlot) -> Option<Promotable> {
+    /// Promotes the dead main worker's snapshot (for `%undo`: the one from before the cell
+    /// it undoes), if it has one and snapshots are on: returns it (the heir is on its way).
+    fn promote_snapshot(&mut self, slot: &mut WorkerSlot, undo: bool) -> Option<Promotable> {
         let dead = slot.id;
-        let snapshot = self.snapshots_on.then(|| slot.snapshots.take()).flatten();
+        // `%undo` runs as the cell after the one it undoes.
+        let undo_of = undo.then(|| self.last_count.unwrap_or(0).saturating_sub(1));
+        let snapshot = self
+            .snapshots_on
+            .then(|| slot.snapshots.take(undo_of))
+            .flatten();
         let Some(mut snapshot) = snapshot else {
             self.admission.forget(dead);
             return None;

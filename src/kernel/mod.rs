@@ -176,6 +176,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         waiting_for_worker: VecDeque::new(),
         deferred_kernel_info: Vec::new(),
         quiet_since: Some(Instant::now()),
+        idle_snapshot_fired: None,
         last_ping: Instant::now(),
         ping_seq: 0,
         last_count: None,
@@ -275,6 +276,8 @@ struct Kernel {
     deferred_kernel_info: Vec<(Channel, Incoming)>,
     /// Since when no cell has run in the main worker (`None` while one runs).
     quiet_since: Option<Instant>,
+    /// The idle snapshot timer that last fired (see [`Kernel::idle_snapshot_at`]).
+    idle_snapshot_fired: Option<Instant>,
     last_ping: Instant,
     ping_seq: u64,
     /// The last execution count any main worker announced: numbering goes on from it
@@ -308,6 +311,7 @@ impl Kernel {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.exiting {
+            let idle_snapshot = self.idle_snapshot_at();
             tokio::select! {
                 Some(m) = self.shell.next() => self.on_client(Channel::Shell, m).await,
                 Some(m) = self.control.next() => self.on_client(Channel::Control, m).await,
@@ -315,6 +319,9 @@ impl Kernel {
                 Some(ev) = self.events_rx.recv() => {
                     self.on_worker_event(ev).await;
                     self.send_refusals().await;
+                }
+                _ = snapshot_timer(idle_snapshot) => {
+                    self.idle_snapshot(idle_snapshot.expect("armed"));
                 }
                 _ = tick.tick() => {
                     self.watchdog().await;
@@ -328,6 +335,14 @@ impl Kernel {
                 }
             }
         }
+    }
+}
+
+/// Sleeps until the idle snapshot is due; never returns when no snapshot is armed.
+async fn snapshot_timer(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

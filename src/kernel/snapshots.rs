@@ -1,6 +1,6 @@
 //! The kernel's side of snapshots (design in [`crate::snapshot`]): asking the main worker
-//! to fork one when the policy says so, keeping the newest, dropping it when memory is
-//! tight, `%snapshot` and `%undo`.
+//! to fork one when the policy says so (at idle, on a timer, or before a cell), keeping
+//! the newest two, dropping them when memory is tight, `%snapshot` and `%undo`.
 
 use serde_json::json;
 use tracing::{info, warn};
@@ -10,8 +10,26 @@ use crate::ipc_ops::ToWorker;
 use crate::pool::KillReason;
 
 impl Kernel {
-    /// Before a cell is sent to the main worker: fork a snapshot first if the policy says
-    /// so (never before an `%undo` cell, which goes back to the snapshot before it).
+    /// When the idle snapshot's timer should fire: the main worker is quiet and something
+    /// reached it since its last snapshot (`None`: no timer).
+    pub(super) fn idle_snapshot_at(&self) -> Option<Instant> {
+        if !self.snapshots_on || self.cfg.backend != Backend::Asyncio {
+            return None;
+        }
+        let at = self.pool.main()?.snapshots.idle_due_at(self.quiet_since)?;
+        // Fired once for this quiet period already (declined): not again.
+        (self.idle_snapshot_fired != Some(at)).then_some(at)
+    }
+
+    /// The idle snapshot's timer fired.
+    pub(super) fn idle_snapshot(&mut self, at: Instant) {
+        self.idle_snapshot_fired = Some(at);
+        self.maybe_snapshot(false);
+    }
+
+    /// Before a cell is sent to the main worker, or when it has been quiet for a while:
+    /// fork a snapshot if the policy says so (never before an `%undo` cell, which goes
+    /// back to the snapshot before the cell it undoes).
     pub(super) fn maybe_snapshot(&mut self, undo: bool) {
         if !self.snapshots_on || undo || self.main_busy() || self.cfg.backend != Backend::Asyncio {
             return;
@@ -79,9 +97,9 @@ impl Kernel {
             if w.snapshots.refused.as_deref() != Some(reason.as_str()) {
                 warn!(worker = id, reason, "no snapshot");
             }
-            // Without a snapshot of the current state, the old one would restore
-            // too far back without saying so: drop it.
-            drop(w.snapshots.drop_current(reason.clone()));
+            // Without a snapshot of the current state, the old ones would restore
+            // too far back without saying so: drop them.
+            w.snapshots.drop_all(reason.clone());
             w.snapshots.refuse(seq, reason);
         }
     }
@@ -92,7 +110,7 @@ impl Kernel {
         self.snapshots_on = enabled;
         if !enabled {
             if let Some(w) = self.pool.main_mut() {
-                drop(w.snapshots.drop_current("snapshots are off".into()));
+                w.snapshots.drop_all("snapshots are off".into());
             }
         }
     }
@@ -114,10 +132,16 @@ impl Kernel {
         "no snapshot was ready".into()
     }
 
+    /// The cell `%undo` would undo: the one before the `%undo` cell, which is running.
+    fn undo_of(&self) -> u64 {
+        self.last_count.unwrap_or(0).saturating_sub(1)
+    }
+
     /// The snapshot's state, for `%snapshot` and `kernelvisor_info_request`.
     pub(super) fn snapshot_info(&self) -> Value {
         let w = self.pool.main();
         let current = w.and_then(|w| w.snapshots.latest());
+        let undo = w.and_then(|w| w.snapshots.undo_target(self.undo_of()));
         json!({
             "enabled": self.snapshots_on,
             "ready": current.is_some(),
@@ -128,6 +152,14 @@ impl Kernel {
             "before_cell": current.map(|s| s.count.unwrap_or(0) + 1),
             "private_bytes": current.and_then(|s| crate::proctree::uss(s.pid)),
             "fork_ms": current.map(|s| s.fork_ms),
+            "undo_ready": undo.is_some(),
+            "undo_before_cell": undo.map(|s| s.count.unwrap_or(0) + 1),
+            "kept": w.map_or(Vec::new(), |w| w.snapshots.ready().map(|s| json!({
+                "pid": s.pid,
+                "before_cell": s.count.unwrap_or(0) + 1,
+                "private_bytes": crate::proctree::uss(s.pid),
+            })).collect()),
+            "last_dropped": w.and_then(|w| w.snapshots.last_drop.clone()),
             "memory_budget": self.cfg.snapshots.memory_budget,
             "why_not": match (current, w) {
                 (None, Some(w)) => Some(self.no_snapshot_reason(&w.snapshots)),
@@ -154,7 +186,7 @@ impl Kernel {
         let ready = self
             .pool
             .main()
-            .is_some_and(|w| w.id == id && w.snapshots.latest().is_some());
+            .is_some_and(|w| w.id == id && w.snapshots.undo_target(self.undo_of()).is_some());
         if ready && self.snapshots_on {
             self.kill_worker(id, KillReason::Undo);
         } else {
@@ -163,36 +195,51 @@ impl Kernel {
     }
 
     /// Memory: a snapshot over its budget is dropped; when the worker's tree and its
-    /// snapshot together pass the memory limit, the snapshot goes first, so that the
-    /// live worker is not killed for the snapshot's sake. Says whether any was dropped.
+    /// snapshots together pass the memory limit, the snapshots go first (the older one
+    /// first), so that the live worker is not killed for their sake. Says whether any was
+    /// dropped.
     pub(super) fn check_snapshot_memory(&mut self, worker_bytes: u64) -> bool {
         let budget = self.cfg.snapshots.memory_budget;
         let limit = self.cfg.memory_limit;
         let Some(w) = self.pool.main_mut() else {
             return false;
         };
-        let Some(pid) = w.snapshots.current().map(|s| s.pid) else {
-            return false;
-        };
-        let Some(private) = crate::proctree::uss(pid) else {
-            return false;
-        };
-        let why = if budget.is_some_and(|b| private > b) {
-            format!(
-                "its private memory reached {} MiB, over the --snapshot-memory budget",
-                private >> 20
+        // Oldest first: the one kept only for `%undo` goes before the one a crash needs.
+        let mut kept: Vec<(u32, u64)> = w
+            .snapshots
+            .ready()
+            .filter_map(|s| Some((s.pid, crate::proctree::uss(s.pid)?)))
+            .collect();
+        kept.reverse();
+        let total: u64 = kept.iter().map(|(_, uss)| uss).sum();
+        let over_budget = kept
+            .iter()
+            .find(|(_, uss)| budget.is_some_and(|b| *uss > b));
+        let (pid, why) = if let Some((pid, uss)) = over_budget {
+            (
+                *pid,
+                format!(
+                    "its private memory reached {} MiB, over the --snapshot-memory budget",
+                    uss >> 20
+                ),
             )
-        } else if limit.is_some_and(|l| worker_bytes <= l && worker_bytes + private > l) {
-            format!(
-                "memory was tight: the worker ({} MiB) and the snapshot ({} MiB) together passed the memory limit",
-                worker_bytes >> 20,
-                private >> 20
+        } else if let (Some(l), Some((pid, _))) = (limit, kept.first()) {
+            if worker_bytes > l || worker_bytes + total <= l {
+                return false;
+            }
+            (
+                *pid,
+                format!(
+                    "memory was tight: the worker ({} MiB) and its snapshots ({} MiB) together passed the memory limit",
+                    worker_bytes >> 20,
+                    total >> 20
+                ),
             )
         } else {
             return false;
         };
-        warn!(worker = w.id, why, "snapshot dropped");
-        drop(w.snapshots.drop_current(why));
+        warn!(worker = w.id, pid, why, "snapshot dropped");
+        w.snapshots.drop_pid(pid, why);
         true
     }
 }

@@ -79,6 +79,15 @@ def kv_snapshot_pid(kc: BlockingKernelClient, timeout: float = TIMEOUT) -> int |
     return int(pid) if pid else None
 
 
+def kv_snapshot_pids(kc: BlockingKernelClient, timeout: float = TIMEOUT) -> set[int]:
+    """The pids of every snapshot the supervisor keeps of the main worker (the newest, and
+    the one before it that ``%undo`` may need)."""
+    msg = kc.session.msg("kernelvisor_info_request", {})
+    kc.control_channel.send(msg)
+    reply = get_reply(kc, msg["header"]["msg_id"], timeout, channel="control")
+    return {int(s["pid"]) for s in reply["content"]["snapshot"]["kept"]}
+
+
 def wait_pool(
     kc: BlockingKernelClient,
     predicate: Callable[[Pool], bool],

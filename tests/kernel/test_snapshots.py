@@ -282,19 +282,29 @@ def test_undo_without_a_snapshot_says_so() -> None:
 )
 def test_memory_hungry_snapshot_is_dropped_not_the_worker(settings: dict, why: str) -> None:  # type: ignore[type-arg]
     """Rewriting a 150 MiB array after the fork makes the snapshot's copy of it private memory
-    (copy-on-write). Over its budget, or when the worker and the snapshot together pass the
-    memory limit, the snapshot goes and the live worker stays."""
+    (copy-on-write). Over its budget, or when the worker and its snapshots together pass the
+    memory limit, that snapshot goes and the live worker stays; the next one, taken once the
+    worker is idle again, shares the new array with it."""
     with kv_kernel(**settings) as k:
         kc = k.kc
         execute(kc, "import numpy as np\nbig = np.ones(150 << 17)")  # 150 MiB
-        time.sleep(PAUSE)
+        wait_until(
+            lambda: snapshot_state(kc)["before_cell"] == 2, "a snapshot that holds the array"
+        )
+        hungry = snapshot_state(kc)["pid"]
         _, pid = main_worker(kc)
         _reply, iopub = execute(kc, "big[:] = 2.0\nfloat(big[0])")
         assert result_text(iopub) == "2.0", describe(iopub)
-        wait_until(lambda: not snapshot_state(kc)["ready"], "the snapshot to be dropped")
+        wait_until(
+            lambda: hungry not in [s["pid"] for s in snapshot_state(kc)["kept"]],
+            "the memory-hungry snapshot to be dropped",
+        )
+        wait_dead({hungry}, "the dropped snapshot to exit")
         state = snapshot_state(kc)
-        assert "dropped" in state["why_not"] and why in state["why_not"], state
+        assert why in (state["last_dropped"] or ""), state
         assert main_worker(kc)[1] == pid, "the worker was not killed"
+        for kept in state["kept"]:
+            assert kept["private_bytes"] < 100 << 20, state
         _reply, iopub = execute(kc, "float(big.sum()) / big.size")
         assert result_text(iopub) == "2.0"
 
@@ -359,7 +369,14 @@ def define_small(kc) -> None:  # type: ignore[no-untyped-def]
 def test_the_snapshot_takes_over_and_the_spare_stays_warm() -> None:
     """With a snapshot, the crash promotes it (a new worker id, the snapshot's pid); the warm
     spare is not used, and nothing is left behind: no zombie, no second snapshot."""
-    from isolation_support import idle_workers, kv_info, kv_snapshot_pid, settled, wait_pool
+    from isolation_support import (
+        idle_workers,
+        kv_info,
+        kv_snapshot_pid,
+        kv_snapshot_pids,
+        settled,
+        wait_pool,
+    )
 
     with kv_kernel() as k:
         kc = k.kc
@@ -370,13 +387,18 @@ def test_the_snapshot_takes_over_and_the_spare_stays_warm() -> None:
         execute(kc, "a = 2")
         old_id, old_pid = main_worker(kc)
         time.sleep(PAUSE)
-        # The snapshot taken right before this cell is the one promoted.
+        kept = kv_snapshot_pids(kc)
+        # The snapshot taken once the last cell was done is the one promoted.
         reply, iopub = execute(kc, f"print(__import__('os').getpid())\n{SEGFAULT}")
         assert_crashed(reply, iopub, "SIGSEGV", restored=True)
         new_id, new_pid = main_worker(kc)
         assert new_pid != old_pid and new_id > old_id
+        assert new_pid in kept, (new_pid, kept)
         assert psutil.Process(new_pid).ppid() == supervisor_pid(k), "adopted by the supervisor"
-        assert kv_snapshot_pid(kc) is None, "no snapshot of the promoted worker yet"
+        # The dead worker's other snapshot goes; the heir's own is its child.
+        wait_dead(kept - {new_pid}, "the dead worker's older snapshot to exit")
+        heirs = kv_snapshot_pid(kc)
+        assert heirs is None or psutil.Process(heirs).ppid() == new_pid
         assert idle_workers(kv_info(kc)) == spare, "the spare stays idle"
         wait_dead({old_pid}, "the dead worker to be reaped")
         sup = psutil.Process(supervisor_pid(k))

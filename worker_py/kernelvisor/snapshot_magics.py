@@ -34,9 +34,13 @@ def describe(info: dict[str, Any]) -> str:
             else ""
         )
         + f"; forking it took {info.get('fork_ms', 0):.1f} ms.",
-        "A crash now restores it; `%undo` rolls back to it. Files written, network calls"
-        " and other processes are not undone.",
+        "A crash now restores it.",
     ]
+    if info.get("undo_ready"):
+        lines.append(
+            f"`%undo` rolls back to before cell [{info.get('undo_before_cell')}]."
+            " Files written, network calls and other processes are not undone."
+        )
     return "\n".join(lines)
 
 
@@ -67,8 +71,8 @@ def register_magics(worker: Worker) -> None:
         except queue.Empty:
             print("The supervisor did not answer; nothing was undone.")
             return
-        if not info.get("ready"):
-            why = info.get("why_not") or "snapshots are off"
+        if not info.get("undo_ready"):
+            why = info.get("why_not") or "no snapshot from before the last cell"
             print(f"Nothing to undo: {why}.")
             return
         # The supervisor kills this worker and promotes the snapshot; this cell's reply
