@@ -6,7 +6,7 @@
 //! supervisor (`PR_SET_PDEATHSIG`), so none outlives it.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -203,8 +203,15 @@ pub fn spawn(
 
 /// Takes charge of a process that the supervisor did not spawn but must reap: a
 /// promoted snapshot, which its dead worker's exit reparented to the supervisor (a child
-/// subreaper). Reports its end as worker `id`'s [`WorkerEvent::Exited`].
-pub fn adopt(id: WorkerId, pid: u32, events: mpsc::UnboundedSender<WorkerEvent>) -> Proc {
+/// subreaper). Reports its end as worker `id`'s [`WorkerEvent::Exited`], with the tail of
+/// the file it writes its diagnostics to (`diagnostics`: it has no stderr pipe of ours),
+/// which is then removed.
+pub fn adopt(
+    id: WorkerId,
+    pid: u32,
+    diagnostics: PathBuf,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+) -> Proc {
     let (signals, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
     tokio::spawn(async move {
         let target = Pid::from_raw(pid as i32);
@@ -228,13 +235,39 @@ pub fn adopt(id: WorkerId, pid: u32, events: mpsc::UnboundedSender<WorkerEvent>)
                 }
             }
         };
+        let stderr_tail = file_tail(&diagnostics);
+        for line in &stderr_tail {
+            debug!(worker = id, stream = "diagnostics", "{line}");
+        }
+        let _ = std::fs::remove_file(&diagnostics);
         let _ = events.send(WorkerEvent::Exited {
             id,
             status,
-            stderr_tail: Vec::new(),
+            stderr_tail,
         });
     });
     Proc { pid, signals }
+}
+
+/// The last [`STDERR_TAIL`] lines of the file at `path` (at most its last 64 KiB).
+fn file_tail(path: &Path) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let start = len.saturating_sub(64 << 10);
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut bytes).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0); // cut mid-line
+    }
+    let skip = lines.len().saturating_sub(STDERR_TAIL);
+    lines.split_off(skip)
 }
 
 fn send_signal(pid: u32, sig: Signal) {

@@ -296,7 +296,12 @@ impl Kernel {
         self.next_worker += 1;
         let id = self.next_worker;
         // Its worker is dead, so the kernel has reparented it to us (a child subreaper).
-        let proc = worker::adopt(id, snapshot.pid, self.events_tx.clone());
+        // Same name as the worker's `heir_diagnostics_path`.
+        let diagnostics = self
+            .worker_cfg
+            .socket_path
+            .with_file_name(format!("diag-{id}.log"));
+        let proc = worker::adopt(id, snapshot.pid, diagnostics, self.events_tx.clone());
         self.admission.expect(id, snapshot.pid, token.clone());
         self.pool.started(id, proc, true);
         if let Some(heir) = self.pool.get_mut(id) {

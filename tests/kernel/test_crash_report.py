@@ -130,3 +130,32 @@ def read(log: IO[str]) -> str:
     log.flush()
     log.seek(0)
     return log.read()
+
+
+def test_a_promoted_snapshot_reports_its_own_crash_in_full() -> None:
+    """The worker that a snapshot became has no stderr pipe of the supervisor's (the copy must
+    not hold the dead worker's): its diagnostics go to a file in the supervisor's private
+    directory, so its own crash report still shows the cell's line and faulthandler's stack;
+    and it flushes what the crashing cell printed, as a spawned worker does."""
+    with kernel_with_stderr() as (kernel, _):
+        execute(kernel.kc, "x = 1")
+        time.sleep(0.1)  # a pause: the snapshot is taken once the worker is idle
+        first, _ = crash(kernel, "import ctypes\nctypes.string_at(0)")
+        assert first[1] == "Cell In[2], line 2", first
+        reply, iopub = execute(kernel.kc, "x")
+        assert result_text(iopub) == "1", (
+            reply["content"],
+            [(m["msg_type"], m["content"]) for m in iopub],
+        )
+        tb, msgs = crash(kernel, "import ctypes\nprint('last words', end='')\nctypes.string_at(0)")
+        assert tb[0].startswith("WorkerCrashed: the worker process died (killed by SIGSEGV"), tb
+        assert tb[1:5] == [
+            "Cell In[4], line 3",
+            "      1 import ctypes",
+            "      2 print('last words', end='')",
+            "----> 3 ctypes.string_at(0)",
+        ], tb
+        details = next(i for i, line in enumerate(tb) if line.startswith("Details ("))
+        assert tb[details + 1] == "Fatal Python error: Segmentation fault", tb
+        printed = "".join(m["content"]["text"] for m in of_type(msgs, "stream"))
+        assert printed == "last words", msgs

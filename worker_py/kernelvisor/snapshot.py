@@ -70,15 +70,24 @@ def fork_unsafe_reason(worker: Worker) -> str | None:
     return None
 
 
-def _let_go_of(fd: int) -> None:
+def heir_diagnostics_path(socket_path: str, worker_id: int) -> str:
+    """Where a promoted snapshot writes its diagnostics (faulthandler's dump, the crash
+    report): a file in the supervisor's private socket directory, which the supervisor
+    reads when that worker dies (a spawned worker's go to its stderr pipe instead)."""
+    return os.path.join(os.path.dirname(socket_path), f"diag-{worker_id}.log")
+
+
+def _let_go_of(fd: int) -> list[int]:
     """Points every descriptor open on the same file as ``fd`` (the worker's original
-    stderr, which faulthandler and the crash report keep copies of) at /dev/null."""
+    stderr, which faulthandler and the crash report keep copies of) at /dev/null.
+    Returns them, for a promotion to point them at its own diagnostics file."""
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
         names = os.listdir("/proc/self/fd")
     except OSError:
         names, target = [str(fd)], ""
     devnull = os.open(os.devnull, os.O_WRONLY)
+    redirected = []
     try:
         for name in names:
             other = int(name)
@@ -90,8 +99,10 @@ def _let_go_of(fd: int) -> None:
                 continue
             if same:
                 os.dup2(devnull, other)
+                redirected.append(other)
     finally:
         os.close(devnull)
+    return redirected
 
 
 class Snapshots:
@@ -103,6 +114,8 @@ class Snapshots:
         # Snapshot children not yet reaped: pid -> pidfd (or -1).
         self._children: dict[int, int] = {}
         self.last: dict[str, Any] | None = None
+        # In a snapshot: the descriptors that were the worker's diagnostics.
+        self._diag_fds: list[int] = []
 
     def take(self, seq: int) -> None:
         """Fork a snapshot (main thread, no cell running). In the parent, report it; in
@@ -183,7 +196,7 @@ class Snapshots:
         self._children = {}
         # The supervisor reads the worker's stderr to its end (and waits for it before it
         # reports the worker's death): hold none of the descriptors open on it.
-        _let_go_of(w.diag.fileno())
+        self._diag_fds = _let_go_of(w.diag.fileno())
         w.discard_inbox()
         try:
             link = Connection.connect(w.path)
@@ -212,6 +225,19 @@ class Snapshots:
                 except ProtocolError:
                     really_exit(1)
 
+    def _diagnose_to_file(self, path: str) -> None:
+        """faulthandler and the crash report write to ``path`` from now on."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            log.warning("no diagnostics file for this worker: %s", e)
+            return
+        try:
+            for target in self._diag_fds:
+                os.dup2(fd, target, inheritable=False)
+        finally:
+            os.close(fd)
+
     def _become_worker(self, promote: Promote, link: Connection, user_threads: list[str]) -> None:
         w = self._worker
         # Our worker is dead and we were reparented to the supervisor (a subreaper): die
@@ -223,6 +249,7 @@ class Snapshots:
         link.abandon()
         w.worker_id = promote.worker_id
         w.token = promote.token
+        self._diagnose_to_file(heir_diagnostics_path(w.path, w.worker_id))
         w.rewire_after_fork(promote.execution_count)
         if user_threads:
             log.warning(

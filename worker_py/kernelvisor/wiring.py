@@ -286,6 +286,9 @@ class Worker:
         self.debugger = Debugger(self.shell, self.outbox, self.aux_conn)
         self.gate.resume_suspended = self.debugger.resume_for_interrupt
         self.set_count(execution_count)
+        # The crash handler and os._exit flush only in the process that armed them.
+        self.fatal_signals.arm(self._last_words)
+        flush_on_os_exit(self._last_words_before_exit, SHUTDOWN_GRACE_SECONDS)
         self.gate.install()
         self.connect_main()
         self._serve()
