@@ -104,6 +104,39 @@ async def run_notebook(nb: NotebookNode, km: GatewayKernelManager, kernel_name: 
         client.kc.stop_channels()
 
 
+async def debugger_through_gateway(km: GatewayKernelManager) -> tuple[dict, dict]:  # type: ignore[type-arg]
+    """kernel_info and a DAP ``initialize``, through the gateway's websocket as JupyterLab's
+    debugger panel sends them (control channel)."""
+    kc = km.client()
+    await kc.start_channels()
+    try:
+        replies = []
+        for msg_type, content in [
+            ("kernel_info_request", {}),
+            (
+                "debug_request",
+                {
+                    "type": "request",
+                    "seq": 1,
+                    "command": "initialize",
+                    "arguments": {"clientID": "kv-test", "adapterID": "python"},
+                },
+            ),
+        ]:
+            msg = kc.session.msg(msg_type, content)
+            # As JupyterLab's websocket messages say it (the queue does not add it).
+            msg["channel"] = "control"
+            kc.control_channel.send(msg)
+            while True:
+                reply = await kc.control_channel.get_msg(timeout=60)
+                if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                    replies.append(reply["content"])
+                    break
+        return replies[0], replies[1]
+    finally:
+        kc.stop_channels()
+
+
 def listening_ports(proc: psutil.Process) -> set[int]:
     return {c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
 
@@ -154,6 +187,8 @@ def test_enterprise_gateway(
     with server(argv, url, env, eg_log), gateway_client(url):
         specs = get_json(f"{url}/api/kernelspecs")
         assert specs["default"] == "kernelvisor_distributed"
+        spec = specs["kernelspecs"]["kernelvisor_distributed"]["spec"]
+        assert spec["metadata"]["debugger"] is True, "JupyterLab offers its debugger"
 
         km = GatewayKernelManager(owns_kernel=False)  # see test_kernel_gateway.py
         nb = nbformat.v4.new_notebook()
@@ -175,6 +210,13 @@ def test_enterprise_gateway(
         crash = error_of(nb.cells[3])
         assert crash is not None and crash["ename"] == "WorkerCrashed"
         assert stdout_of(nb.cells[4]) == f"alive {supervisor.pid}\n"
+
+        # The debugger answers through the gateway (debugpy is a dependency of the wheel, so
+        # the template's metadata.debugger is true).
+        info, initialized = asyncio.run(debugger_through_gateway(km))
+        assert info["debugger"] is True, info
+        assert initialized["success"] is True, initialized
+        assert initialized["command"] == "initialize", initialized
 
         # The five kernel ports and the communication port were picked in EG's port range.
         kernel_ports = listening_ports(supervisor)
