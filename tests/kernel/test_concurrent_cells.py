@@ -50,6 +50,19 @@ def test_task_cell_finishes_while_a_long_queued_cell_runs(kernel: Kernel) -> Non
         assert statuses(cells[msg_id]["iopub"]) == ["busy", "idle"], cells[msg_id]["iopub"]
 
 
+def test_queue_cells_run_in_order_while_one_awaits(kernel: Kernel) -> None:
+    """A queue cell waits for the one before it even while that one awaits: the
+    supervisor's lane sends the next only after the reply (the worker keeps no queue)."""
+    kc = kernel.kc
+    first = kc.execute("await asyncio.sleep(0.5)\norder = [1]")
+    second = kc.execute("order.append(2)")
+    third = kc.execute("await asyncio.sleep(0)\norder")
+    replies, cells = reply_order(kc, [first, second, third])
+    assert replies == [first, second, third]
+    assert [cells[m]["reply"]["status"] for m in replies] == ["ok"] * 3
+    assert result_text(cells[third]["iopub"]) == "[1, 2]"
+
+
 def test_thread_cell_runs_while_a_blocking_cell_holds_the_main_thread(kernel: Kernel) -> None:
     kc = kernel.kc
     execute(kc, "shared = 'namespace'")

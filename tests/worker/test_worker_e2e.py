@@ -191,15 +191,17 @@ def test_top_level_await(worker: WorkerProcess) -> None:
     assert _result(ex) == "'awaited'"
 
 
-def test_cells_run_in_order_while_one_awaits(worker: WorkerProcess) -> None:
+def test_the_worker_keeps_no_queue(worker: WorkerProcess) -> None:
+    """A cell starts when the worker gets it: that queue cells wait for the one before
+    them is the supervisor's doing (IPC.md "Run modes"; tests/kernel/test_concurrent_cells)."""
+    _ok(worker.execute("import asyncio\norder = []"))
     first = worker.send_request(
-        "execute_request", {"code": "import asyncio\nawait asyncio.sleep(0.3)\norder = [1]"}
+        "execute_request", {"code": "await asyncio.sleep(0.5)\norder.append(1)"}
     )
     second = worker.send_request("execute_request", {"code": "order.append(2)"})
-    third = worker.send_request("execute_request", {"code": "await asyncio.sleep(0)\norder"})
     replies = worker.collect_replies(first, second)
     assert [replies[i].content["status"] for i in (first, second)] == ["ok", "ok"]
-    assert _result(worker.collect(third)) == "[1, 2]"
+    assert _result(worker.execute("order")) == "[2, 1]"
 
 
 def test_top_level_async_with_and_for(worker: WorkerProcess) -> None:

@@ -1,10 +1,15 @@
 """Run modes (IPC.md "Run modes"): how an ``execute_request`` starts. ``queue`` and
 ``task`` cells run on the main thread's event loop, ``thread`` cells in a thread of the
-main thread's ``Caller``."""
+main thread's ``Caller``.
+
+The worker keeps no queue of cells: it starts each cell when it gets it. That ``queue``
+cells run one after another is the supervisor's doing (src/kernel/lanes.rs): it sends
+the main worker a main-lane ``queue`` cell only once the previous one has replied, and a
+cell's reply is the last thing it does here. So ``queue`` and ``task`` cells start the
+same way; the difference is only whether later cells wait in the supervisor's lane."""
 
 from __future__ import annotations
 
-import collections
 import collections.abc
 import contextvars
 import dataclasses
@@ -12,7 +17,7 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from kernelvisor.cells import current_cell
@@ -39,9 +44,6 @@ class RunModes:
         # Made in the main thread once its loop runs (start_caller).
         self._main_caller: Any = None
         self._caller_ready = threading.Event()
-        # Queue cells waiting for the one running on the main thread.
-        self._queue_busy = False
-        self._queue_waiting: collections.deque[Request] = collections.deque()
 
     def start(self, req: Request) -> None:
         """Start an ``execute_request`` in its run mode; from any thread."""
@@ -51,51 +53,27 @@ class RunModes:
             # thread does not hold them up): callers are thread-safe.
             self._start_thread_cell(req)
             return
-        start = self.start_execute if req.mode == "task" else self._start_queue_cell
+        # A queue or task cell (the supervisor decided when it may start).
         on_main = threading.current_thread() is threading.main_thread()
         if on_main and current_cell.get() is None:
-            start(req)
+            self.start_execute(req)
         elif on_main:
-            # Read by an input() waiting inside a cell: start it after that cell.
-            loop.call_soon(start, req, context=contextvars.Context())
+            # Read by an input() waiting inside a cell: start it after that cell (or at
+            # its next await), when the loop runs again.
+            loop.call_soon(self.start_execute, req, context=contextvars.Context())
         else:
-            loop.call_soon_threadsafe(start, req, context=contextvars.Context())
+            loop.call_soon_threadsafe(self.start_execute, req, context=contextvars.Context())
 
-    def _start_queue_cell(self, req: Request) -> None:
-        """A ``queue`` cell: after the one running (the supervisor sends them one at a
-        time; this keeps the order should two ever arrive, e.g. while one awaits)."""
-        if self._queue_busy:
-            self._queue_waiting.append(req)
-            return
-        self._queue_busy = True
-        worker = self._worker
-
-        async def run() -> None:
-            try:
-                await worker.executor.execute(req)
-            finally:
-                worker.loop.call_soon(self._queue_next, context=contextvars.Context())
-
-        self.start_execute(req, run)
-
-    def _queue_next(self) -> None:
-        self._queue_busy = False
-        if self._queue_waiting:
-            self._start_queue_cell(self._queue_waiting.popleft())
-
-    def start_execute(
-        self, req: Request, run: Callable[[], Coroutine[Any, Any, None]] | None = None
-    ) -> None:
+    def start_execute(self, req: Request) -> None:
         """A ``queue`` or ``task`` cell, on the main thread.
 
         With asyncio, run the request's first step now (a cell that never awaits runs to
         its reply right here), and only what remains after an ``await`` as a task. With
         trio, the cell is a trio task from the start (trio calls need a trio task)."""
         worker = self._worker
-        if run is None:
 
-            def run() -> Coroutine[Any, Any, None]:
-                return worker.executor.execute(req)
+        def run() -> Coroutine[Any, Any, None]:
+            return worker.executor.execute(req)
 
         if worker.trio is not None:
             worker.trio.spawn(run)
