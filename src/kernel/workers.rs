@@ -138,13 +138,10 @@ impl Kernel {
             return; // cells wait until the debugger session is restored (debug.rs)
         }
         while let Some((channel, msg)) = self.waiting_for_worker.pop_front() {
-            if channel == Channel::Shell
-                && crate::msg_type::MsgType::parse(&msg.header.msg_type)
-                    == crate::msg_type::MsgType::ExecuteRequest
-            {
+            let t = crate::msg_type::MsgType::parse(&msg.header.msg_type);
+            if channel == Channel::Shell && t == crate::msg_type::MsgType::ExecuteRequest {
                 self.execute_request(msg).await;
             } else {
-                let t = crate::msg_type::MsgType::parse(&msg.header.msg_type);
                 self.forward(channel, msg, t).await;
             }
         }
