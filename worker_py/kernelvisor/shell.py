@@ -24,6 +24,7 @@ from kernelvisor.compiler import CellCompiler
 from kernelvisor.messages import loads_object
 from kernelvisor.startup import user_config
 from kernelvisor.streams import OutStream
+from kernelvisor.tracebacks import install as install_fast_tracebacks
 
 # Inputs cached before IPython writes history to sqlite on its own.
 HISTORY_CACHE_SIZE = 1000
@@ -198,6 +199,7 @@ class ZMQInteractiveShell(InteractiveShell):
             cell.count = self._count - 1 if self._count > 1 else 0
 
     def showtraceback(self, exc_tuple: Any = None, *args: Any, **kwargs: Any) -> None:
+        install_fast_tracebacks()
         # An interrupted cell shows why it ended (KeyboardInterrupt, TimeoutError), not the
         # cancellation that ended its await.
         cell = current_cell.get()

@@ -1,0 +1,71 @@
+"""Cheaper IPython tracebacks: one pygments lexer class for stack_data's highlighting.
+
+IPython formats a traceback's source lines with stack_data, whose ``_pygmented_with_ranges``
+defines a new pygments lexer class on every call (one per frame shown). pygments compiles a
+lexer's token table once per class, so every traceback recompiled Python's whole grammar:
+about half the time of formatting a short traceback, e.g. an interrupted cell's
+``KeyboardInterrupt`` (and the memory that touches is copied on write after a snapshot).
+``install`` replaces that function with one that makes the same output from one class.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+_installed = False
+_lexer_class: type | None = None
+
+
+def _range_lexer() -> type:
+    """The lexer: pygments' Python 3 lexer, marking tokens that start inside ``ranges``
+    (set per instance) as ``ExecutingNode``, as stack_data's own does."""
+    global _lexer_class
+    if _lexer_class is None:
+        from pygments.lexers import get_lexer_by_name
+
+        base: Any = type(get_lexer_by_name("python3"))
+
+        class RangeLexer(base):  # type: ignore[misc, valid-type]
+            ranges: Sequence[tuple[int, int]] = ()
+
+            def get_tokens(self, text: str) -> Any:
+                length = 0
+                for ttype, value in super().get_tokens(text):
+                    if any(start <= length < end for start, end in self.ranges):
+                        ttype = ttype.ExecutingNode
+                    length += len(value)
+                    yield ttype, value
+
+        _lexer_class = RangeLexer
+    return _lexer_class
+
+
+def _pygmented_with_ranges(formatter: Any, code: str, ranges: Sequence[tuple[int, int]]) -> Any:
+    import pygments
+
+    lexer = _range_lexer()(stripnl=False)
+    lexer.ranges = ranges
+    try:
+        highlighted = pygments.highlight(code, lexer, formatter)
+    except Exception:
+        # As stack_data: code without highlighting rather than no traceback.
+        highlighted = code
+    return highlighted.splitlines()
+
+
+def install() -> None:
+    """Patches stack_data (imported here if IPython has not yet: it is about to format a
+    traceback); cheap after the first call. A stack_data without the function is left as
+    it is."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    try:
+        core: Any = importlib.import_module("stack_data.core")
+    except ImportError:
+        return
+    if callable(getattr(core, "_pygmented_with_ranges", None)):
+        core._pygmented_with_ranges = _pygmented_with_ranges
