@@ -1,9 +1,9 @@
 //! Framing of the supervisor ⇄ worker socket (layout in `worker_py/IPC.md`):
 //! `u32 body_len, u32 n_frames, (u32 len, bytes)*`, all big-endian.
 
-use std::io;
+use std::io::{self, IoSlice};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest body accepted; larger is a protocol error.
@@ -71,7 +71,21 @@ pub fn decode_body(mut body: Bytes) -> io::Result<Vec<Bytes>> {
     Ok(frames)
 }
 
+/// Frames of at least this many bytes are read into allocations of their own and written
+/// from where they lie (no copy in user space); smaller ones are copied through the reader's
+/// buffer and coalesced into one write with the length prefixes.
+pub const LARGE_FRAME: usize = 64 << 10;
+
+/// A reader's buffer: large enough for a cell's usual messages in one read.
+pub const READ_BUFFER: usize = 64 << 10;
+
 /// Reads one message; `Ok(None)` on a clean end of stream between messages.
+///
+/// `r` should be buffered ([`READ_BUFFER`]; tokio's `BufReader` hands large reads straight
+/// to the socket). A small message is read whole and split into frames that share its
+/// buffer; a larger one is read frame by frame, each large frame into an allocation of
+/// exactly its size that nothing else shares, filled without being zeroed first, so that
+/// it can be handed on (to ZeroMQ) without a copy: see [`owned`].
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Vec<Bytes>>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
@@ -86,17 +100,144 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<
             format!("message body of {len} bytes exceeds the 1 GiB limit"),
         ));
     }
-    let mut body = BytesMut::zeroed(len);
-    r.read_exact(&mut body).await?;
-    decode_body(body.freeze()).map(Some)
+    if len < LARGE_FRAME {
+        let mut body = BytesMut::zeroed(len);
+        r.read_exact(&mut body).await?;
+        return decode_body(body.freeze()).map(Some);
+    }
+    read_large_body(r, len).await.map(Some)
 }
 
-/// Writes one message.
+/// Reads a body of `len` bytes frame by frame, checking it as [`decode_body`] does.
+async fn read_large_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> io::Result<Vec<Bytes>> {
+    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+    let mut left = len;
+    let n = take_u32(r, &mut left, "body shorter than its frame count").await?;
+    if n == 0 {
+        return Err(bad("message with no frames"));
+    }
+    if n > left / 4 {
+        return Err(bad("frame count larger than the body"));
+    }
+    let mut frames = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = take_u32(r, &mut left, "truncated frame length").await?;
+        if len > left {
+            return Err(bad("frame longer than the body"));
+        }
+        left -= len;
+        frames.push(read_frame(r, len).await?);
+    }
+    if left != 0 {
+        return Err(bad("bytes left over after the last frame"));
+    }
+    Ok(frames)
+}
+
+/// Reads a u32 counted against the `left` bytes of a body (`why` when they are too few).
+async fn take_u32<R: AsyncRead + Unpin>(
+    r: &mut R,
+    left: &mut usize,
+    why: &str,
+) -> io::Result<usize> {
+    if *left < 4 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, why.to_string()));
+    }
+    *left -= 4;
+    Ok(r.read_u32().await? as usize)
+}
+
+/// Reads one frame of `len` bytes: a large one into an allocation of exactly that size.
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> io::Result<Bytes> {
+    if len < LARGE_FRAME {
+        let mut frame = BytesMut::zeroed(len);
+        r.read_exact(&mut frame).await?;
+        return Ok(frame.freeze());
+    }
+    let mut frame = Vec::with_capacity(len);
+    while frame.len() < len {
+        let want = len - frame.len();
+        if r.read_buf(&mut (&mut frame).limit(want)).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    // `Bytes::from` a vector whose length is its capacity keeps the allocation as it is.
+    debug_assert_eq!(frame.len(), frame.capacity());
+    Ok(Bytes::from(frame))
+}
+
+/// A frame as an owned vector, without a copy when it can be had: when `frame` is the only
+/// handle to an allocation of exactly its bytes, as [`read_message`] makes for large frames.
+/// Otherwise (small frames, shared or offset ones) its bytes are copied. ZeroMQ takes a
+/// vector whose length is its capacity without copying (`zmq::Message::from(Vec<u8>)`).
+pub fn owned(frame: Bytes) -> Vec<u8> {
+    if frame.len() < LARGE_FRAME {
+        return frame.to_vec();
+    }
+    match frame.try_into_mut() {
+        Ok(unique) => {
+            let v = Vec::from(unique);
+            if v.len() == v.capacity() {
+                v
+            } else {
+                v.into_boxed_slice().into_vec()
+            }
+        }
+        Err(shared) => shared.to_vec(),
+    }
+}
+
+/// Writes one message: a small one as one buffer, a larger one with its large frames
+/// written from where they lie (vectored writes), not copied into a buffer first.
 pub async fn write_message<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(
     w: &mut W,
     frames: &[F],
 ) -> io::Result<()> {
-    w.write_all(&encode(frames)?).await
+    let body_len = body_len(frames.iter().map(|f| f.as_ref().len()))?;
+    if (body_len as usize) < LARGE_FRAME {
+        return w.write_all(&encode(frames)?).await;
+    }
+    // Pieces: runs of prefixes and small frames, copied into `chunks`, between large frames.
+    enum Piece {
+        Chunk(usize),
+        Frame(usize),
+    }
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut pieces = Vec::new();
+    let mut chunk = Vec::with_capacity(256);
+    chunk.extend_from_slice(&body_len.to_be_bytes());
+    chunk.extend_from_slice(&(frames.len() as u32).to_be_bytes());
+    for (i, f) in frames.iter().enumerate() {
+        let f = f.as_ref();
+        chunk.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        if f.len() >= LARGE_FRAME {
+            pieces.push(Piece::Chunk(chunks.len()));
+            chunks.push(std::mem::take(&mut chunk));
+            pieces.push(Piece::Frame(i));
+        } else {
+            chunk.extend_from_slice(f);
+        }
+    }
+    if !chunk.is_empty() {
+        pieces.push(Piece::Chunk(chunks.len()));
+        chunks.push(chunk);
+    }
+    let mut slices: Vec<IoSlice> = pieces
+        .iter()
+        .map(|p| match *p {
+            Piece::Chunk(c) => IoSlice::new(&chunks[c]),
+            Piece::Frame(f) => IoSlice::new(frames[f].as_ref()),
+        })
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -167,6 +308,88 @@ mod tests {
         );
         writer.await.unwrap();
         assert!(read_message(&mut b).await.unwrap().is_none(), "clean EOF");
+    }
+
+    /// Large frames: read into their own allocations, handed on without a copy, written
+    /// from where they lie; the bytes on the wire are those of `encode`.
+    #[tokio::test]
+    async fn large_frames_are_neither_zeroed_nor_copied() {
+        let big: Vec<u8> = (0..(5 << 20)).map(|i| (i % 251) as u8).collect();
+        let frames: Vec<Bytes> = vec![
+            Bytes::from_static(br#"{"op":"iopub"}"#),
+            Bytes::from_static(b"{}"),
+            Bytes::from(vec![3u8; LARGE_FRAME - 1]),
+            Bytes::from(big.clone()),
+        ];
+        let expected = encode(&frames).unwrap();
+        // What `write_message` puts on the wire is `encode`'s layout.
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let writer = {
+            let frames = frames.clone();
+            tokio::spawn(async move {
+                let mut a = a;
+                write_message(&mut a, &frames).await.unwrap();
+            })
+        };
+        let mut wire = Vec::new();
+        b.read_to_end(&mut wire).await.unwrap();
+        writer.await.unwrap();
+        assert!(wire == expected, "vectored write differs from encode");
+        // Read back through a buffered reader, as the supervisor reads workers.
+        let (mut a, b) = tokio::net::UnixStream::pair().unwrap();
+        tokio::spawn(async move { a.write_all(&expected).await.unwrap() });
+        let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, b);
+        let got = read_message(&mut rd).await.unwrap().unwrap();
+        assert_eq!(got, frames);
+        let large = got.into_iter().nth(3).unwrap();
+        let at = large.as_ptr();
+        let v = owned(large);
+        assert_eq!(v.as_ptr(), at, "the large frame's allocation is handed on");
+        assert_eq!(v.len(), v.capacity(), "exact: ZeroMQ takes it as it is");
+        assert!(v == big);
+        // A frame something else still holds is copied, not stolen.
+        let shared = Bytes::from(big.clone());
+        let keep = shared.clone();
+        let copied = owned(shared);
+        assert_ne!(copied.as_ptr(), keep.as_ptr());
+    }
+
+    #[tokio::test]
+    async fn rejects_malformed_large_bodies() {
+        let good = encode(&[vec![1u8; LARGE_FRAME], vec![2u8; 10]]).unwrap();
+        let body_len = good.len() - 4;
+        let with_body = |body: &[u8], len: usize| {
+            let mut m = (len as u32).to_be_bytes().to_vec();
+            m.extend_from_slice(body);
+            m
+        };
+        let body = &good[4..];
+        let mut zero_frames = body.to_vec();
+        zero_frames[..4].copy_from_slice(&0u32.to_be_bytes());
+        let mut too_many = body.to_vec();
+        too_many[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let mut extra = body.to_vec();
+        extra.extend_from_slice(&[0; 8]);
+        for (name, msg) in [
+            ("good", good.clone()),
+            ("no frames", with_body(&zero_frames, body_len)),
+            ("count too large", with_body(&too_many, body_len)),
+            ("left over", with_body(&extra, body_len + 8)),
+            ("frame past the body", with_body(body, body_len - 1)),
+            ("truncated stream", good[..good.len() - 1].to_vec()),
+        ] {
+            let (mut a, b) = tokio::net::UnixStream::pair().unwrap();
+            tokio::spawn(async move {
+                let _ = a.write_all(&msg).await;
+            });
+            let mut rd = tokio::io::BufReader::new(b);
+            let got = read_message(&mut rd).await;
+            if name == "good" {
+                assert_eq!(got.unwrap().unwrap().len(), 2);
+            } else {
+                assert!(got.is_err(), "accepted: {name}");
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@ use bytes::Bytes;
 
 use crate::header::HeaderFactory;
 use crate::signer::Signer;
-use crate::wire;
+use crate::wire::{self, Part};
 
 /// Everything needed to turn content into a signed multipart message.
 #[derive(Debug)]
@@ -44,6 +44,35 @@ impl Outbox {
             [&header, parent, metadata, content],
             buffers,
         )
+    }
+
+    /// [`Self::to_peer`] from parts that may be moved in rather than copied (a worker's
+    /// frames: large ones reach ZeroMQ without a copy).
+    pub fn to_peer_parts<'a>(
+        &self,
+        identities: &[Bytes],
+        msg_type: &str,
+        [parent, metadata, content]: [Part<'a>; 3],
+        buffers: impl IntoIterator<Item = Part<'a>>,
+    ) -> Vec<Vec<u8>> {
+        let header = self.headers.make(msg_type);
+        wire::serialize_parts(
+            &self.signer,
+            identities,
+            [Part::Owned(header), parent, metadata, content],
+            buffers,
+        )
+    }
+
+    /// [`Self::iopub`] from parts that may be moved in rather than copied.
+    pub fn iopub_parts<'a>(
+        &self,
+        msg_type: &str,
+        json: [Part<'a>; 3],
+        buffers: impl IntoIterator<Item = Part<'a>>,
+    ) -> Vec<Vec<u8>> {
+        let topic = Bytes::from(format!("kernel.{}.{msg_type}", self.headers.session()));
+        self.to_peer_parts(&[topic], msg_type, json, buffers)
     }
 
     /// An IOPub message, under the topic `kernel.<session>.<msg_type>`.

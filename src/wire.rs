@@ -189,6 +189,51 @@ impl<'de> Deserialize<'de> for AnObject {
     }
 }
 
+/// A frame of an outgoing message: borrowed (copied into the message) or shared (moved in:
+/// a large frame that nothing else holds, as the worker IPC reader makes them, becomes the
+/// message's frame without a copy; see [`crate::ipc::owned`]).
+#[derive(Debug, Clone)]
+pub enum Part<'a> {
+    /// Copied.
+    Slice(&'a [u8]),
+    /// Moved in.
+    Shared(Bytes),
+    /// Moved in (made here, e.g. a header).
+    Owned(Vec<u8>),
+}
+
+impl Part<'_> {
+    /// The frame's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Part::Slice(s) => s,
+            Part::Shared(b) => b,
+            Part::Owned(v) => v,
+        }
+    }
+
+    /// The frame as ZeroMQ takes it (`zmq::Message::from(Vec<u8>)` keeps the allocation).
+    fn into_vec(self) -> Vec<u8> {
+        match self {
+            Part::Slice(s) => s.to_vec(),
+            Part::Shared(b) => crate::ipc::owned(b),
+            Part::Owned(v) => v,
+        }
+    }
+}
+
+impl<'a> From<&'a [u8]> for Part<'a> {
+    fn from(s: &'a [u8]) -> Self {
+        Part::Slice(s)
+    }
+}
+
+impl From<Bytes> for Part<'_> {
+    fn from(b: Bytes) -> Self {
+        Part::Shared(b)
+    }
+}
+
 /// Lays out and signs an outgoing message. `prefix` is the routing identities (ROUTER)
 /// or the topic (iopub).
 pub fn serialize(
@@ -197,13 +242,34 @@ pub fn serialize(
     json: [&[u8]; 4],
     buffers: &[Bytes],
 ) -> Vec<Vec<u8>> {
-    let signature = signer.sign(json);
-    let mut out = Vec::with_capacity(prefix.len() + 6 + buffers.len());
+    serialize_parts(
+        signer,
+        prefix,
+        json.map(Part::Slice),
+        buffers.iter().map(|b| Part::Slice(b)),
+    )
+}
+
+/// [`serialize`] from parts that may be moved into the message rather than copied.
+pub fn serialize_parts<'a>(
+    signer: &Signer,
+    prefix: &[Bytes],
+    json: [Part<'a>; 4],
+    buffers: impl IntoIterator<Item = Part<'a>>,
+) -> Vec<Vec<u8>> {
+    let signature = signer.sign([
+        json[0].bytes(),
+        json[1].bytes(),
+        json[2].bytes(),
+        json[3].bytes(),
+    ]);
+    let buffers = buffers.into_iter();
+    let mut out = Vec::with_capacity(prefix.len() + 6 + buffers.size_hint().0);
     out.extend(prefix.iter().map(|p| p.to_vec()));
     out.push(DELIMITER.to_vec());
     out.push(signature.into_bytes());
-    out.extend(json.iter().map(|j| j.to_vec()));
-    out.extend(buffers.iter().map(|b| b.to_vec()));
+    out.extend(json.into_iter().map(Part::into_vec));
+    out.extend(buffers.map(Part::into_vec));
     out
 }
 

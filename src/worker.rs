@@ -335,7 +335,9 @@ async fn serve_connection(
             return;
         }
     };
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    // Buffered: small messages come in few reads; large frames bypass the buffer.
+    let mut rd = tokio::io::BufReader::with_capacity(ipc::READ_BUFFER, rd);
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, ipc::read_message(&mut rd)).await {
         Ok(Ok(Some(frames))) => match parse_hello(&frames[0]) {
             Ok(hello) => hello,

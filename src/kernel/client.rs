@@ -15,6 +15,23 @@ use crate::wire;
 /// (1 GiB) less room for the control frame.
 const MAX_REQUEST_BYTES: usize = crate::ipc::MAX_BODY - (1 << 20);
 
+/// A received frame as `Bytes`: a large one keeps ZeroMQ's buffer (no copy on its way to
+/// the worker), a small one is copied out of it.
+fn frame_bytes(frame: zmq::Message) -> Bytes {
+    /// Owns a received ZeroMQ frame for `Bytes::from_owner`.
+    struct Received(zmq::Message);
+    impl AsRef<[u8]> for Received {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    if frame.len() < crate::ipc::LARGE_FRAME {
+        Bytes::copy_from_slice(&frame)
+    } else {
+        Bytes::from_owner(Received(frame))
+    }
+}
+
 impl Kernel {
     pub(super) async fn on_client(
         &mut self,
@@ -22,7 +39,7 @@ impl Kernel {
         frames: tmq::Result<tmq::Multipart>,
     ) {
         let frames = match frames {
-            Ok(m) => m.into_iter().map(|f| Bytes::copy_from_slice(&f)).collect(),
+            Ok(m) => m.into_iter().map(frame_bytes).collect(),
             Err(e) => {
                 warn!(channel = channel.name(), error = %e, "socket receive failed");
                 return;

@@ -8,6 +8,7 @@ use tracing::warn;
 
 use super::*;
 use crate::msg_type::MsgType;
+use crate::wire::Part;
 
 impl Kernel {
     /// Answers a request with an error reply; messages that have no reply get only the
@@ -68,13 +69,24 @@ impl Kernel {
         content: &[u8],
         buffers: &[Bytes],
     ) {
+        let buffers = buffers.iter().map(|b| Part::Slice(b));
+        self.reply_to_parts(p, [metadata.into(), content.into()], buffers)
+            .await;
+    }
+
+    /// [`Self::reply_to`] with the worker's own frames, moved in (large ones reach ZeroMQ
+    /// without a copy).
+    pub(super) async fn reply_to_parts<'a>(
+        &mut self,
+        p: &Pending,
+        [metadata, content]: [Part<'a>; 2],
+        buffers: impl IntoIterator<Item = Part<'a>>,
+    ) {
         if let Some(reply_type) = p.msg_type.reply_type() {
-            let frames = self.outbox.to_peer(
+            let frames = self.outbox.to_peer_parts(
                 &p.identities,
                 &reply_type,
-                &p.header,
-                metadata,
-                content,
+                [Part::Shared(p.header.clone()), metadata, content],
                 buffers,
             );
             self.send(p.channel, frames).await;

@@ -8,6 +8,7 @@ use tracing::{debug, info, warn};
 use super::*;
 use crate::ipc_ops::{FromWorker, Hello, Link};
 use crate::pool::{Placement, WorkerRole};
+use crate::wire::Part;
 use crate::worker::Frames;
 
 /// How long a worker that closed its connection gets to exit before it is killed.
@@ -152,9 +153,11 @@ impl Kernel {
         &mut self,
         wid: WorkerId,
         link: Link,
-        frames: Frames,
+        mut frames: Frames,
         credit: crate::flow::Credit,
     ) {
+        // Owned, so that large frames are moved on to the client, not copied.
+        let rest = frames.split_off(1.min(frames.len()));
         let Some(w) = self.pool.get_mut(wid) else {
             return;
         };
@@ -170,7 +173,6 @@ impl Kernel {
                 return;
             }
         };
-        let rest = &frames[1..];
         match op {
             FromWorker::Iopub { msg_type } if rest.len() >= 3 && is_identifier(msg_type) => {
                 if msg_type == "debug_event" {
@@ -185,9 +187,9 @@ impl Kernel {
                         self.last_count = Some(self.last_count.map_or(n, |l| l.max(n)));
                     }
                 }
-                let msg = self
-                    .outbox
-                    .iopub(msg_type, &rest[0], &rest[1], &rest[2], &rest[3..]);
+                let mut parts = rest.into_iter().map(Part::Shared);
+                let json = [(); 3].map(|()| parts.next().expect("three JSON frames"));
+                let msg = self.outbox.iopub_parts(msg_type, json, parts);
                 self.iopub.send_credited(msg, credit);
             }
             FromWorker::Reply { id, status, .. } if rest.len() >= 2 => {
@@ -197,7 +199,9 @@ impl Kernel {
                 let Some(p) = self.take_pending(wid, id) else {
                     return;
                 };
-                self.reply_to(&p, &rest[0], &rest[1], &rest[2..]).await;
+                let mut parts = rest.into_iter().map(Part::Shared);
+                let json = [(); 2].map(|()| parts.next().expect("two JSON frames"));
+                self.reply_to_parts(&p, json, parts).await;
                 if p.borrowed {
                     // A fresh namespace before it goes back to the pool.
                     if let Some(w) = self.pool.borrowed(wid) {
@@ -247,7 +251,7 @@ impl Kernel {
             FromWorker::SnapshotQuery => self.answer_snapshot_query(wid),
             FromWorker::Undo => self.undo(wid),
             other => {
-                warn!(worker = wid, op = ?other, frames = frames.len(), "malformed worker message")
+                warn!(worker = wid, op = ?other, frames = 1 + rest.len(), "malformed worker message")
             }
         }
     }
