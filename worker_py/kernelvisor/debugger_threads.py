@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 from types import FrameType
 
-# Threads the worker starts for itself (worker.py, streams.py, capture.py, caller.py), and
-# IPython's history writer.
+# Threads the worker starts for itself (links.py, router.py, wiring.py, streams.py,
+# capture.py, caller_pool.py, debugger*.py), and IPython's history writer.
 SERVICE_THREAD_NAMES = frozenset(
     {
         "kernelvisor-aux-reader",
