@@ -16,12 +16,12 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
 use crate::flow::Credit;
+use crate::tasks::{Tasks, Thread};
 
 /// Builds the signed frames of an `iopub_welcome` for a subscription topic.
 pub type WelcomeFn = Box<dyn Fn(&[u8]) -> Vec<Vec<u8>> + Send>;
@@ -39,6 +39,9 @@ const RETRY_MAX: Duration = Duration::from_millis(16);
 /// read must not keep the kernel from exiting).
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
+/// How long shutdown waits for the thread beyond `STOP_WAIT` before leaving it.
+const JOIN_MARGIN: Duration = Duration::from_millis(500);
+
 /// What the kernel hands to the thread.
 enum Outgoing {
     /// Signed frames, and the budget they hold until published.
@@ -53,14 +56,15 @@ pub struct Iopub {
     bell: zmq::Socket,
     /// Set while a ring is on its way, so that a burst of messages rings once.
     rung: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Thread,
 }
 
 impl Iopub {
     /// Makes the XPUB socket, binds it with `bind` (which returns its port), and starts the
-    /// forwarding thread; returns the IOPub and its port.
+    /// forwarding thread (one of `tasks`'); returns the IOPub and its port.
     pub fn start(
         ctx: &zmq::Context,
+        tasks: &Tasks,
         bind: impl FnOnce(&zmq::Socket) -> anyhow::Result<u16>,
         welcome: WelcomeFn,
     ) -> anyhow::Result<(Self, u16)> {
@@ -81,25 +85,23 @@ impl Iopub {
         let (queue, rx) = mpsc::channel();
         let rung = Arc::new(AtomicBool::new(false));
         let thread_rung = rung.clone();
-        let thread = std::thread::Builder::new()
-            .name("iopub".into())
-            .spawn(move || {
-                Forwarder {
-                    xpub,
-                    door,
-                    queue: rx,
-                    rung: thread_rung,
-                    welcome,
-                    pending: VecDeque::new(),
-                }
-                .run()
-            })?;
+        let thread = tasks.thread("iopub", move || {
+            Forwarder {
+                xpub,
+                door,
+                queue: rx,
+                rung: thread_rung,
+                welcome,
+                pending: VecDeque::new(),
+            }
+            .run()
+        })?;
         Ok((
             Iopub {
                 queue,
                 bell,
                 rung,
-                thread: Some(thread),
+                thread,
             },
             port,
         ))
@@ -129,14 +131,13 @@ impl Iopub {
     }
 
     /// Publishes everything queued (waiting at most `STOP_WAIT` for slow subscribers),
-    /// then stops the thread.
-    pub fn shutdown(mut self) {
+    /// then stops the thread, which closes the XPUB socket. Returns whether the thread
+    /// ended in time (if not, its socket stays open and the context cannot be terminated).
+    pub fn shutdown(self) -> bool {
         let _ = self.queue.send(Outgoing::Stop);
         self.rung.store(false, Ordering::Release);
         self.ring();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.join(STOP_WAIT + JOIN_MARGIN)
     }
 }
 

@@ -25,9 +25,11 @@ mod msg_type;
 mod outbox;
 mod pool;
 mod proctree;
+mod sigint;
 mod signer;
 mod snapshot;
 mod sockets;
+mod tasks;
 mod wire;
 mod worker;
 
@@ -159,13 +161,26 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    // First thing, before any start-up work: the process that launched us. A parent that
-    // dies while we start is then noticed (see `die_with_parent`).
+    // First thing, before any thread or start-up work: SIGINT is held back until the
+    // kernel's handler exists (sigint.rs), so a client's SIGINT to our process group
+    // while we start cannot kill us.
+    let held = sigint::hold();
+    // Then the process that launched us: a parent that dies while we start is noticed
+    // (see `die_with_parent`).
     let parent = nix::unistd::getppid();
     let cli = Cli::parse();
     let result = init_logging(&cli.log_level).and_then(|()| match cli.command {
-        Some(Command::Install(args)) => install::run(&args).map(|_| ()),
-        None => run_kernel(cli.run, parent),
+        Some(Command::Install(args)) => {
+            // Not a kernel: Ctrl-C stops it.
+            sigint::let_in()?;
+            install::run(&args).map(|_| ())
+        }
+        None => {
+            if let Err(e) = held {
+                tracing::warn!(error = %e, "cannot hold SIGINT back while the kernel starts");
+            }
+            run_kernel(cli.run, parent)
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -227,8 +242,9 @@ fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(kernel::run(config))?;
-    // Workers are gone and sockets flushed; do not wait for stray blocking tasks.
-    runtime.shutdown_background();
+    // Every task was stopped and waited for (bounded, in `kernel::run`): nothing should be
+    // left, and nothing left may hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     Ok(())
 }
 
@@ -265,9 +281,6 @@ fn parse_size(text: &str) -> Result<u64, String> {
     Ok((value * (1u64 << shift) as f64) as u64)
 }
 
-/// Asks Linux for SIGTERM when the process that launched us dies, so an orphaned kernel
-/// shuts down (and takes its workers with it) instead of lingering. `parent` is the parent
-/// read first thing in `main`: if it is gone already (it died while we started, before the
 /// `on`/`off` (also `true`/`false`, `1`/`0`).
 fn parse_on_off(text: &str) -> Result<bool, String> {
     match text.trim().to_ascii_lowercase().as_str() {
@@ -286,6 +299,9 @@ fn become_subreaper() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Asks Linux for SIGTERM when the process that launched us dies, so an orphaned kernel
+/// shuts down (and takes its workers with it) instead of lingering. `parent` is the parent
+/// read first thing in `main`: if it is gone already (it died while we started, before the
 /// request took effect), the SIGTERM is raised now.
 fn die_with_parent(parent: nix::unistd::Pid) -> anyhow::Result<()> {
     #[cfg(target_os = "linux")]

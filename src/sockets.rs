@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use crate::connection::{ConnectionInfo, Ports};
 use crate::heartbeat;
 use crate::iopub::{Iopub, WelcomeFn};
+use crate::tasks::{Tasks, Thread};
 
 /// The client-facing sockets, bound; the heartbeat and IOPub threads are running.
 pub struct ClientSockets {
@@ -22,6 +23,8 @@ pub struct ClientSockets {
     pub stdin: tmq::router::Router,
     /// IOPub (XPUB, on its own thread).
     pub iopub: Iopub,
+    /// The heartbeat's thread (it ends when the context is terminated).
+    pub heartbeat: Thread,
 }
 
 /// Binds all five sockets, starts the heartbeat and IOPub threads, and writes the ports
@@ -30,15 +33,21 @@ pub fn bind(
     ctx: &zmq::Context,
     conn: &ConnectionInfo,
     welcome: WelcomeFn,
+    tasks: &Tasks,
 ) -> anyhow::Result<ClientSockets> {
     check_protection(conn)?;
     let asked = conn.ports();
     let (shell, shell_port) = router(ctx, conn, "shell", asked.shell)?;
     let (control, control_port) = router(ctx, conn, "control", asked.control)?;
     let (stdin, stdin_port) = router(ctx, conn, "stdin", asked.stdin)?;
-    let hb_port = heartbeat::start(ctx, |s| bind_socket(s, conn, "heartbeat", asked.hb))?;
-    let (iopub, iopub_port) =
-        Iopub::start(ctx, |s| bind_socket(s, conn, "iopub", asked.iopub), welcome)?;
+    let (hb_port, heartbeat) =
+        heartbeat::start(ctx, tasks, |s| bind_socket(s, conn, "heartbeat", asked.hb))?;
+    let (iopub, iopub_port) = Iopub::start(
+        ctx,
+        tasks,
+        |s| bind_socket(s, conn, "iopub", asked.iopub),
+        welcome,
+    )?;
     let bound = Ports {
         shell: shell_port,
         iopub: iopub_port,
@@ -53,6 +62,7 @@ pub fn bind(
         control,
         stdin,
         iopub,
+        heartbeat,
     })
 }
 

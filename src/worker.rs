@@ -27,6 +27,7 @@ use crate::admission::{Admission, Peer, Token};
 use crate::backend::Backend;
 use crate::ipc;
 use crate::ipc_ops::{Hello, Link};
+use crate::tasks::Tasks;
 
 /// Identifies a worker for the lifetime of the supervisor.
 pub type WorkerId = u64;
@@ -99,12 +100,15 @@ const STDERR_TAIL: usize = 200;
 const TOKEN_FD: i32 = 3;
 
 /// Starts worker `id` with its secret `token` (read from fd 3, see
-/// [`crate::admission`]). Its exit is reported as [`WorkerEvent::Exited`].
+/// [`crate::admission`]). Its exit is reported as [`WorkerEvent::Exited`]. Its waiter and
+/// pipe readers are tracked `tasks`; at their stop signal, a worker still running is
+/// killed and reaped.
 pub fn spawn(
     cfg: &WorkerConfig,
     id: WorkerId,
     token: &Token,
     events: mpsc::UnboundedSender<WorkerEvent>,
+    tasks: &Tasks,
 ) -> std::io::Result<Proc> {
     let mut cmd = tokio::process::Command::new(&cfg.python);
     cmd.arg("-m")
@@ -158,16 +162,25 @@ pub fn spawn(
     let pid = child.id().unwrap_or_default();
     info!(worker = id, pid, python = %cfg.python.display(), "worker starting");
     let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let out = child
-        .stdout
-        .take()
-        .map(|s| tokio::spawn(log_lines(id, "stdout", s, None)));
-    let err = child
-        .stderr
-        .take()
-        .map(|s| tokio::spawn(log_lines(id, "stderr", s, Some(tail.clone()))));
+    // A grandchild may hold the pipes open after the worker's end: readers stop at the
+    // stop signal.
+    let out = child.stdout.take().map(|s| {
+        tasks.spawn_until_stopped(
+            format!("worker {id} stdout reader"),
+            log_lines(id, "stdout", s, None),
+        )
+    });
+    let err = child.stderr.take().map(|s| {
+        tasks.spawn_until_stopped(
+            format!("worker {id} stderr reader"),
+            log_lines(id, "stderr", s, Some(tail.clone())),
+        )
+    });
     let (signals, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
-    tokio::spawn(async move {
+    let stop = tasks.stopped();
+    tasks.spawn(format!("worker {id} waiter"), async move {
+        let mut stop = std::pin::pin!(stop);
+        let mut stopping = false;
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status,
@@ -176,6 +189,12 @@ pub fn spawn(
                     if let Some(pid) = child.id() {
                         send_signal(pid, sig);
                     }
+                }
+                () = &mut stop, if !stopping => {
+                    // The kernel stops and this worker is still here: kill it, then reap.
+                    stopping = true;
+                    warn!(worker = id, "worker still running at the stop signal: killed");
+                    let _ = child.start_kill();
                 }
             }
         };
@@ -205,22 +224,33 @@ pub fn spawn(
 /// promoted snapshot, which its dead worker's exit reparented to the supervisor (a child
 /// subreaper). Reports its end as worker `id`'s [`WorkerEvent::Exited`], with the tail of
 /// the file it writes its diagnostics to (`diagnostics`: it has no stderr pipe of ours),
-/// which is then removed.
+/// which is then removed. At the stop signal of `tasks`, kills it if it is still running.
 pub fn adopt(
     id: WorkerId,
     pid: u32,
     diagnostics: PathBuf,
     events: mpsc::UnboundedSender<WorkerEvent>,
+    tasks: &Tasks,
 ) -> Proc {
     let (signals, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
-    tokio::spawn(async move {
+    let stop = tasks.stopped();
+    tasks.spawn(format!("worker {id} waiter (adopted)"), async move {
+        let mut stop = std::pin::pin!(stop);
+        let mut stopping = false;
         let target = Pid::from_raw(pid as i32);
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let status = loop {
+            // Until `waitpid` below has reaped it, the pid is still our child's.
             tokio::select! {
                 _ = tick.tick() => {}
                 Some(sig) = signal_rx.recv() => {
                     send_signal(pid, sig);
+                    continue;
+                }
+                () = &mut stop, if !stopping => {
+                    stopping = true;
+                    warn!(worker = id, pid, "adopted worker still running at the stop signal: killed");
+                    send_signal(pid, Signal::SIGKILL);
                     continue;
                 }
             }
@@ -295,17 +325,22 @@ async fn log_lines(
     }
 }
 
-/// Accepts worker connections on `listener` for as long as the supervisor runs; each
-/// must pass the handshake of [`Admission`] before anything it says is heard.
+/// Accepts worker connections on `listener` until the stop signal of `tasks` (spawn it
+/// with [`Tasks::spawn_until_stopped`]); each must pass the handshake of [`Admission`]
+/// before anything it says is heard.
 pub async fn accept_loop(
     listener: UnixListener,
     admission: Admission,
     events: mpsc::UnboundedSender<WorkerEvent>,
+    tasks: Tasks,
 ) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, admission.clone(), events.clone()));
+                tasks.spawn_until_stopped(
+                    "worker connection reader",
+                    serve_connection(stream, admission.clone(), events.clone(), tasks.clone()),
+                );
             }
             Err(e) => {
                 warn!(error = %e, "worker socket accept failed");
@@ -320,10 +355,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Reads and checks the hello, then relays the worker's messages as events; a writer task
 /// drains the worker's channel, so the kernel never waits on a worker that does not read.
+/// Both end at the stop signal of `tasks`, if the connection has not ended before.
 async fn serve_connection(
     stream: UnixStream,
     admission: Admission,
     events: mpsc::UnboundedSender<WorkerEvent>,
+    tasks: Tasks,
 ) {
     let peer = match stream.peer_cred() {
         Ok(c) => Peer {
@@ -370,7 +407,7 @@ async fn serve_connection(
     let role = hello.role;
     let seq = hello.seq;
     let (tx, mut rx) = mpsc::unbounded_channel::<Frames>();
-    tokio::spawn(async move {
+    tasks.spawn_until_stopped(format!("worker {id} {role:?} writer"), async move {
         while let Some(frames) = rx.recv().await {
             if let Err(e) = ipc::write_message(&mut wr, &frames).await {
                 debug!(worker = id, error = %e, "worker write failed");

@@ -301,7 +301,13 @@ impl Kernel {
             .worker_cfg
             .socket_path
             .with_file_name(format!("diag-{id}.log"));
-        let proc = worker::adopt(id, snapshot.pid, diagnostics, self.events_tx.clone());
+        let proc = worker::adopt(
+            id,
+            snapshot.pid,
+            diagnostics,
+            self.events_tx.clone(),
+            &self.tasks,
+        );
         self.admission.expect(id, snapshot.pid, token.clone());
         self.pool.started(id, proc, true);
         if let Some(heir) = self.pool.get_mut(id) {

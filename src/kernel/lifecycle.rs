@@ -1,6 +1,5 @@
 //! Starting and stopping worker processes, and backing off when they cannot start.
 
-use nix::sys::signal::Signal;
 use tracing::{debug, error, warn};
 
 use super::*;
@@ -48,7 +47,13 @@ impl Kernel {
         self.next_worker += 1;
         let id = self.next_worker;
         let spawned = Token::random().and_then(|token| {
-            let proc = worker::spawn(&self.worker_cfg, id, &token, self.events_tx.clone())?;
+            let proc = worker::spawn(
+                &self.worker_cfg,
+                id,
+                &token,
+                self.events_tx.clone(),
+                &self.tasks,
+            )?;
             Ok((token, proc))
         });
         match spawned {
@@ -171,27 +176,5 @@ impl Kernel {
                 Ok(status) => debug!(pid, ?status, "reaped an orphan of a worker"),
             }
         }
-    }
-
-    /// Asks every worker to exit, waits briefly, then kills what is left.
-    pub(super) async fn stop_workers(&mut self) {
-        self.pool.shutdown_all();
-        let deadline = tokio::time::Instant::now() + WORKER_EXIT_GRACE;
-        while self.pool.all().next().is_some() {
-            match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
-                Ok(Some(WorkerEvent::Exited { id, .. })) => {
-                    self.pool.remove(id);
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        for w in self.pool.all() {
-            debug!(worker = w.id, pid = w.pid(), "killing worker at exit");
-            w.signal(Signal::SIGKILL);
-        }
-        // Let the owning tasks deliver the kills before the runtime stops.
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

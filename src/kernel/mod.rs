@@ -9,7 +9,7 @@
 //! One file per job: `client` routes client messages, `replies` builds what the supervisor
 //! answers itself, `execute` schedules cells, `interrupts` forwards interrupts, `workers`
 //! hears workers, `crash` answers for dead ones, `snapshots` takes and promotes snapshots,
-//! `watchdog` and `lifecycle` keep the pool healthy.
+//! `watchdog` and `lifecycle` keep the pool healthy, `shutdown` stops it all in order.
 
 mod client;
 mod crash;
@@ -19,6 +19,7 @@ mod interrupts;
 mod lanes;
 mod lifecycle;
 mod replies;
+mod shutdown;
 mod snapshots;
 mod subshells;
 mod watchdog;
@@ -33,7 +34,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::admission::Admission;
 use crate::backend::Backend;
@@ -45,6 +46,7 @@ use crate::pool::{Pool, PoolPolicy};
 use crate::signer::Signer;
 use crate::snapshot::SnapshotConfig;
 use crate::sockets::{self, ClientSockets};
+use crate::tasks::Tasks;
 use crate::wire::Incoming;
 use crate::worker::{self, WorkerConfig, WorkerEvent, WorkerId};
 use execute::{Pending, Queued};
@@ -98,9 +100,6 @@ impl Channel {
     }
 }
 
-/// How long workers get to exit after a `shutdown` before they are killed.
-const WORKER_EXIT_GRACE: Duration = Duration::from_millis(300);
-
 /// How often the watchdog checks memory, liveness, grace periods and the idle pool.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -114,10 +113,20 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 /// is killed, unless `--interrupt-grace` says otherwise.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(2);
 
-/// Runs the kernel until a shutdown request or SIGTERM.
+/// How long terminating the ZeroMQ context may take (it sends what the client sockets
+/// still hold, for at most their linger of 1 s).
+const CONTEXT_TERM_WAIT: Duration = Duration::from_millis(1500);
+
+/// How long the heartbeat thread may take to end once the context is terminated.
+const HEARTBEAT_WAIT: Duration = Duration::from_millis(200);
+
+/// Runs the kernel until a shutdown request or SIGTERM, then stops everything it started
+/// (shutdown.rs) and returns.
 pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
+    let signals = Signals::install()?;
     let conn = &cfg.connection;
     let ctx = zmq::Context::new();
+    let tasks = Tasks::new();
     let outbox = std::sync::Arc::new(Outbox::new(
         Signer::new(conn.key.as_bytes()),
         &std::env::var("USER").unwrap_or_else(|_| "kernel".into()),
@@ -128,7 +137,13 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         control,
         stdin,
         iopub,
-    } = sockets::bind(&ctx, conn, Box::new(move |sub| welcome_outbox.welcome(sub)))?;
+        heartbeat,
+    } = sockets::bind(
+        &ctx,
+        conn,
+        Box::new(move |sub| welcome_outbox.welcome(sub)),
+        &tasks,
+    )?;
 
     let ipc_dir = private_socket_dir()?;
     let socket_path = ipc_dir.path().join("ipc.sock");
@@ -137,11 +152,15 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
     set_mode(&socket_path, 0o600)?;
     let admission = Admission::default();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let acceptor = tokio::spawn(worker::accept_loop(
-        listener,
-        admission.clone(),
-        events_tx.clone(),
-    ));
+    tasks.spawn_until_stopped(
+        "worker socket acceptor",
+        worker::accept_loop(
+            listener,
+            admission.clone(),
+            events_tx.clone(),
+            tasks.clone(),
+        ),
+    );
 
     let mut kernel = Kernel {
         worker_cfg: WorkerConfig {
@@ -189,6 +208,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         start_failure: None,
         refusals: Vec::new(),
         exiting: false,
+        tasks,
     };
     info!(
         transport = %kernel.cfg.connection.transport,
@@ -200,26 +220,78 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
     // Only the main worker at first: spares start once it is ready, so they do not
     // compete with it for the CPU during start-up.
     kernel.spawn_worker();
-    kernel.serve().await;
-    kernel.stop_workers().await;
-    acceptor.abort();
-    let _ = acceptor.await;
+    kernel.serve(signals).await;
+    let stopping = Instant::now();
+    kernel.shut_down().await;
     let Kernel {
         iopub,
         shell,
         control,
         stdin,
+        tasks,
         ..
     } = kernel;
-    iopub.shutdown();
+    // What was queued for IOPub before the shutdown is published (bounded).
+    let iopub_closed = iopub.shutdown();
     drop((shell, control, stdin));
-    drop(ipc_dir);
+    if let Err(e) = ipc_dir.close() {
+        warn!(error = %e, "cannot remove the worker socket's directory");
+    }
     debug::remove_cell_dir();
-    // Terminating the context flushes what is queued (bounded by linger) and stops the
-    // heartbeat thread.
-    let mut ctx = ctx;
-    let _ = ctx.destroy();
+    if iopub_closed {
+        terminate_context(ctx, &tasks);
+        heartbeat.join(HEARTBEAT_WAIT);
+    } else {
+        // Its socket is still open: terminating the context would wait for it forever.
+        warn!("IOPub did not stop: the ZeroMQ context is left to end with the process");
+    }
+    let left = tasks.still_running();
+    if !left.is_empty() {
+        warn!(tasks = ?left, "not finished at exit");
+    }
+    debug!(elapsed = ?stopping.elapsed(), "shutdown complete");
     Ok(())
+}
+
+/// Terminates the ZeroMQ context: what the client sockets still hold (the shutdown
+/// reply) is sent, for at most their linger, and the heartbeat thread ends. On a thread of
+/// its own, so that the wait is bounded even if libzmq's is not.
+fn terminate_context(ctx: zmq::Context, tasks: &Tasks) {
+    let mut ctx = ctx;
+    match tasks.thread("zmq-term", move || {
+        if let Err(e) = ctx.destroy() {
+            warn!(error = %e, "cannot terminate the ZeroMQ context");
+        }
+    }) {
+        Ok(thread) => {
+            thread.join(CONTEXT_TERM_WAIT);
+        }
+        Err(e) => warn!(error = %e, "cannot start a thread to terminate the ZeroMQ context"),
+    }
+}
+
+/// The signals the kernel handles. Their handlers are installed first thing in [`run`];
+/// SIGINT, held back since `main` began (so that one sent while the kernel starts cannot
+/// kill it), is let in only then.
+struct Signals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+    /// Orphans of dead workers become our children (we are a child subreaper).
+    sigchld: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        let signals = Signals {
+            sigint: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            sigterm: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            sigchld: signal(SignalKind::child()).context("cannot handle SIGCHLD")?,
+        };
+        // A SIGINT that came while it was held is delivered now, to the handler: an
+        // interrupt with no cell to interrupt.
+        crate::sigint::let_in()?;
+        Ok(signals)
+    }
 }
 
 /// The workers' socket directory: private (0700) whatever the umask, removed at exit.
@@ -300,14 +372,17 @@ struct Kernel {
     /// Requests to answer with `start_failure`.
     refusals: Vec<(Channel, Incoming, String)>,
     exiting: bool,
+    /// Every task the kernel spawns, and the stop signal they listen to.
+    tasks: Tasks,
 }
 
 impl Kernel {
-    async fn serve(&mut self) {
-        let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        // Orphans of dead workers become our children (we are a child subreaper).
-        let mut sigchld = signal(SignalKind::child()).expect("SIGCHLD handler");
+    async fn serve(&mut self, signals: Signals) {
+        let Signals {
+            mut sigint,
+            mut sigterm,
+            mut sigchld,
+        } = signals;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.exiting {

@@ -64,10 +64,11 @@ impl Kernel {
         }
         // It should exit on its own; make sure it does.
         let proc = w.proc.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(EXIT_AFTER_DISCONNECT).await;
-            proc.signal(Signal::SIGKILL);
-        });
+        self.tasks
+            .spawn_until_stopped(format!("worker {id} kill timer"), async move {
+                tokio::time::sleep(EXIT_AFTER_DISCONNECT).await;
+                proc.signal(Signal::SIGKILL);
+            });
     }
 
     async fn worker_connected(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 from kvharness import (
@@ -18,7 +22,9 @@ from kvharness import (
     STARTUP_TIMEOUT,
     Kernel,
     execute,
+    get_replies,
     get_reply,
+    iopub_until,
     process_tree,
     result_text,
     running_kernel,
@@ -62,6 +68,118 @@ def test_manager_shutdown_needs_no_signal(kernel: Kernel) -> None:
     # jupyter_client records how far it had to escalate (private, but the only record).
     status = getattr(km, "_shutdown_status", None)
     assert status is None or status.name == "ShutdownRequest", status
+
+
+# Cells that are running when the shutdown request comes: one keeps the main worker busy
+# printing, one sleeps in a borrowed worker while the main worker is idle.
+BUSY_CELLS = {
+    "printing": "import itertools\nfor i in itertools.count():\n    print(i)",
+    "process": "# process\nimport time\nprint('started', flush=True)\ntime.sleep(600)",
+}
+
+
+def worker_socket_dir(supervisor_pid: int) -> Path:
+    """The supervisor's private worker-socket directory, from a worker's command line."""
+    for child in psutil.Process(supervisor_pid).children():
+        cmd = child.cmdline()
+        if "--connect" in cmd:
+            return Path(cmd[cmd.index("--connect") + 1]).parent
+    raise AssertionError("no worker found")
+
+
+@pytest.mark.parametrize("busy", sorted(BUSY_CELLS))
+def test_shutdown_while_a_cell_runs(kernel: Kernel, busy: str) -> None:
+    """A cell that would never end does not hold up the exit: every request gets its reply,
+    and the supervisor, its workers and their snapshots are gone, with the worker socket's
+    directory, in bounded time."""
+    km, kc = kernel.km, kernel.kc
+    assert km.provisioner is not None and km.provisioner.process is not None
+    proc = km.provisioner.process
+    execute(kc, "1+1")  # a snapshot is forked before the next cell
+    ipc_dir = worker_socket_dir(proc.pid)
+    assert ipc_dir.is_dir()
+    running = kc.execute(BUSY_CELLS[busy])
+    # Behind the printing cell in the main lane; beside the `# process` cell.
+    after = kc.execute("after = 1")
+    iopub_until(kc, running, lambda m: m["msg_type"] == "stream", [])
+    tree = process_tree(proc.pid)
+    assert len(tree) >= 3, "supervisor and workers"
+    started = time.monotonic()
+    msg_id = kc.shutdown()
+    assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
+    assert proc.wait(timeout=30) == 0
+    # The busy worker is killed, not waited for: well under jupyter_client's 2.5 s before
+    # it escalates to SIGTERM, even on a loaded machine.
+    assert time.monotonic() - started < 2.5
+    assert not wait_gone(tree, timeout=10), "processes left behind"
+    assert not ipc_dir.exists(), "the worker socket's directory is left"
+    replies = get_replies(kc, [running, after])
+    # The running cell will never finish: it is answered `aborted`, as a cell that will not run.
+    assert replies[running]["content"]["status"] == "aborted"
+    assert replies[after]["content"]["status"] in ("ok", "aborted")
+
+
+def test_sigint_while_starting_does_not_kill(kv_bin: Path, tmp_path: Path) -> None:
+    """VS Code interrupts a kernel by signalling its whole process group, also while the kernel
+    starts. A SIGINT that reaches the supervisor before it has a handler must not kill it: here
+    it comes while the supervisor reads its connection file (a FIFO holds it there), then more
+    until the kernel answers."""
+    conn_file, _ = write_connection_file(
+        str(tmp_path / "conn.json"), ip="127.0.0.1", key=os.urandom(16).hex().encode()
+    )
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [str(kv_bin), "-f", str(fifo), "--python", sys.executable],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    kc = BlockingKernelClient(connection_file=conn_file)
+    kc.load_connection_file()
+    try:
+        # A non-blocking open for writing succeeds once a reader has the FIFO open: the
+        # supervisor's `main` is running, and waits for the file's contents.
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+            assert proc.poll() is None, "the kernel exited before reading its connection file"
+            assert time.monotonic() < deadline, "the kernel never opened its connection file"
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGINT)
+        os.write(fd, Path(conn_file).read_bytes())
+        os.close(fd)
+        kc.start_channels()
+        msg_id = kc.kernel_info()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            assert proc.poll() is None, f"the kernel died of SIGINT: exit {proc.returncode}"
+            assert time.monotonic() < deadline, "no kernel_info_reply"
+            os.kill(proc.pid, signal.SIGINT)
+            try:
+                reply = kc.get_shell_msg(timeout=0.005)
+            except queue.Empty:
+                continue
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        _, iopub = execute(kc, "1+1")
+        assert result_text(iopub) == "2"
+        msg_id = kc.shutdown()
+        assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        kc.stop_channels()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "panicked" not in stderr_path.read_text(errors="replace")
 
 
 def test_direct_launch_and_shutdown(kv_bin: Path, tmp_path: Path) -> None:

@@ -1,0 +1,214 @@
+//! Stopping the kernel, in order, each step bounded so that nothing wedged can keep the
+//! supervisor from exiting (what did not finish is named in the log):
+//!
+//! 1. idle workers are asked to exit; those running a cell (which would finish it first)
+//!    or still starting are killed; what they still send is handled as usual (output
+//!    published, replies sent); those left after a grace are killed; all are reaped, and so
+//!    are their snapshots;
+//! 2. every request still waiting gets its reply;
+//! 3. the stop signal: the worker-socket acceptor, connection readers and writers and
+//!    timers end, and the kernel waits for them.
+//!
+//! `run` then flushes IOPub, closes the client sockets, removes the worker socket's
+//! directory and terminates the ZeroMQ context (which ends the heartbeat thread).
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde_json::json;
+use tracing::{debug, warn};
+
+use super::*;
+use crate::msg_type::MsgType;
+use crate::pool::WorkerRole;
+
+/// How long workers get to exit after the `shutdown` op (and, for those running a cell, an
+/// interrupt) before they are killed.
+const WORKER_EXIT_GRACE: Duration = Duration::from_millis(300);
+
+/// How long killed workers may take to be reaped (their waiter also gives their stderr
+/// pipe up to 500 ms to close).
+const REAP_WAIT: Duration = Duration::from_secs(1);
+
+/// How long the snapshots of stopped workers may take to exit (they exit as soon as
+/// their link closes) before they are killed.
+const SNAPSHOT_EXIT_WAIT: Duration = Duration::from_millis(500);
+
+/// How long the tasks get to end after the stop signal.
+const TASKS_WAIT: Duration = Duration::from_millis(500);
+
+impl Kernel {
+    /// Steps 1–3 above.
+    pub(super) async fn shut_down(&mut self) {
+        let started = Instant::now();
+        self.stop_workers().await;
+        debug!(elapsed = ?started.elapsed(), "shutdown: workers stopped");
+        self.answer_unfinished().await;
+        self.tasks.stop();
+        let left = self.tasks.wait(TASKS_WAIT).await;
+        if !left.is_empty() {
+            warn!(tasks = ?left, "tasks still running at exit (left to end with the process)");
+        }
+        debug!(elapsed = ?started.elapsed(), "shutdown: tasks ended");
+    }
+
+    /// Asks every worker to exit; kills at once those that cannot exit soon: a worker that
+    /// runs a cell would first finish it (an interrupt would make it format a traceback
+    /// that nobody will read, hundreds of ms the first time), and one still starting cannot
+    /// be asked yet. Kills what is left after a grace; reaps all of them and their
+    /// snapshots. The cells killed are answered `aborted` (by `answer_unfinished`).
+    async fn stop_workers(&mut self) {
+        let mut kill_now: Vec<WorkerId> = self
+            .pool
+            .all()
+            .filter(|w| matches!(w.role, WorkerRole::Starting { .. }))
+            .map(|w| w.id)
+            .collect();
+        let ids: Vec<WorkerId> = self.pool.all().map(|w| w.id).collect();
+        let mut snapshots: Vec<u32> = Vec::new();
+        for id in ids {
+            if let Some(w) = self.pool.get_mut(id) {
+                snapshots.extend(w.snapshots.snapshot_pids());
+            }
+        }
+        kill_now.extend(
+            self.pending
+                .values()
+                .filter(|p| p.exec.is_some())
+                .map(|p| p.worker),
+        );
+        self.pool.shutdown_all();
+        for id in kill_now {
+            if let Some(w) = self.pool.get(id) {
+                debug!(
+                    worker = id,
+                    "killing a worker that runs a cell or is starting"
+                );
+                w.signal(Signal::SIGKILL);
+            }
+        }
+        if !self.until_workers_exit(WORKER_EXIT_GRACE).await {
+            for w in self.pool.all() {
+                debug!(worker = w.id, pid = w.pid(), "killing worker at exit");
+                w.signal(Signal::SIGKILL);
+            }
+            if !self.until_workers_exit(REAP_WAIT).await {
+                let left: Vec<u32> = self.pool.all().map(|w| w.pid()).collect();
+                warn!(pids = ?left, "workers not reaped at exit");
+            }
+        }
+        reap_snapshots(snapshots).await;
+    }
+
+    /// Handles worker events until every worker has exited (`true`) or `limit` passes.
+    async fn until_workers_exit(&mut self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.pool.all().next().is_some() {
+            match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
+                Ok(Some(ev)) => self.on_worker_event(ev).await,
+                Ok(None) | Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Answers every request still waiting (running in a worker that is gone, queued, or
+    /// waiting for a worker): execute requests `aborted`, as ipykernel answers the cells it
+    /// will not run; others with a `KernelShutdown` error.
+    async fn answer_unfinished(&mut self) {
+        if !self.owed_to_heir.is_empty() {
+            self.settle_owed(false).await;
+        }
+        let mut pending: Vec<(u64, Pending)> = self.pending.drain().collect();
+        pending.sort_unstable_by_key(|(id, _)| *id);
+        for (_, p) in pending {
+            debug!(
+                msg_type = p.msg_type.as_str(),
+                "answering a request at shutdown"
+            );
+            if p.exec.is_some() {
+                self.reply_to(&p, ABORTED_METADATA, ABORTED, &[]).await;
+            } else {
+                let content = shutdown_error().to_string();
+                self.reply_to(&p, ERROR_METADATA, content.as_bytes(), &[])
+                    .await;
+            }
+        }
+        let mut queued = self.lanes.reset_all();
+        queued.extend(self.process_queue.drain(..));
+        queued.extend(std::mem::take(&mut self.abort_after_owed));
+        queued.sort_unstable_by_key(|q| q.seq);
+        self.abort(queued).await;
+        self.send_refusals().await;
+        self.language_info
+            .get_or_insert_with(|| kernel_info::language_info(""));
+        for (channel, msg) in std::mem::take(&mut self.deferred_kernel_info) {
+            self.kernel_info(channel, msg).await;
+        }
+        for (channel, msg) in std::mem::take(&mut self.waiting_for_worker) {
+            if MsgType::parse(&msg.header.msg_type) == MsgType::ExecuteRequest {
+                self.answer_with(channel, &msg, ABORTED_METADATA, ABORTED)
+                    .await;
+            } else {
+                let content = shutdown_error().to_string();
+                self.answer_with(channel, &msg, ERROR_METADATA, content.as_bytes())
+                    .await;
+            }
+        }
+    }
+}
+
+const ABORTED_METADATA: &[u8] = br#"{"status":"aborted"}"#;
+const ABORTED: &[u8] = br#"{"status":"aborted","execution_count":null}"#;
+const ERROR_METADATA: &[u8] = br#"{"status":"error"}"#;
+
+fn shutdown_error() -> Value {
+    json!({
+        "status": "error",
+        "ename": "KernelShutdown",
+        "evalue": "the kernel is shutting down",
+        "traceback": [],
+    })
+}
+
+/// Waits for the snapshots of stopped workers to exit (each exits once its link is
+/// closed) and reaps them: a dead worker's snapshots are the supervisor's children (it is
+/// their subreaper). One still running after [`SNAPSHOT_EXIT_WAIT`] is killed.
+async fn reap_snapshots(mut pids: Vec<u32>) {
+    let deadline = Instant::now() + SNAPSHOT_EXIT_WAIT;
+    let mut pause = Duration::from_micros(500);
+    loop {
+        pids.retain(|&pid| still_ours(pid));
+        if pids.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+    for &pid in &pids {
+        // Still our unreaped child (just checked), so the pid cannot have been reused.
+        warn!(pid, "a snapshot did not exit at shutdown: killed");
+        let target = Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(target, Signal::SIGKILL);
+        if let Err(e) = waitpid(target, None) {
+            debug!(pid, error = %e, "waitpid on a killed snapshot failed");
+        }
+    }
+}
+
+/// Reaps `pid` if it has exited; `true` while it is our child and still running. Once its
+/// worker is reaped, a snapshot is our child; one that is not (`ECHILD`) was reaped
+/// already, by its worker or by us.
+fn still_ours(pid: u32) -> bool {
+    match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => true,
+        Ok(status) => {
+            debug!(pid, ?status, "reaped a snapshot at shutdown");
+            false
+        }
+        Err(_) => false,
+    }
+}
