@@ -42,9 +42,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 def fork_unsafe_reason(worker: Worker) -> str | None:
-    """Why forking now would give a broken copy, or None. Never imports anything."""
-    if worker.trio is not None:
-        return "not supported with the trio backend yet"
+    """Why forking now would give a broken copy, or None. Never imports anything. (The
+    trio backend is refused by the supervisor, which never asks a trio worker for a
+    snapshot: it knows the backend, and so saves the IPC round.)"""
     if type(worker.loop).__module__.startswith("uvloop"):
         return "not supported with uvloop yet"
     modules = sys.modules
