@@ -9,6 +9,10 @@ use super::*;
 use crate::ipc_ops::ToWorker;
 use crate::pool::KillReason;
 
+/// Snapshots holding less than `limit / SMALL_SNAPSHOT_DIVISOR` of their own are not
+/// dropped for a tight `--memory-limit`.
+const SMALL_SNAPSHOT_DIVISOR: u64 = 16;
+
 impl Kernel {
     /// When the idle snapshot's timer should fire: the main worker is quiet and something
     /// reached it since its last snapshot (`None`: no timer).
@@ -196,7 +200,8 @@ impl Kernel {
 
     /// Memory: a snapshot over its budget is dropped; when the worker's tree and its
     /// snapshots together pass the memory limit, the snapshots go first (the older one
-    /// first), so that the live worker is not killed for their sake. Says whether any was
+    /// first), so that the live worker is not killed for their sake, unless they hold
+    /// little of their own (see [`SMALL_SNAPSHOT_DIVISOR`]). Says whether any was
     /// dropped.
     pub(super) fn check_snapshot_memory(&mut self, worker_bytes: u64) -> bool {
         let budget = self.cfg.snapshots.memory_budget;
@@ -224,7 +229,10 @@ impl Kernel {
                 ),
             )
         } else if let (Some(l), Some((pid, _))) = (limit, kept.first()) {
-            if worker_bytes > l || worker_bytes + total <= l {
+            // Snapshots that hold little of their own (under 1/16 of the limit) stay: a
+            // worker that grows toward the limit would otherwise lose its snapshot just
+            // before it is killed for its own growth, when the snapshot matters most.
+            if worker_bytes > l || worker_bytes + total <= l || total < l / SMALL_SNAPSHOT_DIVISOR {
                 return false;
             }
             (

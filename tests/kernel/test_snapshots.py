@@ -415,8 +415,9 @@ def test_a_crash_tagged_raises_exception_does_not_stop_run_all() -> None:
     cells after it run, in the restored namespace."""
     with kv_kernel() as k:
         kc = k.kc
-        # Long enough for the burst rule to snapshot before the next cell.
-        first = send_execute(kc, "import time\ntime.sleep(0.15)\na = 1")
+        # Long enough for the burst rule to snapshot before the next cell (100 ms, or 20
+        # forks: a fresh worker's first fork can take 15 ms on a loaded machine).
+        first = send_execute(kc, "import time\ntime.sleep(0.6)\na = 1")
         crash = send_execute(kc, f"a = 99\n{SEGFAULT}", tags=["raises-exception"])
         after = send_execute(kc, "a + 1")
         assert get_reply(kc, first, TIMEOUT)["content"]["status"] == "ok"
