@@ -30,6 +30,7 @@ mod signer;
 mod snapshot;
 mod sockets;
 mod tasks;
+mod timings;
 mod wire;
 mod worker;
 

@@ -78,6 +78,8 @@ pub struct Incoming {
     pub content: Bytes,
     /// Binary buffers.
     pub buffers: Vec<Bytes>,
+    /// When it was parsed ([`crate::timings::now`]: 0 unless timings are on).
+    pub received: u64,
 }
 
 /// Splits, verifies and parses a multipart message.
@@ -109,6 +111,7 @@ pub fn parse(mut frames: Vec<Bytes>, signer: &Signer) -> Result<Incoming, WireEr
         metadata,
         content,
         buffers,
+        received: crate::timings::now(),
     })
 }
 

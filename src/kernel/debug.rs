@@ -388,6 +388,7 @@ mod tests {
             metadata: Bytes::from_static(b"{}"),
             content: Bytes::from(content.to_string()),
             buffers: vec![],
+            received: 0,
         }
     }
 

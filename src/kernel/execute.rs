@@ -211,6 +211,10 @@ impl Kernel {
                 w.send_main(frames);
             }
         }
+        if crate::timings::enabled() {
+            let sent = crate::timings::now();
+            crate::timings::record("exec", &[&id, &msg.header.msg_id, &msg.received, &sent]);
+        }
         id
     }
 

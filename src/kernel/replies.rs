@@ -70,7 +70,7 @@ impl Kernel {
         buffers: &[Bytes],
     ) {
         let buffers = buffers.iter().map(|b| Part::Slice(b));
-        self.reply_to_parts(p, [metadata.into(), content.into()], buffers)
+        self.reply_to_parts((0, p), [metadata.into(), content.into()], buffers)
             .await;
     }
 
@@ -78,10 +78,11 @@ impl Kernel {
     /// without a copy).
     pub(super) async fn reply_to_parts<'a>(
         &mut self,
-        p: &Pending,
+        (id, p): (u64, &Pending),
         [metadata, content]: [Part<'a>; 2],
         buffers: impl IntoIterator<Item = Part<'a>>,
     ) {
+        let heard = crate::timings::now();
         if let Some(reply_type) = p.msg_type.reply_type() {
             let frames = self.outbox.to_peer_parts(
                 &p.identities,
@@ -92,6 +93,9 @@ impl Kernel {
             self.send(p.channel, frames).await;
         }
         self.publish_status(&p.header, "idle");
+        if heard != 0 {
+            crate::timings::record("reply", &[&id, &heard, &crate::timings::now()]);
+        }
     }
 
     pub(super) async fn send(&mut self, channel: Channel, frames: Vec<Vec<u8>>) {

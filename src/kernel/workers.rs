@@ -202,7 +202,7 @@ impl Kernel {
                 };
                 let mut parts = rest.into_iter().map(Part::Shared);
                 let json = [(); 2].map(|()| parts.next().expect("two JSON frames"));
-                self.reply_to_parts(&p, json, parts).await;
+                self.reply_to_parts((id, &p), json, parts).await;
                 if p.borrowed {
                     // A fresh namespace before it goes back to the pool.
                     if let Some(w) = self.pool.borrowed(wid) {

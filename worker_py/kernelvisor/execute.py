@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 from IPython.core.async_helpers import _pseudo_sync_runner
 
+from kernelvisor import timings
 from kernelvisor.capture import CStdio
 from kernelvisor.cells import Cell, current_cell
 from kernelvisor.interrupts import SigintGate
@@ -143,6 +144,8 @@ class Executor:
         """Run the request to its reply. Never raises: the supervisor waits for a reply.
 
         Runs in a context of its own (a task's, or a copy), which becomes the cell's."""
+        if timings.ENABLED:
+            timings.mark(req.id)
         started = _now_iso()
         cell = Cell(req.id, req.header, False)
         try:
@@ -173,7 +176,11 @@ class Executor:
             "status": content["status"],
         }
         # Whether an error aborts the queue is the supervisor's decision (its cell plan).
+        if timings.ENABLED:
+            timings.mark(req.id)
         self._outbox.reply(req.id, content, metadata)
+        if timings.ENABLED:
+            timings.done(req.id)
         self._schedule_history_save()
 
     def _schedule_history_save(self) -> None:
@@ -247,6 +254,8 @@ class Executor:
         The interrupt gate looks for this frame (``gate.guard``): while it is on the main
         thread's stack, the cell is executing and SIGINT raises here."""
         shell = self._shell
+        if timings.ENABLED:
+            timings.mark(cell.req_id)
         try:
             transformed = shell.transform_cell(opts.code)
             preprocessing_exc = None
@@ -281,6 +290,8 @@ class Executor:
                 shell.events.trigger("post_execute")
                 if not opts.silent:
                     shell.events.trigger("post_run_cell", result)
+                if timings.ENABLED:
+                    timings.mark(cell.req_id)
         except _cancelled_types() as exc:
             # Interrupted outside the user's code (IPython's own steps): report it the same.
             shell.showtraceback()
