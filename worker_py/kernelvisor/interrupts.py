@@ -13,7 +13,13 @@ What an interrupt does depends on where the cell is:
   when the call returns; a second interrupt then replaces the worker (the supervisor).
 
 A signal never tears an IPC message in half: sends on the main thread ``hold()`` it
-until they are done. An idle worker ignores SIGINT.
+until they are done. An idle worker ignores SIGINT, unless requests have arrived on its
+``main`` link that it has not handled yet (the main thread was busy, e.g. finishing the
+cell before, or the machine loaded): the supervisor signals only while it has a cell
+running here, so such an *early* interrupt is for a cell about to start, and the next cell
+that starts from those requests ends with KeyboardInterrupt before its code runs (it was
+lost before, and the next interrupt then killed the worker). Once they are handled without
+a cell, it is dropped.
 
 SIGINTs that arrive together are one interrupt (``COALESCE_SECONDS``): VS Code interrupts a
 local kernel by signalling every process of its tree one by one, then the kernel, which
@@ -88,6 +94,12 @@ class SigintGate:
         # Set by the debugger: given a cell's stack and thread, resumes the thread if a
         # breakpoint holds it (True if it did). Called before KeyboardInterrupt is raised there.
         self.resume_suspended: Callable[[FrameType | None, int], bool] | None = None
+        # Set by the main link's reader: whether requests have arrived on it that are not
+        # handled yet (see "early" interrupts in the module doc).
+        self.work_pending: Callable[[], bool] | None = None
+        # An untargeted SIGINT came while no cell ran but requests were still on their way
+        # in: the next cell that starts from them is interrupted.
+        self._early = False
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -97,6 +109,10 @@ class SigintGate:
         """Registers ``cell`` as interruptible while the block runs."""
         with self._lock:
             self._cells[cell.req_id] = cell
+            if self._early:
+                self._early = False
+                if cell.interrupted is None:
+                    cell.interrupted = "interrupt"  # it stops before its code runs
         try:
             yield
         finally:
@@ -134,6 +150,8 @@ class SigintGate:
             while self._targeted:
                 targets.add(self._targeted.popleft())
         if not self._cells:
+            if targets is None and self.work_pending is not None and self.work_pending():
+                self._early = True
             return
         if targets is None:
             targets = self._not_just_interrupted()
@@ -143,6 +161,13 @@ class SigintGate:
             self._deferred.append(targets)
             return
         self._interrupt(frame, targets)
+
+    def settle_early(self) -> None:
+        """Called by the main link's reader once it has handled what it read: an early
+        interrupt that no cell took is dropped when nothing is on its way in any more."""
+        if self._early and not (self.work_pending is not None and self.work_pending()):
+            with self._lock:
+                self._early = False
 
     def _not_just_interrupted(self) -> set[int] | None:
         """For an untargeted SIGINT: the running cells it should reach, those that no SIGINT

@@ -36,6 +36,7 @@ class Links:
         worker = self._worker
         assert worker.main_conn is not None, "connect_main first"
         threading.Thread(target=self._read_aux, name="kernelvisor-aux-reader", daemon=True).start()
+        worker.gate.work_pending = self.main_pending
         main_fd = worker.main_conn.fileno()
         worker.loop.add_reader(main_fd, self.read_main)
         worker.stdin.watch_fd = main_fd
@@ -65,6 +66,13 @@ class Links:
             return
         self.inbox.extend(messages)
         self.handle_inbox()
+        worker.gate.settle_early()
+
+    def main_pending(self) -> bool:
+        """Whether messages have arrived on ``main`` that are not handled yet (any thread,
+        e.g. the SIGINT handler's)."""
+        conn = self._worker.main_conn
+        return bool(self.inbox) or (conn is not None and conn.unread() > 0)
 
     def handle_inbox(self) -> None:
         """Handle what was read from ``main``. Through one queue, so that a nested call
