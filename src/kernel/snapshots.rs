@@ -206,6 +206,10 @@ impl Kernel {
     pub(super) fn check_snapshot_memory(&mut self, worker_bytes: u64) -> bool {
         let budget = self.cfg.snapshots.memory_budget;
         let limit = self.cfg.memory_limit;
+        if budget.is_none() && limit.is_none() {
+            // Nothing to check against: no need to read the snapshots' smaps every tick.
+            return false;
+        }
         let Some(w) = self.pool.main_mut() else {
             return false;
         };
