@@ -11,6 +11,12 @@
 //! - `snapshot`: the peer is a child of that worker (it forked the snapshot), with the
 //!   worker's token. A snapshot that is promoted gets a new token and becomes the expected
 //!   pid of a new worker id, so its own `main` and `aux` pass the first rule.
+//! - `template`: the peer is the spawned template process, accepted once.
+//! - a worker forked from the template (its pid is not known in advance): its first
+//!   connection must come from a child of the supervisor (the template double-forks, so
+//!   the worker is reparented to the supervisor, a child subreaper, before it connects)
+//!   with the token the supervisor gave the template for it; that pid is then the
+//!   worker's, and its other link must come from it.
 //!
 //! A connection that fails is closed and logged, and affects no worker.
 
@@ -53,10 +59,12 @@ impl std::fmt::Debug for Token {
 /// What the supervisor expects of a worker's connections.
 #[derive(Debug)]
 struct Expected {
+    /// Zero for a worker forked from the template, until its first connection.
     pid: u32,
     token: Token,
     main: bool,
     aux: bool,
+    template: bool,
     /// Snapshots it reported forking (they may connect after it died).
     snapshots: Vec<u32>,
 }
@@ -97,9 +105,16 @@ impl Admission {
                 token,
                 main: false,
                 aux: false,
+                template: false,
                 snapshots: Vec::new(),
             },
         );
+    }
+
+    /// Worker `id` is being forked by the template and knows `token`; its pid is the
+    /// pid of its first connection, which must be a child of the supervisor.
+    pub fn expect_fork(&self, id: WorkerId, token: Token) {
+        self.expect(id, 0, token);
     }
 
     /// Worker `id` reported forking snapshot `pid`: it may connect as `id`'s snapshot even
@@ -128,17 +143,28 @@ impl Admission {
             return Err(format!("wrong token for worker {}", hello.worker_id));
         }
         match hello.role {
-            Link::Main | Link::Aux => {
+            Link::Main | Link::Aux | Link::Template => {
+                if e.pid == 0 && hello.role != Link::Template {
+                    // Forked by the template, reparented to us before it connects.
+                    let parent = crate::proctree::parent(peer.pid);
+                    if parent != Some(std::process::id()) {
+                        return Err(format!(
+                            "pid {} (parent {parent:?}) is not a worker forked for {}",
+                            peer.pid, hello.worker_id
+                        ));
+                    }
+                    e.pid = peer.pid;
+                }
                 if peer.pid != e.pid {
                     return Err(format!(
                         "pid {} is not worker {}'s ({})",
                         peer.pid, hello.worker_id, e.pid
                     ));
                 }
-                let seen = if hello.role == Link::Main {
-                    &mut e.main
-                } else {
-                    &mut e.aux
+                let seen = match hello.role {
+                    Link::Main => &mut e.main,
+                    Link::Aux => &mut e.aux,
+                    _ => &mut e.template,
                 };
                 if std::mem::replace(seen, true) {
                     return Err(format!(
@@ -244,5 +270,65 @@ mod tests {
                 .is_err(),
             "not its own child"
         );
+    }
+
+    #[test]
+    fn a_forked_worker_is_a_child_of_the_supervisor_and_keeps_its_pid() {
+        let a = Admission::default();
+        let t = Token::random().unwrap();
+        a.expect_fork(1, t.clone());
+        // This test process is not its own child: refused, and nothing is pinned.
+        let me = Peer {
+            uid: a.uid,
+            pid: std::process::id(),
+        };
+        assert!(a.admit(&hello(Link::Aux, 1, t.as_str(), None), me).is_err());
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let kid = Peer {
+            uid: a.uid,
+            pid: child.id(),
+        };
+        assert!(
+            a.admit(&hello(Link::Aux, 1, "00", None), kid).is_err(),
+            "token"
+        );
+        assert!(a.admit(&hello(Link::Aux, 1, t.as_str(), None), kid).is_ok());
+        assert!(
+            a.admit(&hello(Link::Main, 1, t.as_str(), None), me)
+                .is_err(),
+            "pinned to the first connection's pid"
+        );
+        assert!(a
+            .admit(&hello(Link::Main, 1, t.as_str(), None), kid)
+            .is_ok());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn the_template_link_is_the_spawned_process_once() {
+        let a = Admission::default();
+        let t = Token::random().unwrap();
+        let me = Peer {
+            uid: a.uid,
+            pid: 77,
+        };
+        a.expect(3, 77, t.clone());
+        let other = Peer {
+            uid: a.uid,
+            pid: 78,
+        };
+        assert!(a
+            .admit(&hello(Link::Template, 3, t.as_str(), None), other)
+            .is_err());
+        assert!(a
+            .admit(&hello(Link::Template, 3, t.as_str(), None), me)
+            .is_ok());
+        assert!(a
+            .admit(&hello(Link::Template, 3, t.as_str(), None), me)
+            .is_err());
     }
 }

@@ -19,6 +19,8 @@ pub enum Link {
     Aux,
     /// The one connection of a paused snapshot (a forked copy of a worker).
     Snapshot,
+    /// The one connection of the template: the warm process workers are forked from.
+    Template,
 }
 
 /// Where an `execute_request` runs in the worker (IPC.md "Run modes"); absent: the main
@@ -100,6 +102,14 @@ pub enum ToWorker<'a> {
         token: &'a str,
         /// The next cell's number.
         execution_count: u64,
+    },
+    /// To the template: fork worker `worker_id`, which authenticates its connections
+    /// with `token`. Sent with the new worker's stderr pipe attached (`SCM_RIGHTS`).
+    Fork {
+        /// The new worker's id.
+        worker_id: WorkerId,
+        /// Its secret (hex).
+        token: &'a str,
     },
 }
 
@@ -195,6 +205,14 @@ pub enum FromWorker<'a> {
         /// The `snapshot` op's.
         seq: u64,
         /// Why, for the user ("CUDA was initialized").
+        #[serde(borrow)]
+        reason: std::borrow::Cow<'a, str>,
+    },
+    /// The template could not fork worker `worker_id` (on `template`).
+    ForkFailed {
+        /// The `fork` op's.
+        worker_id: WorkerId,
+        /// Why (the OS error).
         #[serde(borrow)]
         reason: std::borrow::Cow<'a, str>,
     },

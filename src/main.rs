@@ -133,6 +133,16 @@ struct RunArgs {
         default_value_t = 1
     )]
     warm_workers: usize,
+    /// Fork workers from a template process (imports done once, pages shared by every
+    /// worker) instead of starting each from scratch: `on` or `off`. Off with uvloop.
+    #[arg(
+        long,
+        value_name = "on|off",
+        env = "KERNELVISOR_TEMPLATE",
+        default_value = "on",
+        value_parser = parse_on_off
+    )]
+    template: bool,
     /// Resident memory a worker may use (e.g. 4G, 512M); above it the worker is killed and
     /// the cell gets an "out of memory" error. Default: no limit.
     #[arg(long, value_name = "SIZE", env = "KERNELVISOR_MEMORY_LIMIT", value_parser = parse_size)]
@@ -228,6 +238,7 @@ fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
             )?
             .unwrap_or_default(),
             warm: args.warm_workers,
+            template: args.template && std::env::var("KERNELVISOR_UVLOOP").as_deref() != Ok("1"),
         },
         memory_limit: args.memory_limit,
         unresponsive_timeout: seconds(args.unresponsive_timeout, "--unresponsive-timeout")?,

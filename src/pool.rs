@@ -9,6 +9,11 @@
 //!
 //! except that `warm` workers are always kept ready (IPython imported), so that a crash or a
 //! borrowed worker costs a swap, not a Python start-up.
+//!
+//! Workers are forked from the **template**, when there is one: a process that imported
+//! everything a worker needs and never runs user code. Its pages are shared by every
+//! worker forked from it. It is a slot of its own role; the forks it was asked for count
+//! as starting workers until they connect.
 
 use std::collections::HashMap;
 use std::process::ExitStatus;
@@ -19,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::ipc_ops::ToWorker;
 use crate::snapshot::SnapshotState;
-use crate::worker::{Frames, Proc, WorkerId};
+use crate::worker::{Frames, Proc, Stderr, TemplateLink, WorkerId};
 
 /// The pool settings.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +36,8 @@ pub struct PoolPolicy {
     pub idle_shutdown: Duration,
     /// Idle workers kept ready whatever their age (at most `max_idle`).
     pub warm: usize,
+    /// Fork workers from a template process instead of spawning each.
+    pub template: bool,
 }
 
 /// What a worker is for, now.
@@ -50,6 +57,11 @@ pub enum WorkerRole {
     Borrowed,
     /// Asked to exit, not yet gone.
     Retiring,
+    /// The template workers are forked from; `ready` once its link is up.
+    Template {
+        /// Its link is up: it can fork.
+        ready: bool,
+    },
 }
 
 /// One worker process and everything the kernel tracks of it.
@@ -77,6 +89,8 @@ pub struct WorkerSlot {
     pub last_heard: Instant,
     /// Its snapshots (the main worker's).
     pub snapshots: SnapshotState,
+    /// The template's link (`fork` requests).
+    template: Option<TemplateLink>,
 }
 
 /// Why the supervisor killed a worker.
@@ -103,10 +117,12 @@ impl WorkerSlot {
         }
     }
 
-    /// Asks the worker to exit, on both connections: a busy worker reads only `aux`.
-    pub fn shutdown(&self) {
+    /// Asks the worker to exit, on both connections: a busy worker reads only `aux`. The
+    /// template exits when its link closes.
+    pub fn shutdown(&mut self) {
         self.send_aux(ToWorker::Shutdown.message());
         self.send_main(ToWorker::Shutdown.message());
+        self.template = None;
     }
 
     /// Sends its process a signal (never after it was reaped).
@@ -138,12 +154,21 @@ pub enum Placement {
     Unknown,
 }
 
+/// A fork asked of the template: when, and its stderr (read from the start).
+#[derive(Debug)]
+struct Fork {
+    at: Instant,
+    stderr: Option<Stderr>,
+}
+
 /// Every worker, by id; spawning and messaging are the kernel's.
 #[derive(Debug)]
 pub struct Pool {
     policy: PoolPolicy,
     slots: HashMap<WorkerId, WorkerSlot>,
     main: Option<WorkerId>,
+    /// Forks asked of the template, not connected yet.
+    forking: HashMap<WorkerId, Fork>,
 }
 
 impl Pool {
@@ -153,6 +178,7 @@ impl Pool {
             policy,
             slots: HashMap::new(),
             main: None,
+            forking: HashMap::new(),
         }
     }
 
@@ -186,12 +212,21 @@ impl Pool {
         self.slots.values()
     }
 
-    /// Records a spawned (or promoted) process.
+    /// Records a spawned (or promoted, or forked) process.
     pub fn started(&mut self, id: WorkerId, proc: Proc, heir: bool) {
+        self.insert(id, proc, WorkerRole::Starting { heir });
+    }
+
+    /// Records the spawned template.
+    pub fn started_template(&mut self, id: WorkerId, proc: Proc) {
+        self.insert(id, proc, WorkerRole::Template { ready: false });
+    }
+
+    fn insert(&mut self, id: WorkerId, proc: Proc, role: WorkerRole) {
         let slot = WorkerSlot {
             id,
             proc,
-            role: WorkerRole::Starting { heir },
+            role,
             main: None,
             aux: None,
             kill_reason: None,
@@ -200,8 +235,64 @@ impl Pool {
             exit: None,
             last_heard: Instant::now(),
             snapshots: SnapshotState::default(),
+            template: None,
         };
         self.slots.insert(id, slot);
+    }
+
+    /// Whether workers are forked from a template.
+    pub fn forks_from_template(&self) -> bool {
+        self.policy.template
+    }
+
+    /// The template, if one is up or starting.
+    pub fn template(&self) -> Option<&WorkerSlot> {
+        self.slots
+            .values()
+            .find(|w| matches!(w.role, WorkerRole::Template { .. }))
+    }
+
+    /// The template connected its link: it can fork. False if `id` is no template.
+    pub fn template_ready(&mut self, id: WorkerId, link: TemplateLink) -> bool {
+        match self.slots.get_mut(&id) {
+            Some(w) if w.role == (WorkerRole::Template { ready: false }) => {
+                w.role = WorkerRole::Template { ready: true };
+                w.template = Some(link);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The ready template's link.
+    pub fn template_link(&self) -> Option<&TemplateLink> {
+        self.template().and_then(|w| w.template.as_ref())
+    }
+
+    /// Worker `id` was asked of the template: it counts as starting until it connects.
+    pub fn fork_requested(&mut self, id: WorkerId, stderr: Option<Stderr>) {
+        let at = Instant::now();
+        self.forking.insert(id, Fork { at, stderr });
+    }
+
+    /// Worker `id`, a fork, connected: its stderr (`None`: it is no fork we wait for).
+    pub fn fork_arrived(&mut self, id: WorkerId) -> Option<Option<Stderr>> {
+        self.forking.remove(&id).map(|f| f.stderr)
+    }
+
+    /// Forgets forks that will not come (the template died or refused, or they took
+    /// longer than `patience`); returns their ids.
+    pub fn abandon_forks(&mut self, now: Instant, patience: Duration) -> Vec<WorkerId> {
+        let late: Vec<WorkerId> = self
+            .forking
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.at) >= patience)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &late {
+            self.forking.remove(id);
+        }
+        late
     }
 
     /// Whether an heir is on its way to take over the namespace.
@@ -297,9 +388,11 @@ impl Pool {
 
     /// Whether a worker is starting (it will join the idle pool, or become main).
     pub fn any_starting(&self) -> bool {
-        self.slots
-            .values()
-            .any(|w| matches!(w.role, WorkerRole::Starting { .. }))
+        !self.forking.is_empty()
+            || self
+                .slots
+                .values()
+                .any(|w| matches!(w.role, WorkerRole::Starting { .. }))
     }
 
     /// Promotes the most recently idle worker to main (its memory is the warmest), if
@@ -325,19 +418,20 @@ impl Pool {
     }
 
     /// How many more workers to start so that `warm` are idle or on their way (and one
-    /// is main, or an heir is coming).
+    /// is main, or an heir is coming). The template is not one of them.
     pub fn missing(&self) -> usize {
         let want = 1 + self.policy.warm.min(self.policy.max_idle);
-        let have = self
-            .slots
-            .values()
-            .filter(|w| {
-                matches!(
-                    w.role,
-                    WorkerRole::Main | WorkerRole::Idle(_) | WorkerRole::Starting { .. }
-                )
-            })
-            .count();
+        let have = self.forking.len()
+            + self
+                .slots
+                .values()
+                .filter(|w| {
+                    matches!(
+                        w.role,
+                        WorkerRole::Main | WorkerRole::Idle(_) | WorkerRole::Starting { .. }
+                    )
+                })
+                .count();
         want.saturating_sub(have)
     }
 
@@ -392,6 +486,8 @@ impl Pool {
             "starting": of(&|r| matches!(r, WorkerRole::Starting { .. })),
             "borrowed": of(&|r| *r == WorkerRole::Borrowed),
             "retiring": of(&|r| *r == WorkerRole::Retiring),
+            "template": self.template().map(|w| serde_json::json!({"id": w.id, "pid": w.pid()})),
+            "forking": self.forking.len(),
             "max_idle": self.policy.max_idle,
             "idle_shutdown_seconds": self.policy.idle_shutdown.as_secs_f64(),
             "warm": self.policy.warm,
@@ -422,6 +518,7 @@ mod tests {
             max_idle,
             idle_shutdown: Duration::from_secs(secs),
             warm,
+            template: false,
         }
     }
 
@@ -508,6 +605,26 @@ mod tests {
         assert_eq!(pool.borrow().map(|w| w.id), Some(3));
         assert_eq!(pool.give_back(3), Some(Placement::Idle));
         assert_eq!(pool.remove(2).map(|w| w.role), Some(WorkerRole::Retiring));
+    }
+
+    #[test]
+    fn forks_count_as_starting_and_the_template_does_not() {
+        let mut pool = Pool::new(policy(2, 0, 1));
+        pool.started_template(9, Proc::detached(9));
+        assert_eq!(pool.missing(), 2, "the template is no worker");
+        assert!(pool.template_link().is_none(), "not ready yet");
+        pool.fork_requested(1, None);
+        pool.fork_requested(2, None);
+        assert_eq!(pool.missing(), 0);
+        assert!(pool.any_starting());
+        assert!(pool.fork_arrived(1).is_some());
+        assert!(pool.fork_arrived(1).is_none(), "once");
+        assert_eq!(connect(&mut pool, 1), Placement::Main);
+        let later = Instant::now() + Duration::from_secs(60);
+        assert_eq!(pool.abandon_forks(later, Duration::from_secs(30)), vec![2]);
+        assert_eq!(pool.missing(), 1);
+        pool.shutdown_all();
+        assert_eq!(pool.remove(9).map(|w| w.role), Some(WorkerRole::Retiring));
     }
 
     #[test]

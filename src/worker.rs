@@ -4,6 +4,11 @@
 //! Every worker runs in its own process group, so a group-wide SIGINT from the client
 //! reaches only the supervisor (which forwards it to the busy worker), and dies with the
 //! supervisor (`PR_SET_PDEATHSIG`), so none outlives it.
+//!
+//! Workers are spawned (a Python start-up each), or forked by the template (a spawned
+//! process with everything imported that never runs user code): the supervisor sends it
+//! `fork` with the new worker's stderr pipe attached, and adopts the worker when it
+//! connects (it is reparented to the supervisor, a child subreaper).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -11,13 +16,14 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 
 use bytes::Bytes;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
@@ -74,6 +80,13 @@ pub enum WorkerEvent {
         /// The connection's message channel.
         tx: mpsc::UnboundedSender<Frames>,
     },
+    /// The template connected (see [`TemplateLink`]).
+    TemplateConnected {
+        /// The template's worker id.
+        id: WorkerId,
+        /// Its link: `fork` requests, each with a descriptor.
+        link: TemplateLink,
+    },
     /// A message from a worker's connection, holding its bytes' share of the connection's
     /// budget until it is handled (or, if it goes to IOPub, published).
     Message(WorkerId, Link, Frames, crate::flow::Credit),
@@ -100,13 +113,14 @@ const STDERR_TAIL: usize = 200;
 const TOKEN_FD: i32 = 3;
 
 /// Starts worker `id` with its secret `token` (read from fd 3, see
-/// [`crate::admission`]). Its exit is reported as [`WorkerEvent::Exited`]. Its waiter and
-/// pipe readers are tracked `tasks`; at their stop signal, a worker still running is
-/// killed and reaped.
+/// [`crate::admission`]); as the template (`--template`) if `template`. Its exit is
+/// reported as [`WorkerEvent::Exited`]. Its waiter and pipe readers are tracked `tasks`;
+/// at their stop signal, a worker still running is killed and reaped.
 pub fn spawn(
     cfg: &WorkerConfig,
     id: WorkerId,
     token: &Token,
+    template: bool,
     events: mpsc::UnboundedSender<WorkerEvent>,
     tasks: &Tasks,
 ) -> std::io::Result<Proc> {
@@ -122,6 +136,9 @@ pub fn spawn(
     if cfg.backend != Backend::Asyncio {
         // asyncio is the worker's default; say nothing, so plain command lines stay plain.
         cmd.arg("--backend").arg(cfg.backend.as_str());
+    }
+    if template {
+        cmd.arg("--template");
     }
     // One cell-file directory per kernel, whichever worker writes it (compiler.py).
     cmd.env("KERNELVISOR_SUPERVISOR_PID", std::process::id().to_string());
@@ -160,7 +177,7 @@ pub fn spawn(
     let mut child = cmd.spawn()?;
     drop(token_rd);
     let pid = child.id().unwrap_or_default();
-    info!(worker = id, pid, python = %cfg.python.display(), "worker starting");
+    info!(worker = id, pid, template, python = %cfg.python.display(), "worker starting");
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     // A grandchild may hold the pipes open after the worker's end: readers stop at the
     // stop signal.
@@ -232,17 +249,55 @@ pub fn adopt(
     events: mpsc::UnboundedSender<WorkerEvent>,
     tasks: &Tasks,
 ) -> Proc {
+    watch_adopted(id, pid, LastWords::File(diagnostics), events, tasks)
+}
+
+/// [`adopt`], for a worker forked by the template (and reparented to the supervisor),
+/// whose stderr pipe the supervisor reads ([`Stderr::pipe`]).
+pub fn adopt_forked(
+    id: WorkerId,
+    pid: u32,
+    stderr: Stderr,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+    tasks: &Tasks,
+) -> Proc {
+    watch_adopted(id, pid, LastWords::Pipe(stderr), events, tasks)
+}
+
+/// Where an adopted process's last words are.
+enum LastWords {
+    /// A file it writes its diagnostics to (removed after).
+    File(PathBuf),
+    /// A stderr pipe of ours.
+    Pipe(Stderr),
+}
+
+/// Waits for an adopted process (its end is seen through a pidfd at once, or by polling
+/// where there is none), relays signals to it, and reports its end.
+fn watch_adopted(
+    id: WorkerId,
+    pid: u32,
+    last_words: LastWords,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+    tasks: &Tasks,
+) -> Proc {
     let (signals, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
     let stop = tasks.stopped();
     tasks.spawn(format!("worker {id} waiter (adopted)"), async move {
         let mut stop = std::pin::pin!(stop);
         let mut stopping = false;
         let target = Pid::from_raw(pid as i32);
+        let pidfd = pidfd_open(pid);
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let status = loop {
             // Until `waitpid` below has reaped it, the pid is still our child's.
             tokio::select! {
-                _ = tick.tick() => {}
+                ready = exited(pidfd.as_ref()) => {
+                    if let Ok(mut ready) = ready {
+                        ready.clear_ready();
+                    }
+                }
+                _ = tick.tick(), if pidfd.is_none() => {}
                 Some(sig) = signal_rx.recv() => {
                     send_signal(pid, sig);
                     continue;
@@ -265,11 +320,17 @@ pub fn adopt(
                 }
             }
         };
-        let stderr_tail = file_tail(&diagnostics);
-        for line in &stderr_tail {
-            debug!(worker = id, stream = "diagnostics", "{line}");
-        }
-        let _ = std::fs::remove_file(&diagnostics);
+        let stderr_tail = match last_words {
+            LastWords::File(diagnostics) => {
+                let tail = file_tail(&diagnostics);
+                for line in &tail {
+                    debug!(worker = id, stream = "diagnostics", "{line}");
+                }
+                let _ = std::fs::remove_file(&diagnostics);
+                tail
+            }
+            LastWords::Pipe(stderr) => stderr.last_words().await,
+        };
         let _ = events.send(WorkerEvent::Exited {
             id,
             status,
@@ -277,6 +338,60 @@ pub fn adopt(
         });
     });
     Proc { pid, signals }
+}
+
+/// A pidfd of `pid`, readable once it exits; `None` if the kernel has none.
+fn pidfd_open(pid: u32) -> Option<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags, and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a descriptor just returned to us, owned by nothing else.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: an OwnedFd always returns the one descriptor it owns, open until dropped.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+}
+
+/// Resolves when the pidfd says its process exited; never without one.
+async fn exited(
+    pidfd: Option<&AsyncFd<OwnedFd>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
+    match pidfd {
+        Some(fd) => fd.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The stderr pipe of a worker forked by the template: its reader, and the tail kept for
+/// the crash report.
+#[derive(Debug)]
+pub struct Stderr {
+    tail: Arc<Mutex<VecDeque<String>>>,
+    reader: tokio::task::JoinHandle<Option<()>>,
+}
+
+impl Stderr {
+    /// A pipe for the stderr of worker `id`: the write end goes to the template with the
+    /// `fork` request, the read end is read here (until EOF, or the stop signal of `tasks`).
+    pub fn pipe(id: WorkerId, tasks: &Tasks) -> std::io::Result<(OwnedFd, Stderr)> {
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let rd = tokio::net::unix::pipe::Receiver::from_owned_fd(rd)?;
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let reader = tasks.spawn_until_stopped(
+            format!("worker {id} stderr reader"),
+            log_lines(id, "stderr", rd, Some(tail.clone())),
+        );
+        Ok((wr, Stderr { tail, reader }))
+    }
+
+    /// Once the process ended: its last lines, after letting the reader reach EOF
+    /// (bounded: a grandchild could hold the pipe open).
+    async fn last_words(self) -> Vec<String> {
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.reader).await;
+        let tail = self.tail.lock().expect("tail lock").drain(..).collect();
+        tail
+    }
 }
 
 /// The last [`STDERR_TAIL`] lines of the file at `path` (at most its last 64 KiB).
@@ -406,23 +521,33 @@ async fn serve_connection(
     let id = hello.worker_id;
     let role = hello.role;
     let seq = hello.seq;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Frames>();
-    tasks.spawn_until_stopped(format!("worker {id} {role:?} writer"), async move {
-        while let Some(frames) = rx.recv().await {
-            if let Err(e) = ipc::write_message(&mut wr, &frames).await {
-                debug!(worker = id, error = %e, "worker write failed");
-                break;
-            }
+    let connected = if role == Link::Template {
+        let (tx, rx) = mpsc::unbounded_channel::<(Frames, OwnedFd)>();
+        tasks.spawn_until_stopped(
+            format!("worker {id} {role:?} writer"),
+            write_with_fds(id, wr, rx),
+        );
+        WorkerEvent::TemplateConnected {
+            id,
+            link: TemplateLink(tx),
         }
-    });
-    if events
-        .send(WorkerEvent::Connected {
+    } else {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Frames>();
+        tasks.spawn_until_stopped(format!("worker {id} {role:?} writer"), async move {
+            while let Some(frames) = rx.recv().await {
+                if let Err(e) = ipc::write_message(&mut wr, &frames).await {
+                    debug!(worker = id, error = %e, "worker write failed");
+                    break;
+                }
+            }
+        });
+        WorkerEvent::Connected {
             hello,
             pid: peer.pid,
             tx,
-        })
-        .is_err()
-    {
+        }
+    };
+    if events.send(connected).is_err() {
         return;
     }
     // Flow control (flow.rs): no reading while this connection's output is still queued.
@@ -449,6 +574,68 @@ async fn serve_connection(
         }
     }
     let _ = events.send(WorkerEvent::Disconnected(id, role, seq));
+}
+
+/// The template's link: each message goes with a descriptor (`SCM_RIGHTS`), the new
+/// worker's stderr. Dropping it closes the link, and the template exits.
+#[derive(Debug)]
+pub struct TemplateLink(mpsc::UnboundedSender<(Frames, OwnedFd)>);
+
+impl TemplateLink {
+    /// Sends `frames` with `fd`; false if the link is gone.
+    pub fn send(&self, frames: Frames, fd: OwnedFd) -> bool {
+        self.0.send((frames, fd)).is_ok()
+    }
+}
+
+/// The template link's writer: every message in one `sendmsg` stream, its descriptor
+/// attached to its first bytes (the reader collects descriptors in order).
+async fn write_with_fds(
+    id: WorkerId,
+    wr: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<(Frames, OwnedFd)>,
+) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    while let Some((frames, fd)) = rx.recv().await {
+        let bytes = match ipc::encode(&frames) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(worker = id, error = %e, "template message not sent");
+                continue;
+            }
+        };
+        let stream: &UnixStream = wr.as_ref();
+        let mut sent = 0;
+        while sent < bytes.len() {
+            if let Err(e) = stream.writable().await {
+                debug!(worker = id, error = %e, "template write failed");
+                return;
+            }
+            let fds = [fd.as_raw_fd()];
+            let rights = [ControlMessage::ScmRights(&fds)];
+            let cmsgs: &[ControlMessage] = if sent == 0 { &rights } else { &[] };
+            let iov = [std::io::IoSlice::new(&bytes[sent..])];
+            let result = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg::<UnixAddr>(
+                    stream.as_raw_fd(),
+                    &iov,
+                    cmsgs,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match result {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!(worker = id, error = %e, "template write failed");
+                    return;
+                }
+            }
+        }
+        // Our copy of the descriptor closes here: the template holds its own.
+    }
 }
 
 /// A hello: the `hello` op with its fields.

@@ -92,6 +92,10 @@ impl Kernel {
                 self.refill_pool();
                 return;
             }
+            WorkerRole::Template { ready } => {
+                self.template_exited(id, ready, status, &tail);
+                return;
+            }
             WorkerRole::Idle(_) => {
                 warn!(worker = id, %status, "a spare worker exited: {}", last_words(&tail).join("\n"));
                 self.dispatch_process();

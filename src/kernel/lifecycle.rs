@@ -1,9 +1,15 @@
 //! Starting and stopping worker processes, and backing off when they cannot start.
+//!
+//! With a template (the default), the supervisor spawns one process that imports everything
+//! a worker needs and never runs user code, and asks it to fork each worker: workers share
+//! its pages, and a new one is up in milliseconds. Its start failures are the workers'.
 
 use tracing::{debug, error, warn};
 
 use super::*;
 use crate::admission::Token;
+use crate::ipc_ops::ToWorker;
+use crate::pool::WorkerRole;
 
 /// Failed starts in a row after which requests are answered with the cause instead of
 /// waiting for a worker.
@@ -15,13 +21,23 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// The longest wait between two attempts to start a worker that keeps failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long a worker forked by the template may take to connect.
+const FORK_PATIENCE: Duration = Duration::from_secs(20);
+
 impl Kernel {
-    /// Starts workers until the pool has its main worker and warm spares. A missing main
-    /// worker starts at once; spares only while no cell runs or waits, so that warming
-    /// them (a Python start-up each) never competes with a cell for the CPU. The watchdog
+    /// Starts workers until the pool has its main worker and warm spares, and the template
+    /// they are forked from. A missing main worker starts at once; spares (and a template
+    /// replacing a dead one) only while no cell runs or waits, so that warming them never
+    /// competes with a cell for the CPU. The watchdog
     /// tick calls this too, so spares follow within a tick of the kernel going quiet.
     /// While workers fail to start, attempts back off exponentially.
     pub(super) fn refill_pool(&mut self) {
+        for id in self.pool.abandon_forks(Instant::now(), FORK_PATIENCE) {
+            self.admission.forget(id);
+            self.note_start_failure(format!(
+                "the worker forked from the template did not connect within {FORK_PATIENCE:?}"
+            ));
+        }
         if self.exiting || self.next_spawn_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
@@ -41,25 +57,111 @@ impl Kernel {
         for _ in 0..allowed {
             self.spawn_worker();
         }
+        // A template that died is replaced before a worker is needed of it.
+        let template_missing = self.pool.forks_from_template() && self.pool.template().is_none();
+        if allowed == 0 && template_missing && (quiet || no_main) {
+            self.spawn_process(true);
+        }
     }
 
+    /// Starts one worker: forked by the template when it is ready; none while it is
+    /// starting (its readiness refills the pool); the template first if there is none.
     pub(super) fn spawn_worker(&mut self) {
+        if !self.pool.forks_from_template() {
+            return self.spawn_process(false);
+        }
+        match self.pool.template().map(|t| t.role) {
+            Some(WorkerRole::Template { ready: true }) => self.fork_worker(),
+            Some(_) => {}
+            None => self.spawn_process(true),
+        }
+    }
+
+    /// Asks the template to fork a worker; its stderr pipe goes with the request.
+    fn fork_worker(&mut self) {
+        self.next_worker += 1;
+        let id = self.next_worker;
+        let prepared = Token::random().and_then(|token| {
+            let (fd, stderr) = worker::Stderr::pipe(id, &self.tasks)?;
+            Ok((token, fd, stderr))
+        });
+        let (token, fd, stderr) = match prepared {
+            Ok(p) => p,
+            Err(e) => return self.note_start_failure(format!("cannot fork a worker: {e}")),
+        };
+        let op = ToWorker::Fork {
+            worker_id: id,
+            token: token.as_str(),
+        }
+        .message();
+        // Known before the request leaves: the worker may connect before we look again.
+        self.admission.expect_fork(id, token);
+        self.pool.fork_requested(id, Some(stderr));
+        if !self.pool.template_link().is_some_and(|l| l.send(op, fd)) {
+            // Its exit event follows (and spawns another).
+            self.pool.fork_arrived(id);
+            self.admission.forget(id);
+        }
+    }
+
+    /// A worker forked by the template connected its first link: the supervisor, its
+    /// parent now, takes charge of it.
+    pub(super) fn fork_connected(&mut self, id: WorkerId, pid: u32) {
+        if let Some(Some(stderr)) = self.pool.fork_arrived(id) {
+            debug!(worker = id, pid, "forked worker connected");
+            let events = self.events_tx.clone();
+            let proc = worker::adopt_forked(id, pid, stderr, events, &self.tasks);
+            self.pool.started(id, proc, false);
+        }
+    }
+
+    /// The template could not fork worker `id`.
+    pub(super) fn fork_failed(&mut self, id: WorkerId, reason: &str) {
+        if self.pool.fork_arrived(id).is_some() {
+            self.admission.forget(id);
+            error!(worker = id, reason, "the template could not fork a worker");
+            self.note_start_failure(format!("the template could not fork a worker: {reason}"));
+        }
+    }
+
+    /// The template exited: before it was ready, that is a failed start (its Python cannot
+    /// start); after, forks it was asked for will not come, and a new one is started.
+    pub(super) fn template_exited(
+        &mut self,
+        id: WorkerId,
+        ready: bool,
+        status: std::process::ExitStatus,
+        tail: &[String],
+    ) {
+        for fork in self.pool.abandon_forks(Instant::now(), Duration::ZERO) {
+            self.admission.forget(fork);
+        }
+        if ready {
+            warn!(worker = id, %status, "the template exited; starting another");
+        } else {
+            self.start_failed(id, status, tail);
+        }
+        self.dispatch_process();
+        self.refill_pool();
+    }
+
+    /// Spawns a worker process (a Python start-up), or the template.
+    fn spawn_process(&mut self, template: bool) {
         self.next_worker += 1;
         let id = self.next_worker;
         let spawned = Token::random().and_then(|token| {
-            let proc = worker::spawn(
-                &self.worker_cfg,
-                id,
-                &token,
-                self.events_tx.clone(),
-                &self.tasks,
-            )?;
+            let events = self.events_tx.clone();
+            let proc = worker::spawn(&self.worker_cfg, id, &token, template, events, &self.tasks)?;
             Ok((token, proc))
         });
         match spawned {
             Ok((token, proc)) => {
                 self.admission.expect(id, proc.pid, token);
-                self.pool.started(id, proc, false);
+                if template {
+                    self.pool.started_template(id, proc);
+                } else {
+                    self.pool.started(id, proc, false);
+                }
             }
             Err(e) => {
                 let why = format!(

@@ -20,6 +20,15 @@ impl Kernel {
             WorkerEvent::Connected { hello, pid, tx } => {
                 self.worker_connected(hello, pid, tx).await
             }
+            WorkerEvent::TemplateConnected { id, link } => {
+                if self.pool.template_ready(id, link) {
+                    info!(worker = id, "template ready");
+                    self.spawn_failures = 0;
+                    self.start_failure = None;
+                    self.dispatch_process();
+                    self.refill_pool();
+                }
+            }
             WorkerEvent::Message(id, link, frames, credit) => {
                 self.worker_message(id, link, frames, credit).await
             }
@@ -78,7 +87,11 @@ impl Kernel {
         tx: mpsc::UnboundedSender<Frames>,
     ) {
         let id = hello.worker_id;
+        if hello.role != Link::Snapshot {
+            self.fork_connected(id, pid);
+        }
         match hello.role {
+            Link::Template => return,
             Link::Snapshot => {
                 self.snapshot_connected(id, hello.seq.unwrap_or_default(), tx);
                 return;
@@ -164,6 +177,16 @@ impl Kernel {
         };
         if link == Link::Snapshot {
             debug!(worker = wid, "message from a paused snapshot ignored");
+            return;
+        }
+        if link == Link::Template {
+            // The template says nothing but why a fork failed.
+            match FromWorker::parse(&frames[0]) {
+                Ok(FromWorker::ForkFailed { worker_id, reason }) => {
+                    self.fork_failed(worker_id, &reason)
+                }
+                _ => debug!(worker = wid, "message from the template ignored"),
+            }
             return;
         }
         w.last_heard = Instant::now();

@@ -116,9 +116,11 @@ def idle_workers(pool: Pool) -> list[tuple[int, int]]:
 
 
 def all_worker_pids(pool: Pool) -> set[int]:
+    """Every worker process of the pool, the template workers are forked from included."""
     pids = {int(w["pid"]) for key in ("idle", "starting", "retiring") for w in pool[key]}
-    if pool["main"] is not None:
-        pids.add(int(pool["main"]["pid"]))
+    for key in ("main", "template"):
+        if pool.get(key) is not None:
+            pids.add(int(pool[key]["pid"]))
     return pids
 
 

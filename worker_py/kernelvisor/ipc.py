@@ -320,6 +320,22 @@ class Connection:
             if n < _RECV_SIZE:
                 return messages
 
+    def recv_with_fds(self, maxfds: int = 8) -> tuple[list[list[bytes]], list[int]]:
+        """Block for what arrives next: the messages it completes (maybe none) and the
+        descriptors that came with it (``SCM_RIGHTS``), in order. Raises EOFError on a
+        clean close between messages. A connection read this way is read only this way
+        (the template's link, template.py)."""
+        data, fds, _flags, _addr = socket.recv_fds(self._sock, _RECV_SIZE, maxfds)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            if self._decoder.pending:
+                raise ProtocolError(
+                    f"connection closed inside a message ({self._decoder.pending} bytes)"
+                )
+            raise EOFError("connection closed")
+        return self._decoder.feed(data), fds
+
     def recv(self) -> list[bytes]:
         """Read one message. Raises EOFError on a clean close between messages."""
         head = self._read_exact(4, eof_ok=True)

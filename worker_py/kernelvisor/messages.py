@@ -97,11 +97,12 @@ TO_WORKER: dict[str, tuple[str, ...]] = {
     "snapshot": ("main",),
     "snapshot_info": ("aux",),
     "promote": ("snapshot",),
+    "fork": ("template",),
 }
 """Supervisor -> worker ops, and the links they come on."""
 
 FROM_WORKER: dict[str, tuple[str, ...]] = {
-    "hello": ("main", "aux", "snapshot"),
+    "hello": ("main", "aux", "snapshot", "template"),
     "iopub": ("main",),
     "reply": ("main", "aux"),
     "done": ("main", "aux"),
@@ -113,6 +114,7 @@ FROM_WORKER: dict[str, tuple[str, ...]] = {
     "snapshot_policy": ("main",),
     "snapshot_query": ("aux",),
     "undo": ("main",),
+    "fork_failed": ("template",),
 }
 """Worker -> supervisor ops, and the links they go on."""
 
@@ -134,8 +136,23 @@ class Promote:
         return cls(worker_id, token, count if isinstance(count, int) else 1)
 
 
+@dataclass(frozen=True)
+class Fork:
+    """``fork``: the template forks worker ``worker_id`` (its stderr pipe comes with it)."""
+
+    worker_id: int
+    token: str
+
+    @classmethod
+    def from_control(cls, control: dict[str, Any]) -> Fork:
+        worker_id, token = control.get("worker_id"), control.get("token")
+        if not isinstance(worker_id, int) or not isinstance(token, str):
+            raise ProtocolError("fork without worker_id and token")
+        return cls(worker_id, token)
+
+
 def hello(role: str, worker_id: int, pid: int, token: str, **extra: Any) -> dict[str, Any]:
-    """The first message on each link (``role``: main, aux or snapshot)."""
+    """The first message on each link (``role``: main, aux, snapshot or template)."""
     return {
         "op": "hello",
         "role": role,

@@ -145,7 +145,7 @@ class Snapshots:
             if t is not threading.main_thread() and not t.name.startswith("kernelvisor")
         ]
         count = w.shell.execution_count
-        with self._quiet():
+        with self.quiet():
             started = time.perf_counter()
             pid = os.fork()
         if pid == 0:
@@ -157,9 +157,10 @@ class Snapshots:
         w.outbox.control({"op": "snapshot_taken", "seq": seq, "pid": pid, "fork_ms": fork_ms})
 
     @contextlib.contextmanager
-    def _quiet(self) -> Iterator[None]:
+    def quiet(self) -> Iterator[None]:
         """Hold the locks the copy needs free (output, sends, history) across the fork,
-        so no thread of ours is inside them when it happens. Same order as senders."""
+        so no thread of ours is inside them when it happens. Same order as senders.
+        The template (template.py) forks workers inside it too."""
         w = self._worker
         hm = getattr(w.shell, "history_manager", None)
         locks: list[Any] = [w.outbox._lock, w.capture._lock]

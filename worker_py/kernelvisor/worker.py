@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="asyncio",
         help="the event loop of main-thread cells (trio: a guest of the worker's asyncio loop)",
     )
+    parser.add_argument(
+        "--template",
+        action="store_true",
+        help="be the template workers are forked from, never a worker itself (template.py)",
+    )
     return parser.parse_args(argv)
 
 
@@ -91,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     fatal_signals = FatalSignalFlush()
     fatal_signals.install()
     diag = setup_diagnostics()
+    if args.template:
+        from kernelvisor.template import run_template
+
+        run_template(args.connect, args.worker_id, token, diag, fatal_signals, args.backend)
     try:
         worker = Worker.connect(
             args.connect, args.worker_id, diag, fatal_signals, args.backend, token

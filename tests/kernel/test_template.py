@@ -1,0 +1,111 @@
+"""The template (README "How it works"): workers are forked from one warm process that never runs
+a cell, so they share its pages; a crash without a snapshot and a `# process` cell get forked
+workers; the template's own death costs nothing but a new template."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+from isolation_support import (
+    assert_crashed,
+    assert_healthy,
+    assert_name_lost,
+    idle_workers,
+    kill_pid,
+    kv_info,
+    kv_kernel,
+    main_worker,
+    settled,
+    supervisor_pid,
+    wait_dead,
+    wait_pool,
+)
+from kvharness import cell_stdout, collect_requests, execute, result_text
+
+MB = 2**20
+
+
+def private_share(pid: int) -> float:
+    """The part of a process's resident memory that no other process maps (USS / RSS)."""
+    mem = psutil.Process(pid).memory_full_info()
+    return float(mem.uss / mem.rss)
+
+
+def test_workers_are_forked_from_the_template_and_share_its_pages() -> None:
+    # No snapshot: its pages would be shared with the main worker whatever the template does.
+    with kv_kernel(snapshots="off") as kernel:
+        kc = kernel.kc
+        sup = supervisor_pid(kernel)
+        assert_healthy(kc)
+        pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+        template = int(pool["template"]["pid"])
+        [(_, spare)] = idle_workers(pool)
+        _, main = main_worker(kc)
+        for pid in (main, spare, template):
+            # The supervisor's children, each leading its own process group.
+            assert psutil.Process(pid).ppid() == sup
+            assert os.getpgid(pid) == pid
+        # Forked after IPython was imported: most of each worker's memory is the template's
+        # pages, mapped by the template and the other worker too. (A spawned worker's own
+        # share is about two thirds of its RSS: only libraries' code pages are shared.)
+        for pid in (main, spare):
+            share = private_share(pid)
+            assert share < 0.35, f"worker {pid} owns {share:.0%} of its resident memory"
+        # Its memory as a whole is counted about once: summed PSS well under summed RSS.
+        procs = [psutil.Process(p).memory_full_info() for p in (main, spare, template)]
+        pss, rss = sum(m.pss for m in procs), sum(m.rss for m in procs)
+        assert pss < 0.6 * rss, (pss / MB, rss / MB)
+
+
+def test_a_crash_without_snapshot_and_process_cells_get_forked_workers() -> None:
+    with kv_kernel(snapshots="off") as kernel:
+        kc = kernel.kc
+        execute(kc, "x = 1")
+        pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+        template = int(pool["template"]["pid"])
+
+        reply, iopub = execute(kc, "import os; os._exit(3)")
+        assert_crashed(reply, iopub, "exit code 3", restored=False)
+        assert_name_lost(kc, "x")
+        assert_healthy(kc)
+        pool = wait_pool(kc, lambda p: settled(p, 1), "a main and a new idle worker")
+        assert int(pool["template"]["pid"]) == template, "the template runs no cell, so lives on"
+        _, main = main_worker(kc)
+        [(_, spare)] = idle_workers(pool)
+        assert private_share(spare) < 0.35, "the new spare is forked too"
+
+        cell = kc.execute("# process\nimport os; print(os.getpid(), 'x' in globals())")
+        pid, sees_x = cell_stdout(collect_requests(kc, [cell])[cell]).split()
+        assert sees_x == "False" and int(pid) not in (main, template)
+        # Two at once: the second is forked for it.
+        cells = [kc.execute("# process\nimport time; time.sleep(0.5); 6*7") for _ in range(2)]
+        done = collect_requests(kc, cells)
+        assert [done[c]["reply"]["status"] for c in cells] == ["ok", "ok"], done
+        assert result_text(execute(kc, "2+3")[1]) == "5"
+
+
+def test_a_dead_template_is_replaced_and_workers_carry_on() -> None:
+    with kv_kernel(snapshots="off") as kernel:
+        kc = kernel.kc
+        execute(kc, "y = 5")
+        pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+        old = int(pool["template"]["pid"])
+        _, main = main_worker(kc)
+
+        kill_pid(old)
+        wait_dead({old}, "the template to die")
+        pool = wait_pool(
+            kc,
+            lambda p: p.get("template") is not None and int(p["template"]["pid"]) != old,
+            "a new template",
+        )
+        # The namespace was never the template's.
+        assert result_text(execute(kc, "y")[1]) == "5"
+        assert main_worker(kc)[1] == main
+        # And the new template forks: a crash is recovered with a worker it forked.
+        reply, iopub = execute(kc, "import os; os._exit(4)")
+        assert_crashed(reply, iopub, "exit code 4", restored=False)
+        assert_healthy(kc)
+        wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+        assert kv_info(kc)["template"]["pid"] == pool["template"]["pid"]

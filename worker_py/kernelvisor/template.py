@@ -1,0 +1,184 @@
+"""The template (IPC.md "Template"): a worker process that imports everything a worker
+needs, builds its shell and runs the startup files, then never runs a cell. The
+supervisor asks it to ``fork`` each worker instead of starting a Python: the worker shares
+the template's pages (copy on write), and is ready in milliseconds.
+
+The fork reuses the snapshot machinery (snapshot.py): the template's own locks are held
+across it (``Snapshots.quiet``), and the new worker rebuilds what does not survive a fork
+as a promoted snapshot does (``Worker.rewire_after_fork``: its event loop's selector,
+the fd capture, the flusher, the links, the debugger thread, the history session). The
+template forks twice, and the middle process exits at once: the worker is reparented to
+the supervisor (a child subreaper), which then reaps and signals it as its own child. The
+worker's stderr is a pipe of its own, which the supervisor sends with ``fork``
+(``SCM_RIGHTS``) and reads for the worker's crash report.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import gc
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import NoReturn, TextIO
+
+from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
+from kernelvisor.ipc import Connection, ProtocolError
+from kernelvisor.messages import Fork, hello
+from kernelvisor.outbox import control_frame
+from kernelvisor.snapshot import _let_go_of
+from kernelvisor.wiring import SHUTDOWN_GRACE_SECONDS, Worker
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+REPARENT_SECONDS = 5.0
+"""How long a forked worker waits to become the supervisor's child before it gives up."""
+
+WARM_MODULES = (
+    "kernelvisor.caller",  # every worker makes its main thread's Caller when it serves
+    "anyio._backends._asyncio",  # ... whose first use loads anyio's backend
+    "IPython.core.logger",  # the first cell
+    "bdb",
+)
+"""Imported by the template for its workers, which would each import them (and write to
+the template's pages as they allocate) on their way to serving."""
+
+
+def run_template(
+    path: str,
+    worker_id: int,
+    token: str,
+    diag: TextIO,
+    fatal_signals: FatalSignalFlush,
+    backend: str,
+) -> NoReturn:
+    """``--template``: warm up as a worker does, then fork workers. The link is connected
+    now and greets once the shell exists: a Python that cannot get that far is a failed
+    start, as a worker's would be."""
+    try:
+        link = Connection.connect(path)
+    except OSError:
+        log.exception("cannot connect to %s", path)
+        sys.exit(1)
+    worker = Worker(path, link, worker_id, diag, fatal_signals, backend, token)
+    worker.start_capture()
+    worker.start_shell()
+    serve(worker, link)
+
+
+def serve(worker: Worker, link: Connection) -> NoReturn:
+    """Say hello on ``link`` (the worker is warm now), then fork a worker for each
+    ``fork`` until the supervisor closes the link."""
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            log.debug("template: not warming %s: %s", name, exc)
+    # What exists now is the template's, shared by every worker: out of the collector's
+    # sight, so that a worker's collections never write to (and so copy) its pages.
+    gc.collect()
+    gc.freeze()
+    link.send([control_frame(hello("template", worker.worker_id, os.getpid(), worker.token))])
+    log.info("template %d ready (pid %d)", worker.worker_id, os.getpid())
+    fds: collections.deque[int] = collections.deque()
+    while True:
+        try:
+            messages, received = link.recv_with_fds()
+        except (EOFError, OSError, ProtocolError):
+            really_exit(0)
+        fds.extend(received)
+        for frames in messages:
+            # Every message comes with one descriptor: the new worker's stderr.
+            stderr = fds.popleft() if fds else None
+            try:
+                control = json.loads(frames[0])
+                if not isinstance(control, dict) or control.get("op") != "fork":
+                    raise ProtocolError(f"not a fork: {frames[0][:80]!r}")
+                fork = Fork.from_control(control)
+            except (ValueError, ProtocolError) as exc:
+                log.warning("template: ignoring a message: %s", exc)
+            else:
+                _fork(worker, link, fork, stderr)
+            if stderr is not None:
+                os.close(stderr)
+
+
+def _fork(worker: Worker, link: Connection, fork: Fork, stderr: int | None) -> None:
+    """Fork worker ``fork.worker_id`` (twice: see the module's doc), or say why not."""
+    try:
+        with worker.snapshots.quiet():
+            pid = os.fork()
+            if pid == 0:
+                # The middle process: leave at once, so the worker is reparented.
+                try:
+                    if os.fork() != 0:
+                        really_exit(0)
+                except BaseException:
+                    really_exit(1)
+    except OSError as exc:
+        _failed(link, fork, str(exc))
+        return
+    if pid == 0:
+        _become_worker(worker, link, fork, stderr)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        _failed(link, fork, "the second fork failed")
+
+
+def _failed(link: Connection, fork: Fork, reason: str) -> None:
+    log.warning("cannot fork worker %d: %s", fork.worker_id, reason)
+    link.send([control_frame({"op": "fork_failed", "worker_id": fork.worker_id, "reason": reason})])
+
+
+def _become_worker(worker: Worker, link: Connection, fork: Fork, stderr: int | None) -> NoReturn:
+    """In the forked worker: become the supervisor's child, then worker ``fork.worker_id``
+    (the rebuild of a promoted snapshot), and serve."""
+    try:
+        supervisor = int(os.environ.get("KERNELVISOR_SUPERVISOR_PID", "0") or 0)
+        deadline = time.monotonic() + REPARENT_SECONDS
+        while os.getppid() != supervisor:
+            if time.monotonic() > deadline:
+                really_exit(1)
+            time.sleep(0.0001)
+        # Die with the supervisor, as a spawned worker does (checked again after: it may
+        # have died before this).
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != supervisor:
+            really_exit(0)
+        # A process group of its own, as a spawned worker has.
+        os.setpgid(0, 0)
+        link.abandon()
+        if stderr is not None:
+            # Our own stderr: faulthandler's dumps and our logs go to the supervisor as ours.
+            for fd in _let_go_of(worker.diag.fileno()):
+                os.dup2(stderr, fd)
+        _relabel_logs()
+        worker.worker_id = fork.worker_id
+        worker.token = fork.token
+        worker.rewire_after_fork(1)
+        # Fatal signals and os._exit flush output again: the connections are ours now.
+        worker.fatal_signals.arm(worker._last_words)
+        flush_on_os_exit(worker._last_words_before_exit, SHUTDOWN_GRACE_SECONDS)
+        log.info("worker %d forked from the template (pid %d)", fork.worker_id, os.getpid())
+    except BaseException:
+        log.exception("a worker forked from the template could not start")
+        really_exit(1)
+    worker.run()
+    really_exit(0)
+
+
+def _relabel_logs() -> None:
+    """The worker's log lines name its own pid, not the template's."""
+    for handler in logging.getLogger("kernelvisor").handlers:
+        handler.setFormatter(
+            logging.Formatter(
+                f"kernelvisor-worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s"
+            )
+        )
