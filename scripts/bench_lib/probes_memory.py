@@ -23,6 +23,8 @@ def kv_roles(k: Launched) -> dict[int, str]:
         roles[pool["main"]["pid"]] = "main"
     for w in pool.get("idle", []):
         roles[w["pid"]] = "spare"
+    if pool.get("template"):
+        roles[pool["template"]["pid"]] = "template"
     snap = info.get("snapshot") or {}
     if snap.get("pid"):
         roles[snap["pid"]] = "snapshot"

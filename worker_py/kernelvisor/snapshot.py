@@ -68,6 +68,28 @@ def fork_unsafe_reason(worker: Worker) -> str | None:
         reason = _fork_unsafe_attr(module)
         if reason:
             return f"{name} is not fork-safe ({reason})"
+    importing = _import_in_progress()
+    if importing is not None:
+        return f"another thread was importing {importing}"
+    return None
+
+
+def _import_in_progress() -> str | None:
+    """A module another thread is importing right now (its import lock is held): a copy
+    forked now would keep that lock held forever, and hang on its next import of it (the
+    debugger's thread importing debugpy while the worker is asked for a snapshot)."""
+    try:
+        from importlib import _bootstrap
+
+        locks = list(_bootstrap._module_locks.items())  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    me = threading.get_ident()
+    for name, ref in locks:
+        lock = ref() if callable(ref) else ref
+        owner = getattr(lock, "owner", None)
+        if owner is not None and owner != me:
+            return str(name)
     return None
 
 

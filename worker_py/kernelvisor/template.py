@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import signal
-import sys
+import socket
 import time
 from typing import NoReturn, TextIO
 
@@ -59,17 +59,22 @@ def run_template(
     fatal_signals: FatalSignalFlush,
     backend: str,
 ) -> NoReturn:
-    """``--template``: warm up as a worker does, then fork workers. The link is connected
-    now and greets once the shell exists: a Python that cannot get that far is a failed
-    start, as a worker's would be."""
+    """``--template``: warm up as a worker does, then connect the link and fork workers
+    (a Python that cannot get that far is a failed start, as a worker's would be). Until
+    then the worker's ``aux`` is a socket pair's end: the template says nothing there."""
+    placeholder, other_end = socket.socketpair()
+    other_end.close()
+    worker = Worker(path, Connection(placeholder), worker_id, diag, fatal_signals, backend, token)
+    worker.start_capture()
+    worker.start_shell()
     try:
         link = Connection.connect(path)
     except OSError:
         log.exception("cannot connect to %s", path)
-        sys.exit(1)
-    worker = Worker(path, link, worker_id, diag, fatal_signals, backend, token)
-    worker.start_capture()
-    worker.start_shell()
+        really_exit(1)
+    worker.aux_conn.close()
+    worker.aux_conn = link
+    worker.outbox.attach_aux(link)
     serve(worker, link)
 
 
@@ -170,7 +175,7 @@ def _become_worker(worker: Worker, link: Connection, fork: Fork, stderr: int | N
     except BaseException:
         log.exception("a worker forked from the template could not start")
         really_exit(1)
-    worker.run()
+    worker.run(rewired=True)
     really_exit(0)
 
 

@@ -215,9 +215,11 @@ class Worker:
         self.main_conn = conn
         self.outbox.attach_main(conn)
 
-    def run(self) -> None:
-        """Serve until shutdown; never returns."""
-        self._serve()
+    def run(self, rewired: bool = False) -> None:
+        """Serve until shutdown; never returns. ``rewired``: ``rewire_after_fork`` has
+        started serving already (a worker forked from the template, template.py)."""
+        if not rewired:
+            self._serve()
         if self.trio is not None:
             self.trio.start()
         while True:
