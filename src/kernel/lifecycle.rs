@@ -107,6 +107,9 @@ impl Kernel {
     /// A worker forked by the template connected its first link: the supervisor, its
     /// parent now, takes charge of it.
     pub(super) fn fork_connected(&mut self, id: WorkerId, pid: u32) {
+        if self.exiting {
+            return; // refused: it gets end of file, and dies with us anyway
+        }
         if let Some(Some(stderr)) = self.pool.fork_arrived(id) {
             debug!(worker = id, pid, "forked worker connected");
             let events = self.events_tx.clone();

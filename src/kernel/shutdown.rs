@@ -61,7 +61,12 @@ impl Kernel {
         let mut kill_now: Vec<WorkerId> = self
             .pool
             .all()
-            .filter(|w| matches!(w.role, WorkerRole::Starting { .. }))
+            .filter(|w| {
+                matches!(
+                    w.role,
+                    WorkerRole::Starting { .. } | WorkerRole::Template { ready: false }
+                )
+            })
             .map(|w| w.id)
             .collect();
         let ids: Vec<WorkerId> = self.pool.all().map(|w| w.id).collect();

@@ -31,7 +31,7 @@ from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
 from kernelvisor.ipc import Connection, ProtocolError
 from kernelvisor.messages import Fork, hello
 from kernelvisor.outbox import control_frame
-from kernelvisor.snapshot import _let_go_of
+from kernelvisor.snapshot import _import_in_progress, _let_go_of
 from kernelvisor.wiring import SHUTDOWN_GRACE_SECONDS, Worker
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,10 @@ def serve(worker: Worker, link: Connection) -> NoReturn:
 
 def _fork(worker: Worker, link: Connection, fork: Fork, stderr: int | None) -> None:
     """Fork worker ``fork.worker_id`` (twice: see the module's doc), or say why not."""
+    # No thread of ours may be inside an import: its lock would stay held in the worker.
+    deadline = time.monotonic() + 1.0
+    while _import_in_progress() is not None and time.monotonic() < deadline:
+        time.sleep(0.001)
     try:
         with worker.snapshots.quiet():
             pid = os.fork()
