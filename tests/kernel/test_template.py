@@ -109,3 +109,16 @@ def test_a_dead_template_is_replaced_and_workers_carry_on() -> None:
         assert_healthy(kc)
         wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
         assert kv_info(kc)["template"]["pid"] == pool["template"]["pid"]
+
+
+def test_template_off_spawns_each_worker() -> None:
+    with kv_kernel(template="off", snapshots="off") as kernel:
+        kc = kernel.kc
+        pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+        assert pool["template"] is None
+        [(_, spare)] = idle_workers(pool)
+        # Started on its own: most of its memory is its own.
+        assert private_share(spare) > 0.35
+        reply, iopub = execute(kc, "import os; os._exit(5)")
+        assert_crashed(reply, iopub, "exit code 5", restored=False)
+        assert_healthy(kc)
