@@ -93,6 +93,12 @@ pub enum ToWorker<'a> {
         /// What `%snapshot` shows (see `kernelvisor_info_request`'s `snapshot`).
         info: serde_json::Value,
     },
+    /// Output credit returned (on `aux`): bytes of each flow's IOPub messages that were
+    /// published (IPC.md "Flow control").
+    Credit {
+        /// `(flow, bytes)` pairs.
+        flows: Vec<(u64, usize)>,
+    },
     /// To a snapshot: become a worker (the live one died), as worker `worker_id`,
     /// authenticating its new connections with `token`.
     Promote {
@@ -154,6 +160,10 @@ pub enum FromWorker<'a> {
         /// Its `msg_type`.
         #[serde(borrow)]
         msg_type: &'a str,
+        /// The output flow it is charged to (one per parent request, numbered by the
+        /// worker); its bytes are returned in a `credit` op once published.
+        #[serde(default)]
+        flow: Option<u64>,
     },
     /// The reply to request `id` (its type is derived from the request's by the
     /// supervisor); frames: metadata, content, buffers….
@@ -266,6 +276,13 @@ mod tests {
             &ToWorker::DropThread { name: "t" }.frame()[..],
             br#"{"op":"drop_thread","name":"t"}"#
         );
+        assert_eq!(
+            &ToWorker::Credit {
+                flows: vec![(3, 10), (4, 1 << 20)]
+            }
+            .frame()[..],
+            br#"{"op":"credit","flows":[[3,10],[4,1048576]]}"#
+        );
     }
 
     #[test]
@@ -286,6 +303,18 @@ mod tests {
             FromWorker::parse(br#"{"op":"reset_done"}"#).unwrap(),
             FromWorker::ResetDone
         ));
+        assert!(matches!(
+            FromWorker::parse(br#"{"op":"iopub","msg_type":"stream","flow":12}"#).unwrap(),
+            FromWorker::Iopub {
+                msg_type: "stream",
+                flow: Some(12)
+            }
+        ));
+        assert!(matches!(
+            FromWorker::parse(br#"{"op":"iopub","msg_type":"debug_event"}"#).unwrap(),
+            FromWorker::Iopub { flow: None, .. }
+        ));
+        assert!(FromWorker::parse(br#"{"op":"iopub","msg_type":"x","flow":-1}"#).is_err());
         assert!(FromWorker::parse(br#"{"op":"reply","id":"x"}"#).is_err());
         assert!(FromWorker::parse(br#"{"op":"nope"}"#).is_err());
         let refused =

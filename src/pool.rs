@@ -91,6 +91,8 @@ pub struct WorkerSlot {
     pub snapshots: SnapshotState,
     /// The template's link (`fork` requests).
     template: Option<TemplateLink>,
+    /// Output credit of its requests (flow.rs).
+    pub flows: std::sync::Arc<crate::flow::Flows>,
 }
 
 /// Why the supervisor killed a worker.
@@ -236,6 +238,7 @@ impl Pool {
             last_heard: Instant::now(),
             snapshots: SnapshotState::default(),
             template: None,
+            flows: crate::flow::Flows::new(),
         };
         self.slots.insert(id, slot);
     }

@@ -97,6 +97,10 @@ impl Kernel {
                 return;
             }
             Link::Aux => {
+                if let Some(w) = self.pool.get(id) {
+                    // Output credit goes back on aux (flow.rs).
+                    w.flows.start_returns(tx.clone());
+                }
                 if !self.pool.aux_connected(id, tx) {
                     warn!(
                         worker = id,
@@ -198,7 +202,7 @@ impl Kernel {
             }
         };
         match op {
-            FromWorker::Iopub { msg_type } if rest.len() >= 3 && is_identifier(msg_type) => {
+            FromWorker::Iopub { msg_type, flow } if rest.len() >= 3 && is_identifier(msg_type) => {
                 if msg_type == "debug_event" {
                     self.debug.observe_event(&rest[2]);
                 }
@@ -214,6 +218,10 @@ impl Kernel {
                 let mut parts = rest.into_iter().map(Part::Shared);
                 let json = [(); 3].map(|()| parts.next().expect("three JSON frames"));
                 let msg = self.outbox.iopub_parts(msg_type, json, parts);
+                let credit = match flow {
+                    Some(flow) => w.flows.charge(flow, credit),
+                    None => credit,
+                };
                 self.iopub.send_credited(msg, credit);
             }
             FromWorker::Reply { id, status, .. } if rest.len() >= 2 => {
