@@ -160,8 +160,9 @@ impl Flows {
         credit
     }
 
-    /// Whether any flow has bytes queued or not yet returned.
-    pub fn is_idle(&self) -> bool {
+    /// Whether no flow has bytes queued or not yet returned.
+    #[cfg(test)]
+    fn is_idle(&self) -> bool {
         self.lock().is_empty()
     }
 

@@ -18,7 +18,7 @@ import zmq
 from isolation_support import kv_info, settled, supervisor_pid, wait_pool
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.session import Session
-from kvharness import Kernel, Msg, get_reply, is_idle, parent_id, running_kernel
+from kvharness import Kernel, Msg, get_reply, is_idle, parent_id, running_kernel, send_execute
 
 MB = 1 << 20
 # What the whole tree may grow by while the flood runs (the issue's target).
@@ -291,3 +291,100 @@ def test_an_interrupt_stops_a_cell_waiting_on_a_stalled_reader() -> None:
         # Whole lines, but for the last one's newline if the interrupt came between
         # print's two writes.
         assert chars > 0 and chars % 100_001 in (0, 100_000), chars
+
+
+def _subshell(kc: BlockingKernelClient) -> str:
+    """A new subshell's id (JEP 91, over control)."""
+    msg = kc.session.msg("create_subshell_request", {})
+    kc.control_channel.send(msg)
+    reply = get_reply(kc, msg["header"]["msg_id"], timeout=10, channel="control")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return str(reply["content"]["subshell_id"])
+
+
+def _shell_reply(kc: BlockingKernelClient, msg_id: str, others: list[Msg], timeout: float) -> Msg:
+    """The reply to ``msg_id``; replies to other requests that come first go to ``others``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no reply to {msg_id} in {timeout}s"
+        try:
+            msg = kc.get_shell_msg(timeout=remaining)
+        except queue.Empty:
+            continue
+        if parent_id(msg) == msg_id:
+            return msg
+        others.append(msg)
+
+
+def test_other_subshells_answer_while_a_flood_waits_for_a_stalled_reader() -> None:
+    """Subshell A floods a client that does not read IOPub. Output credit is per request, so
+    cells of subshell B and of the main shell, in the same worker, still run and get their
+    replies within seconds (their output waits its turn on IOPub, as A's does). Once the
+    client reads, every byte of A's output arrives in order, each cell's output comes whole,
+    and memory stays within the budget throughout."""
+    with running_kernel("kernelvisor") as kernel, own_client(kernel, rcvhwm=1) as kc:
+        flooder, other = _subshell(kc), _subshell(kc)
+        base = baseline(kernel, kc)
+        text = FloodText()
+        replies: list[Msg] = []
+        with peak_rss(supervisor_pid(kernel)) as rss:
+            flood = send_execute(kc, FLOOD, subshell_id=flooder)
+            time.sleep(5)  # long enough to fill every buffer on the way
+            small: list[tuple[str, int]] = []
+            for i in range(3):
+                t0 = time.monotonic()
+                msg_id = send_execute(kc, f"{i} + 1", subshell_id=other)
+                reply = _shell_reply(kc, msg_id, replies, timeout=30)
+                took = time.monotonic() - t0
+                assert reply["content"]["status"] == "ok", reply["content"]
+                assert took < 5, f"a cell of another subshell took {took:.1f} s"
+                small.append((msg_id, i + 1))
+            t0 = time.monotonic()
+            main_cell = send_execute(kc, "40 + 2")
+            reply = _shell_reply(kc, main_cell, replies, timeout=30)
+            assert reply["content"]["status"] == "ok", reply["content"]
+            assert time.monotonic() - t0 < 5, "a main-shell cell waited for the flood"
+            small.append((main_cell, 42))
+            assert not replies, "the flood cell finished while nobody read its output"
+            stalled_peak = rss.peak
+            # Now read: each cell's messages in order, the flood's text whole.
+            others: dict[str, list[str]] = {msg_id: [] for msg_id, _ in small}
+            results: dict[str, str] = {}
+            flood_msgs: list[str] = []
+            deadline = time.monotonic() + FLOOD_TIMEOUT
+            flood_idle = False
+            while not (flood_idle and all(kinds[-1:] == ["idle"] for kinds in others.values())):
+                assert time.monotonic() < deadline, f"unfinished: {text.chars} chars of the flood"
+                try:
+                    msg = kc.get_iopub_msg(timeout=5)
+                except queue.Empty:
+                    continue
+                parent = parent_id(msg)
+                kind = msg["msg_type"]
+                if kind == "status":
+                    kind = msg["content"]["execution_state"]
+                if parent == flood:
+                    if kind == "stream":
+                        text.feed(msg["content"]["text"])
+                    else:
+                        flood_msgs.append(kind)
+                        flood_idle = kind == "idle"
+                elif parent in others:
+                    others[parent].append(kind)
+                    if kind == "execute_result":
+                        results[parent] = msg["content"]["data"]["text/plain"]
+            reply = _shell_reply(kc, flood, replies, timeout=FLOOD_TIMEOUT)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert text.complete, f"{text.chars} chars arrived"
+        assert flood_msgs == ["busy", "execute_input", "idle"], flood_msgs
+        for msg_id, value in small:
+            assert others[msg_id] == ["busy", "execute_input", "execute_result", "idle"]
+            assert results[msg_id] == str(value)
+        grew = rss.peak - base
+        print(
+            f"stalled reader, other subshells: baseline {base / MB:.0f} MB, peak"
+            f" +{(stalled_peak - base) / MB:.0f} MB while stalled, +{grew / MB:.0f} MB overall"
+            f" (supervisor alone {rss.supervisor_peak / MB:.0f} MB)"
+        )
+        assert grew <= BUDGET, f"the tree grew by {grew / MB:.0f} MB (limit {BUDGET / MB:.0f})"

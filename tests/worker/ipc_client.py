@@ -4,6 +4,7 @@ connections (aux, then main) and speaks IPC.md on them."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import select
@@ -185,8 +186,19 @@ class WorkerProcess:
                 role = key.data
                 for frames in self._socks[role].recv_nowait():
                     control = json.loads(frames[0])
+                    self._return_credit(control, frames)
                     self._queue.append(Message(control["op"], control, frames, role))
         return self._queue.popleft()
+
+    def _return_credit(self, control: dict[str, Any], frames: list[bytes]) -> None:
+        """As the supervisor does once it has published an iopub message (here: at once),
+        return its bytes to its flow (IPC.md "Flow control")."""
+        flow = control.get("flow")
+        if control["op"] == "iopub" and isinstance(flow, int):
+            size = sum(len(f) for f in frames)
+            credit = json.dumps({"op": "credit", "flows": [[flow, size]]}).encode()
+            with contextlib.suppress(OSError):  # the worker may be exiting
+                self._socks["aux"].send([credit])
 
     def recv_until_closed(self, timeout: float | None = None) -> list[Message]:
         """Every message (queued ones first) until the worker closes ``main``: it exited
@@ -211,6 +223,8 @@ class WorkerProcess:
                     continue
                 for frames in batch:
                     control = json.loads(frames[0])
+                    if "aux" in open_roles:
+                        self._return_credit(control, frames)
                     messages.append(Message(control["op"], control, frames, role))
         return messages
 

@@ -178,7 +178,7 @@ class Executor:
         # Whether an error aborts the queue is the supervisor's decision (its cell plan).
         if timings.ENABLED:
             timings.mark(req.id)
-        self._outbox.reply(req.id, content, metadata)
+        self._outbox.reply(req.id, content, metadata, req.header)
         if timings.ENABLED:
             timings.done(req.id)
         self._schedule_history_save()

@@ -98,6 +98,7 @@ TO_WORKER: dict[str, tuple[str, ...]] = {
     "snapshot_info": ("aux",),
     "promote": ("snapshot",),
     "fork": ("template",),
+    "credit": ("aux",),  # output credit returned (IPC.md "Flow control")
 }
 """Supervisor -> worker ops, and the links they come on."""
 

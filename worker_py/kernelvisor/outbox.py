@@ -1,15 +1,17 @@
-"""The ordered ways out to the supervisor.
+"""The ways out to the supervisor, in order per request.
 
-Everything that belongs to a request running on the main thread (iopub of any kind,
-stream output, ``stdin`` input requests, the reply or ``done``) goes on the ``main``
-connection under one lock, and buffered stream output (including bytes still in the fd
-pipes) is flushed first, so a client sees output in the order it was produced and all
-of a request's output before its reply or ``done`` (IPC.md, "Ordering"). Replies to the
+Everything that belongs to a request running in this worker (iopub of any kind, stream
+output, ``stdin`` input requests, the reply or ``done``) goes on the ``main`` connection
+under one lock, and buffered stream output (including bytes still in the fd pipes) is
+flushed first, so a client sees each request's output in the order it was produced, and
+all of it before that request's reply or ``done`` (IPC.md, "Ordering"). Replies to the
 requests answered off the main thread go on ``aux``, without that lock: they have no
 output to order, and must not wait behind a cell's sends.
 
-Sends on ``main`` block while the supervisor is not reading (its queue towards IOPub is
-full): that is the backpressure that makes ``print`` wait once the OutputBuffer is full.
+IOPub messages are sent on credit, per request (flows.py): a request whose output the
+supervisor cannot publish yet (a client not reading IOPub) keeps its stream output here
+and its writers wait, while other requests' output and replies go on. Nothing ever waits
+for credit holding the lock.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from kernelvisor.flows import Flow, Flows, message_size
 from kernelvisor.interrupts import SigintGate
 from kernelvisor.ipc import BytesLike, Connection
 from kernelvisor.jsonutil import dumps
-from kernelvisor.streams import OutputBuffer, Run
+from kernelvisor.streams import OutputBuffer, Run, may_wait_here
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,14 @@ def _json(value: JsonLike | None) -> bytes:
 
 
 _CONTROL_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def _nothing() -> None:
+    pass
+
+
+# A stream message charged to no flow (the last words of a process about to end).
+_FINAL_STREAM = b'{"op":"iopub","msg_type":"stream"}'
 
 
 def control_frame(fields: dict[str, Any]) -> bytes:
@@ -70,11 +81,15 @@ class Outbox:
         self._orphan_output = orphan_output
         # Reentrant: a finalizer run by the GC during a send may publish (e.g. a comm close).
         self._lock = threading.RLock()
-        self._iopub_controls: dict[str, bytes] = {}
         self._broken: set[Connection] = set()
+        self._flows = Flows()
+        # Wired by the worker: flush now (held output may go).
+        self.wake_flusher: Callable[[], None] = _nothing
         # A thread inside a send or flush (a finalizer that prints) must not wait for the
         # flusher, which needs this lock.
         buffer.may_wait = self._lock_is_free_here
+        buffer.flow_gate = self._wait_for_flow
+        buffer.fd_held_up = self._fd_held_up
 
     def _lock_is_free_here(self) -> bool:
         return not self._lock._is_owned()  # type: ignore[attr-defined]
@@ -85,18 +100,87 @@ class Outbox:
             self._main = main
 
     def attach_aux(self, aux: Connection) -> None:
-        """Send on a new ``aux`` (a promoted snapshot's), and on it until main is attached."""
+        """Send on a new ``aux`` (a promoted snapshot's), and on it until main is attached.
+        Output held for the old connection is the dead worker's: it is dropped, and the
+        credit starts afresh."""
         with self._lock:
             self._aux = aux
             self._main = aux
             self._broken.clear()
+            self._flows = Flows()
+            self._buffer.check_flows = False
 
-    def _send(self, frames: Sequence[BytesLike], flush: bool = True) -> None:
-        # hold(): a SIGINT arriving mid-send is raised once the message is out whole.
-        with self._gate.hold(), self._lock:
-            if flush:
-                self._flush_locked()
-            self._write(self._main, frames)
+    # --- credit -----------------------------------------------------------------------
+
+    def credit(self, pairs: Any) -> None:
+        """The supervisor's ``credit`` op (from the aux reader): send what was held."""
+        if isinstance(pairs, list) and self._flows.returned(pairs):
+            self.wake_flusher()
+
+    def _wait_for_flow(self, parent: bytes | None) -> None:
+        """A writer of ``parent``'s output waits while that request holds too much."""
+        flows = self._flows
+        flow = flows.by_parent.get(parent or self._buffer.fallback_parent or b"")
+        if flow is None or not flows.stalled(flow):
+            return
+        flows.wait(lambda: not flows.stalled(flow), self.wake_flusher)
+
+    def _fd_held_up(self) -> bool:
+        """Whether output on fds 1/2 (the latest execute request's) must stay in the pipes."""
+        parent = self._buffer.fallback_parent
+        flows = self._flows
+        flow = flows.by_parent.get(parent) if parent is not None else None
+        return flow is not None and flows.stalled(flow)
+
+    def _wait_to_send(self, parent: bytes | None, ready: Callable[[Flow | None], bool]) -> None:
+        """Waits (holding no lock) until ``ready(flow of parent)``, flushing meanwhile."""
+        flows = self._flows
+        flows.wait(
+            lambda: ready(flows.by_parent.get(parent) if parent is not None else None),
+            self.wake_flusher,
+        )
+
+    # --- sending ----------------------------------------------------------------------
+
+    def _send(self, frames: Sequence[BytesLike], after: bytes | None = None) -> None:
+        """Sends ``frames`` (not IOPub: no credit) once ``after``'s held output is out
+        (``after=None``: once every request's is)."""
+        # Not inside a send or a flush of this thread (a finalizer), nor on the flusher.
+        can_wait = may_wait_here(self._buffer)
+        while True:
+            # hold(): a SIGINT arriving mid-send is raised once the message is out whole.
+            with self._gate.hold(), self._lock:
+                self._flush_locked(after)
+                if self._nothing_held(after) or not can_wait:
+                    self._write(self._main, frames)
+                    return
+            self._wait_to_send(after, lambda _: self._nothing_held(after))
+
+    def _nothing_held(self, parent: bytes | None) -> bool:
+        flows = self._flows
+        if parent is None:
+            return not flows.holding
+        flow = flows.by_parent.get(parent)
+        return flow is None or not flow.held
+
+    def _send_iopub(self, msg_type: str, parent: bytes, rest: list[BytesLike]) -> None:
+        """An IOPub message of ``parent``'s flow, after its held output, on credit."""
+        can_wait = may_wait_here(self._buffer)
+        while True:
+            with self._gate.hold(), self._lock:
+                self._flush_locked(parent)
+                flows = self._flows
+                flow = flows.get(parent)
+                if (not flow.held and flows.may_send(flow)) or not can_wait:
+                    frames = [flow.control(msg_type), parent, *rest]
+                    self._write(self._main, frames)
+                    flows.sent(flow, message_size(frames))
+                    return
+
+            def ready(flow: Flow | None) -> bool:
+                return flow is None or (not flow.held and self._flows.may_send(flow))
+
+            self._wait_to_send(parent, ready)
 
     def _write(self, conn: Connection, frames: Sequence[BytesLike]) -> None:
         if conn in self._broken:
@@ -109,27 +193,87 @@ class Outbox:
             log.exception("sending to the supervisor failed")
 
     def flush_streams(self, timeout: float = -1) -> None:
-        """Send buffered output (not if another send holds the lock beyond ``timeout``)."""
+        """Send buffered output as credit allows (not if another send holds the lock
+        beyond ``timeout``)."""
         with self._gate.hold():
             if not self._lock.acquire(timeout=timeout):
                 log.warning("could not flush output: a send is stuck")
                 return
             try:
-                self._flush_locked()
+                self._flush_locked(None)
             finally:
                 self._lock.release()
 
-    def _flush_locked(self) -> None:
-        self._drain()
-        runs = self._buffer.take()
-        if not runs:
-            return
-        for frames in self._stream_messages(runs):
+    def _flush_locked(self, parent: bytes | None) -> None:
+        """Moves buffered output to its flows and sends what their credit allows. The fd
+        pipes are drained first, unless their request holds too much already (then they
+        stay full and their writers wait), but always before a message of that request."""
+        buffer = self._buffer
+        if not self._fd_held_up() or (parent is not None and parent == buffer.fallback_parent):
+            self._drain()
+        flows = self._flows
+        for run in buffer.take():
+            if run.parent is None:
+                self._orphan_output(run.name, run.text)
+                continue
+            flow = flows.get(run.parent)
+            if flow.held:
+                self._hold(flow, run.name, run.text)
+            else:
+                rest = self._send_text(flow, run.name, run.text)
+                if rest:
+                    self._hold(flow, run.name, rest)
+        if flows.holding and self._send_held():
+            flows.notify()
+        buffer.check_flows = bool(flows.holding)
+        flows.sweep()
+
+    def _send_text(self, flow: Flow, name: str, text: str) -> str:
+        """Sends ``text`` as stream messages while ``flow`` has credit; returns the rest."""
+        flows = self._flows
+        parent = flow.parent
+        control = flow.control("stream")
+        for start in range(0, len(text), STREAM_CHUNK_CHARS):
+            if not flows.may_send(flow):
+                return text[start:] if start else text
+            chunk = text[start : start + STREAM_CHUNK_CHARS]
+            content = dumps({"name": name, "text": chunk})
+            frames = [control, parent, EMPTY, content]
             self._write(self._main, frames)
+            flows.sent(flow, message_size(frames))
+        return ""
+
+    def _hold(self, flow: Flow, name: str, text: str) -> None:
+        if not flow.held:
+            self._flows.holding[flow.id] = flow
+        flow.held.append((name, text))
+        flow.held_chars += len(text)
+        self._flows.held_chars += len(text)
+
+    def _send_held(self) -> bool:
+        """Sends held output of the flows that have credit again, oldest first; whether
+        any went."""
+        flows = self._flows
+        sent = False
+        for flow in list(flows.holding.values()):
+            held = flow.held
+            while held and flows.may_send(flow):
+                name, text = held.popleft()
+                rest = self._send_text(flow, name, text)
+                flow.held_chars -= len(text) - len(rest)
+                flows.held_chars -= len(text) - len(rest)
+                sent = True
+                if rest:
+                    held.appendleft((name, rest))
+                    break
+            if not held:
+                del flows.holding[flow.id]
+        return sent
 
     def _stream_messages(self, runs: list[Run]) -> Iterator[list[bytes]]:
-        """The ``stream`` messages of ``runs``; output with no parent goes to the orphan
-        channel on the way."""
+        """The ``stream`` messages of ``runs``, outside any flow (a process about to end:
+        no credit, and no lock but the outbox's); output with no parent goes to the
+        orphan channel on the way."""
         for run in runs:
             text = run.text
             if run.parent is None:
@@ -138,14 +282,15 @@ class Outbox:
             for start in range(0, len(text), STREAM_CHUNK_CHARS):
                 chunk = text[start : start + STREAM_CHUNK_CHARS]
                 content = dumps({"name": run.name, "text": chunk})
-                yield [self._iopub_control("stream"), run.parent, EMPTY, content]
+                yield [_FINAL_STREAM, run.parent, EMPTY, content]
 
     def flush_final(self, deadline: float, drain: Callable[[float], object]) -> bool:
         """The last flush of a process about to end (a fatal signal, ``os._exit``): sends
-        buffered output, after moving what ``drain(deadline)`` finds, without waiting past
-        ``deadline`` (``time.monotonic()``) for a lock or the socket. Skipped if this very
-        thread is inside a send or a flush (the socket may hold half a message, the output
-        it took may be half sent). True if everything went out."""
+        held and buffered output, after moving what ``drain(deadline)`` finds, without
+        waiting for credit, nor past ``deadline`` (``time.monotonic()``) for a lock or the
+        socket. Skipped if this very thread is inside a send or a flush (the socket may
+        hold half a message, the output it took may be half sent). True if everything
+        went out."""
         lock = self._lock
         if lock._is_owned():  # type: ignore[attr-defined]
             return False
@@ -157,19 +302,18 @@ class Outbox:
                 conn = self._main
                 if conn in self._broken:
                     return False
-                for frames in self._stream_messages(self._buffer.take()):
+                runs = [
+                    Run(flow.parent, name, text)
+                    for flow in self._flows.holding.values()
+                    for name, text in flow.held
+                ]
+                runs += self._buffer.take()
+                for frames in self._stream_messages(runs):
                     if not conn.send_before(frames, deadline):
                         return False
                 return True
             finally:
                 lock.release()
-
-    def _iopub_control(self, msg_type: str) -> bytes:
-        control = self._iopub_controls.get(msg_type)
-        if control is None:
-            control = control_frame({"op": "iopub", "msg_type": msg_type})
-            self._iopub_controls[msg_type] = control
-        return control
 
     def iopub(
         self,
@@ -180,27 +324,32 @@ class Outbox:
         buffers: Sequence[BytesLike] = (),
     ) -> None:
         # Encode before taking the lock: encoding may call user code (repr of odd values).
-        frames = [
-            self._iopub_control(msg_type),
-            parent or EMPTY,
-            _json(metadata),
-            _json(content),
-            *buffers,
-        ]
-        self._send(frames)
+        rest = [_json(metadata), _json(content), *buffers]
+        self._send_iopub(msg_type, parent or EMPTY, rest)
 
-    def reply(self, req_id: int, content: JsonLike, metadata: JsonLike | None = None) -> None:
-        """The reply to request ``req_id`` (the supervisor names it after the request)."""
+    def reply(
+        self,
+        req_id: int,
+        content: JsonLike,
+        metadata: JsonLike | None = None,
+        parent: bytes | None = None,
+    ) -> None:
+        """The reply to request ``req_id`` (the supervisor names it after the request),
+        after the output of ``parent`` (its header; None: after all output)."""
         status = content.get("status", "ok") if isinstance(content, dict) else "ok"
         control = {"op": "reply", "id": req_id, "status": status}
-        self._send([control_frame(control), _json(metadata), _json(content)])
+        self._send([control_frame(control), _json(metadata), _json(content)], parent)
 
-    def done(self, req_id: int) -> None:
-        self._send([control_frame({"op": "done", "id": req_id})])
+    def done(self, req_id: int, parent: bytes | None = None) -> None:
+        """Request ``req_id`` has no reply and is finished (after ``parent``'s output)."""
+        self._send([control_frame({"op": "done", "id": req_id})], parent)
 
     def control(self, control: dict[str, Any]) -> None:
-        """A control-only message on main (e.g. ``reset_done``), after buffered output."""
-        self._send([control_frame(control)])
+        """A control-only message on main (e.g. ``reset_done``), after buffered output
+        that credit lets go (it waits for no request's)."""
+        with self._gate.hold(), self._lock:
+            self._flush_locked(None)
+            self._write(self._main, [control_frame(control)])
 
     # --- aux: answers computed off the main thread ------------------------------------
 
@@ -218,4 +367,4 @@ class Outbox:
 
     def stdin_request(self, req_id: int, parent: bytes, content: JsonLike) -> None:
         control = {"op": "stdin", "id": req_id, "msg_type": "input_request"}
-        self._send([control_frame(control), parent, EMPTY, _json(content)])
+        self._send([control_frame(control), parent, EMPTY, _json(content)], parent)

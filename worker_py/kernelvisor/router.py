@@ -64,6 +64,8 @@ class Router:
         self.ops: dict[str, OpHandler] = {
             "shutdown": lambda _: worker.shutdown(),
             "ping": self._ping,
+            # Output credit (IPC.md "Flow control"), on aux: held output may go.
+            "credit": lambda control: worker.outbox.credit(control.get("flows")),
             "interrupt": self._interrupt,
             "drop_thread": self._drop_thread,
             "snapshot": self._snapshot,
@@ -188,7 +190,7 @@ class Router:
         except Exception:
             log.exception("%s failed", req.msg_type)
         finally:
-            worker.outbox.done(req.id)
+            worker.outbox.done(req.id, req.header)
 
     def _input_reply(self, req: Request) -> None:
         worker = self._worker

@@ -8,9 +8,13 @@ nothing is lost or reordered whichever threads write. Joining and sending happen
 flush time, on the flusher thread or synchronously before any other message (outbox.py).
 
 The buffer is bounded: once it holds more than ``OUTPUT_CAP`` characters, a write waits
-until the flusher has taken them, as a write to a full pipe does (the flusher itself
-waits while the supervisor is not reading, see IPC.md). Nothing is dropped, and the
-order stays that of the writes.
+until the flusher has taken them, as a write to a full pipe does. Nothing is dropped, and
+the order stays that of the writes.
+
+The flusher hands the output to its request's flow (flows.py, outbox.py), which sends it
+on credit and holds what it cannot send yet. While any flow holds output, every write
+takes the slow path, which makes a writer wait while its own request holds too much
+(``flow_gate``): only the requests whose output is not being read wait.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def never_wait_here() -> None:
     _thread_state.never_wait = True
 
 
+def may_wait_here(buffer: OutputBuffer) -> bool:
+    """Whether the calling thread may wait for ``buffer``'s output to go (not a thread the
+    flusher depends on, nor one inside a send)."""
+    return not getattr(_thread_state, "never_wait", False) and buffer.may_wait()
+
+
 Key = tuple[bytes | None, str]
 """(parent header bytes or None, stream name) of a piece of output."""
 
@@ -54,6 +64,14 @@ def _nothing() -> None:
 
 def _always() -> bool:
     return True
+
+
+def _never() -> bool:
+    return False
+
+
+def _open_gate(parent: bytes | None) -> None:
+    pass
 
 
 class Run(NamedTuple):
@@ -102,6 +120,13 @@ class OutputBuffer:
         # Wired by the worker: wake the flusher, drain the fd pipes.
         self.on_first_write: Callable[[], None] = _nothing
         self.before_first_write: Callable[[], None] = _nothing
+        # Wired by the outbox. Set while some request holds output it may not send yet
+        # (then every write takes the slow path, and ``limit`` stays -1).
+        self.check_flows = False
+        # Waits while the request of ``parent`` holds too much (a writer of its output).
+        self.flow_gate: Callable[[bytes | None], None] = _open_gate
+        # Whether the fd pipes' request holds too much: then they are not drained.
+        self.fd_held_up: Callable[[], bool] = _never
 
     def current_parent(self) -> bytes | None:
         return self.parent_var.get() or self.fallback_parent
@@ -118,15 +143,27 @@ class OutputBuffer:
         buffer."""
         if not self.pending:
             self.pending = True
-            self.limit = self.taken + self.cap
+            self.limit = -1 if self.check_flows else self.taken + self.cap
             self.on_first_write()
 
-    def written_past_limit(self) -> None:
+    def written_past_limit(self, key: Key) -> None:
         """What a stream's write does once it passes ``limit``: wake the flusher if it was
-        the first write since a take, and wait if the buffer is full."""
+        the first write since a take, wait while the writer's request holds too much, and
+        wait if the buffer is full."""
         self._noted()
+        if self.check_flows and self._may_wait():
+            self.flow_gate(key[0])
         if self.written - self.taken > self.cap:
             self.wait_for_room()
+
+    def drain_fds(self) -> None:
+        """What a write into an empty buffer does first: take in what the fd pipes hold
+        (written before it), unless their request holds too much already."""
+        if not (self.check_flows and self.fd_held_up()):
+            self.before_first_write()
+
+    def _may_wait(self) -> bool:
+        return not getattr(_thread_state, "never_wait", False) and self.may_wait()
 
     def write_fd(self, name: str, text: str) -> None:
         self.write((self.fallback_parent, name), text)
@@ -142,19 +179,22 @@ class OutputBuffer:
         Returns at once on threads that must not wait (``never_wait_here``, ``may_wait``)."""
         if self.written - self.taken <= self.cap:
             return
-        if getattr(_thread_state, "never_wait", False) or not self.may_wait():
+        if not self._may_wait():
             return
         self.wait_until_room()
 
     def wait_until_room(self) -> None:
-        """Waits until at most ``cap`` characters are held, whatever the thread (the fd
-        reader calls it, holding nothing, before it reads more)."""
+        """Waits until at most ``cap`` characters are held, and the fd pipes' request
+        does not hold too much, whatever the thread (the fd reader calls it, holding
+        nothing, before it reads more)."""
         with self._room:
             while self.written - self.taken > self.cap:
                 self.on_full()
                 # A timeout, so that a notify lost to take()'s non-blocking acquire (or
                 # an approximate count) costs at most this long.
                 self._room.wait(0.1)
+        if self.check_flows:
+            self.flow_gate(self.fallback_parent)
 
     def take(self) -> list[Run]:
         """Remove everything buffered; return it grouped into runs."""
@@ -288,13 +328,14 @@ class OutStream(_WriteOnly, io.TextIOBase):
         items = buf.items
         if not items:
             # Bytes already in the fd pipes were written before this text: queue them first.
-            buf.before_first_write()
-        items.append((cache[1], text))
+            buf.drain_fds()
+        key = cache[1]
+        items.append((key, text))
         n = len(text)
         written = buf.written + n
         buf.written = written
         if written > buf.limit:
-            buf.written_past_limit()
+            buf.written_past_limit(key)
         return n
 
     def flush(self) -> None:

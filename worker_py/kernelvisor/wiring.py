@@ -88,6 +88,7 @@ class Worker:
         self.buffer.on_first_write = self.flusher.wake
         self.buffer.on_full = self.flusher.wake_now
         self.buffer.before_first_write = self.capture.drain
+        self.outbox.wake_flusher = self.flusher.wake_now
         # Keeps the C handler's callback alive; armed by start_capture.
         self.fatal_signals = fatal_signals if fatal_signals is not None else FatalSignalFlush()
         self.run_modes = RunModes(self)
@@ -271,6 +272,7 @@ class Worker:
         self.flusher = Flusher(self.outbox.flush_streams)
         self.buffer.on_first_write = self.flusher.wake
         self.buffer.on_full = self.flusher.wake_now
+        self.outbox.wake_flusher = self.flusher.wake_now
         sys.stdout = OutStream(self.buffer, self.flusher, STDOUT, 1)
         sys.stderr = OutStream(self.buffer, self.flusher, STDERR, 2)
         self.flusher.start()
