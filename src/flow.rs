@@ -37,9 +37,16 @@ pub const CONNECTION_BUDGET: usize = 64 << 20;
 /// credit gets it in steps, while the rest is still being published).
 pub const RETURN_AT: usize = 2 << 20;
 
-/// How long a due return waits for more to go with it: one `credit` op then carries the
-/// returns of every message published meanwhile (at most ~500 ops a second per worker).
+/// How long an urgent return (a flow with [`RETURN_AT`] published: its writer may be
+/// waiting) waits for more to go with it.
 const RETURN_DELAY: Duration = Duration::from_millis(2);
+
+/// How long the rest waits: a flow whose messages are all published gets its last bytes
+/// back within this, together with every other flow's. Nothing waits for them (they are
+/// below every window), and fewer `credit` ops mean fewer wake-ups of the worker's aux
+/// thread: one that lands while a cell's main thread is heading into a blocking call can
+/// delay it past a SIGINT, which Python then handles only when the call returns.
+const IDLE_RETURN_DELAY: Duration = Duration::from_millis(50);
 
 /// The bytes in flight from one connection, and a wake-up for its reader.
 #[derive(Debug)]
@@ -136,6 +143,10 @@ pub struct Flows {
     due: Notify,
     /// A wake-up is on its way (so that a burst of publications rings once).
     scheduled: AtomicBool,
+    /// Some flow has [`RETURN_AT`] published: return without the idle delay.
+    urgent: AtomicBool,
+    /// Rung when `urgent` is set.
+    urgent_rung: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -180,8 +191,13 @@ impl Flows {
             };
             c.queued = c.queued.saturating_sub(bytes);
             c.published += bytes;
-            c.queued == 0 || c.published >= RETURN_AT
+            let urgent = c.published >= RETURN_AT;
+            (c.queued == 0 || urgent, urgent)
         };
+        let (due, urgent) = due;
+        if urgent && !self.urgent.swap(true, Ordering::AcqRel) {
+            self.urgent_rung.notify_one();
+        }
         if due && !self.scheduled.swap(true, Ordering::AcqRel) {
             self.due.notify_one();
         }
@@ -192,6 +208,7 @@ impl Flows {
     fn take_returns(&self) -> Vec<(u64, usize)> {
         // Cleared first: a publication from now on rings again.
         self.scheduled.store(false, Ordering::Release);
+        self.urgent.store(false, Ordering::Release);
         let mut counts = self.lock();
         let mut out = Vec::new();
         counts.retain(|&id, c| {
@@ -212,6 +229,13 @@ impl Flows {
                 tokio::select! {
                     () = aux.closed() => return,
                     () = flows.due.notified() => {}
+                }
+                if !flows.urgent.load(Ordering::Acquire) {
+                    tokio::select! {
+                        () = aux.closed() => return,
+                        () = tokio::time::sleep(IDLE_RETURN_DELAY) => {}
+                        () = flows.urgent_rung.notified() => {}
+                    }
                 }
                 tokio::time::sleep(RETURN_DELAY).await;
                 let returns = flows.take_returns();

@@ -173,8 +173,10 @@ class Outbox:
                 flow = flows.get(parent)
                 if (not flow.held and flows.may_send(flow)) or not can_wait:
                     frames = [flow.control(msg_type), parent, *rest]
-                    self._write(self._main, frames)
+                    # Counted before it goes: its credit may come back before the
+                    # send returns.
                     flows.sent(flow, message_size(frames))
+                    self._write(self._main, frames)
                     return
 
             def ready(flow: Flow | None) -> bool:
@@ -239,8 +241,8 @@ class Outbox:
             chunk = text[start : start + STREAM_CHUNK_CHARS]
             content = dumps({"name": name, "text": chunk})
             frames = [control, parent, EMPTY, content]
+            flows.sent(flow, message_size(frames))  # before: see _send_iopub
             self._write(self._main, frames)
-            flows.sent(flow, message_size(frames))
         return ""
 
     def _hold(self, flow: Flow, name: str, text: str) -> None:
