@@ -221,6 +221,14 @@ class WorkerProcess:
                     open_roles.discard(role)
                     self._selector.unregister(key.fd)
                     continue
+                except ConnectionResetError:
+                    # Credit we returned on aux was unread when the worker ended: its
+                    # kernel resets aux (as the supervisor, take it as the end).
+                    if role != "aux":
+                        raise
+                    open_roles.discard(role)
+                    self._selector.unregister(key.fd)
+                    continue
                 for frames in batch:
                     control = json.loads(frames[0])
                     if "aux" in open_roles:
