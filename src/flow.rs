@@ -221,10 +221,16 @@ impl Flows {
         out
     }
 
-    /// Sends the worker its returns on `aux`, as they fall due, until `aux` closes.
-    pub fn start_returns(self: &Arc<Self>, aux: mpsc::UnboundedSender<Frames>) {
+    /// Sends the worker its returns on `aux`, as they fall due, until `aux` closes (or
+    /// the kernel stops): a task of `tasks`, named `name`.
+    pub fn start_returns(
+        self: &Arc<Self>,
+        tasks: &crate::tasks::Tasks,
+        name: String,
+        aux: mpsc::UnboundedSender<Frames>,
+    ) {
         let flows = self.clone();
-        tokio::spawn(async move {
+        tasks.spawn_until_stopped(name, async move {
             loop {
                 tokio::select! {
                     () = aux.closed() => return,
@@ -304,7 +310,7 @@ mod tests {
     async fn published_bytes_go_back_to_their_flow() {
         let flows = Flows::new();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        flows.start_returns(tx);
+        flows.start_returns(&crate::tasks::Tasks::new(), "returns".into(), tx);
         let budget = Budget::new(1 << 30);
         let a1 = flows.charge(1, budget.charge(100));
         let a2 = flows.charge(1, budget.charge(50));
@@ -333,7 +339,7 @@ mod tests {
     async fn a_big_flow_gets_credit_back_while_it_is_still_queued() {
         let flows = Flows::new();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        flows.start_returns(tx);
+        flows.start_returns(&crate::tasks::Tasks::new(), "returns".into(), tx);
         let budget = Budget::new(1 << 30);
         let first = flows.charge(9, budget.charge(RETURN_AT));
         let _rest = flows.charge(9, budget.charge(RETURN_AT));
@@ -354,7 +360,7 @@ mod tests {
     async fn returns_stop_when_aux_closes() {
         let flows = Flows::new();
         let (tx, rx) = mpsc::unbounded_channel();
-        flows.start_returns(tx);
+        flows.start_returns(&crate::tasks::Tasks::new(), "returns".into(), tx);
         assert_eq!(Arc::strong_count(&flows), 2, "the task holds the flows");
         drop(rx);
         // The task lets go of them: it does not outlive the worker's connection.

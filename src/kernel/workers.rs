@@ -99,7 +99,8 @@ impl Kernel {
             Link::Aux => {
                 if let Some(w) = self.pool.get(id) {
                     // Output credit goes back on aux (flow.rs).
-                    w.flows.start_returns(tx.clone());
+                    w.flows
+                        .start_returns(&self.tasks, format!("worker {id} credit"), tx.clone());
                 }
                 if !self.pool.aux_connected(id, tx) {
                     warn!(
