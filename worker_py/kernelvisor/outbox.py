@@ -113,8 +113,12 @@ class Outbox:
     # --- credit -----------------------------------------------------------------------
 
     def credit(self, pairs: Any) -> None:
-        """The supervisor's ``credit`` op (from the aux reader): send what was held."""
-        if isinstance(pairs, list) and self._flows.returned(pairs):
+        """The supervisor's ``credit`` op (from the aux reader): send what was held. The
+        flusher is woken only if something is held: a flush resets its interval, and a
+        ``print(..., flush=True)`` within it is left to the flusher thread (which a cell
+        holding the GIL in C code right after it would keep from sending it)."""
+        flows = self._flows
+        if isinstance(pairs, list) and flows.returned(pairs) and flows.holding:
             self.wake_flusher()
 
     def _wait_for_flow(self, parent: bytes | None) -> None:
