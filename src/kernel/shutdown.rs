@@ -4,7 +4,8 @@
 //! 1. idle workers are asked to exit; those running a cell (which would finish it first)
 //!    or still starting are killed; what they still send is handled as usual (output
 //!    published, replies sent); those left after a grace are killed; all are reaped, and so
-//!    are their snapshots;
+//!    are their snapshots; then the processes their cells started and left running in
+//!    their process groups end, as ipykernel ends its own group's at shutdown;
 //! 2. every request still waiting gets its reply;
 //! 3. the stop signal: the worker-socket acceptor, connection readers and writers and
 //!    timers end, and the kernel waits for them.
@@ -33,6 +34,12 @@ const REAP_WAIT: Duration = Duration::from_secs(1);
 /// How long the snapshots of stopped workers may take to exit (they exit as soon as
 /// their link closes) before they are killed.
 const SNAPSHOT_EXIT_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a killed snapshot may take to be reaped.
+const SNAPSHOT_KILL_WAIT: Duration = Duration::from_millis(200);
+
+/// How long what the cells started may take to end after SIGTERM before SIGKILL.
+const ORPHAN_TERM_WAIT: Duration = Duration::from_millis(300);
 
 /// How long the tasks get to end after the stop signal.
 const TASKS_WAIT: Duration = Duration::from_millis(500);
@@ -70,6 +77,8 @@ impl Kernel {
             .map(|w| w.id)
             .collect();
         let ids: Vec<WorkerId> = self.pool.all().map(|w| w.id).collect();
+        // Each worker leads a process group of its own (worker.rs).
+        let groups: Vec<u32> = self.pool.all().map(|w| w.pid()).collect();
         let mut snapshots: Vec<u32> = Vec::new();
         for id in ids {
             if let Some(w) = self.pool.get_mut(id) {
@@ -103,6 +112,7 @@ impl Kernel {
             }
         }
         reap_snapshots(snapshots).await;
+        end_orphans(&groups).await;
     }
 
     /// Handles worker events until every worker has exited (`true`) or `limit` passes.
@@ -180,38 +190,77 @@ fn shutdown_error() -> Value {
 /// closed) and reaps them: a dead worker's snapshots are the supervisor's children (it is
 /// their subreaper). One still running after [`SNAPSHOT_EXIT_WAIT`] is killed.
 async fn reap_snapshots(mut pids: Vec<u32>) {
-    let deadline = Instant::now() + SNAPSHOT_EXIT_WAIT;
-    let mut pause = Duration::from_micros(500);
-    loop {
-        pids.retain(|&pid| still_ours(pid));
-        if pids.is_empty() {
-            return;
+    if !reaped_within(&mut pids, SNAPSHOT_EXIT_WAIT).await {
+        for &pid in &pids {
+            // Still our unreaped child (just checked), so the pid cannot have been reused.
+            warn!(pid, "a snapshot did not exit at shutdown: killed");
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
-        if Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
-    for &pid in &pids {
-        // Still our unreaped child (just checked), so the pid cannot have been reused.
-        warn!(pid, "a snapshot did not exit at shutdown: killed");
-        let target = Pid::from_raw(pid as i32);
-        let _ = nix::sys::signal::kill(target, Signal::SIGKILL);
-        if let Err(e) = waitpid(target, None) {
-            debug!(pid, error = %e, "waitpid on a killed snapshot failed");
+        if !reaped_within(&mut pids, SNAPSHOT_KILL_WAIT).await {
+            warn!(pids = ?pids, "killed snapshots not reaped at exit");
         }
     }
 }
 
+/// Ends what the workers' cells started and left running (`subprocess.Popen`, `!cmd &`),
+/// as ipykernel ends its process group's children at shutdown. Orphaned by their worker,
+/// they are the supervisor's children (a child subreaper), so their pids are safe to
+/// signal until reaped. Those in a worker's process group get SIGTERM, then SIGKILL if
+/// still running after [`ORPHAN_TERM_WAIT`]; those that left it (`setsid`, a daemon) are
+/// left alone, as ipykernel leaves them.
+async fn end_orphans(groups: &[u32]) {
+    let mut orphans: Vec<u32> = crate::proctree::children(std::process::id())
+        .into_iter()
+        .filter(|&pid| {
+            nix::unistd::getpgid(Some(Pid::from_raw(pid as i32)))
+                .is_ok_and(|g| groups.contains(&(g.as_raw() as u32)))
+        })
+        .collect();
+    if orphans.is_empty() {
+        return;
+    }
+    debug!(pids = ?orphans, "ending what the cells left running");
+    for sig in [Signal::SIGTERM, Signal::SIGKILL] {
+        for &pid in &orphans {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), sig);
+        }
+        let wait = if sig == Signal::SIGTERM {
+            ORPHAN_TERM_WAIT
+        } else {
+            SNAPSHOT_KILL_WAIT
+        };
+        if reaped_within(&mut orphans, wait).await {
+            return;
+        }
+    }
+    warn!(pids = ?orphans, "processes started by cells not reaped at exit");
+}
+
+/// Reaps the `pids` that exit within `limit` (never blocking); `true` once none is left.
+async fn reaped_within(pids: &mut Vec<u32>, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_micros(500);
+    loop {
+        pids.retain(|&pid| still_ours(pid));
+        if pids.is_empty() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
 /// Reaps `pid` if it has exited; `true` while it is our child and still running. Once its
-/// worker is reaped, a snapshot is our child; one that is not (`ECHILD`) was reaped
-/// already, by its worker or by us.
+/// worker is reaped, a snapshot (or a process a cell started) is our child; one that is
+/// not (`ECHILD`) was reaped already, by its worker or by us.
 fn still_ours(pid: u32) -> bool {
     match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
         Ok(WaitStatus::StillAlive) => true,
         Ok(status) => {
-            debug!(pid, ?status, "reaped a snapshot at shutdown");
+            debug!(pid, ?status, "reaped at shutdown");
             false
         }
         Err(_) => false,

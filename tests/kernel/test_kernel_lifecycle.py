@@ -29,6 +29,7 @@ from kvharness import (
     process_tree,
     result_text,
     running_kernel,
+    stream_text,
 )
 
 
@@ -121,6 +122,30 @@ def test_shutdown_while_a_cell_runs(kernel: Kernel, busy: str) -> None:
     assert replies[after]["content"]["status"] in ("ok", "aborted")
     # IOPub was flushed before the exit: the cell's end (its idle status) came through.
     iopub_until(kc, running, is_idle, [])
+
+
+def test_shutdown_ends_what_cells_left_running(kernel: Kernel) -> None:
+    """Processes a cell started and left running end with the kernel, as ipykernel ends its
+    process group's: a child of the worker, and an orphan (a shell's background job)."""
+    km, kc = kernel.km, kernel.kc
+    assert km.provisioner is not None and km.provisioner.process is not None
+    proc = km.provisioner.process
+    code = (
+        "import subprocess\n"
+        "child = subprocess.Popen(['sleep', '600'])\n"
+        "job = subprocess.run('sleep 600 >/dev/null 2>&1 & echo $!', shell=True, capture_output=True)\n"
+        "print(child.pid, job.stdout.decode().strip())"
+    )
+    reply, iopub = execute(kc, code)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    pids = [psutil.Process(int(p)) for p in stream_text(iopub).split()]
+    assert len(pids) == 2 and all(p.is_running() for p in pids)
+    started = time.monotonic()
+    msg_id = kc.shutdown()
+    assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
+    assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 5
+    assert not wait_gone(pids, timeout=10), "processes started by a cell outlived the kernel"
 
 
 def test_sigint_while_starting_does_not_kill(kv_bin: Path, tmp_path: Path) -> None:
