@@ -48,7 +48,9 @@ impl Kernel {
             // One attempt at a time until one succeeds.
             usize::from(!self.pool.any_starting()).min(missing)
         } else if no_main {
-            missing.min(1)
+            // One at a time: a second worker starting beside the first would not be ready
+            // sooner, and would slow the first down.
+            usize::from(!self.pool.any_starting()).min(missing)
         } else if quiet {
             missing
         } else {
