@@ -21,6 +21,7 @@ from traitlets.config import Config
 
 from kernelvisor.cells import Cell, current_cell
 from kernelvisor.compiler import CellCompiler
+from kernelvisor.history import HistoryManager
 from kernelvisor.messages import loads_object
 from kernelvisor.startup import user_config
 from kernelvisor.streams import OutStream
@@ -221,6 +222,11 @@ class ZMQInteractiveShell(InteractiveShell):
         env["PAGER"] = "cat"
         env["GIT_PAGER"] = "cat"
         env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+    def init_history(self) -> None:
+        """IPython's, but the history file is opened off the way to the first cell."""
+        self.history_manager = HistoryManager(shell=self, parent=self)
+        self.configurables.append(self.history_manager)
 
     def init_virtualenv(self) -> None:
         """The worker runs in the environment it was started in; no detection."""
