@@ -29,19 +29,20 @@ def test_history_is_opened_off_the_constructor_and_waited_for(
     monkeypatch.setattr(ipython_history.HistoryManager, "new_session", slow_new_session)
     path = tmp_path / "history.sqlite"
     hm = HistoryManager(shell=shell, hist_file=str(path))
-    # Constructed without the open; a cell's input is taken (in memory) meanwhile.
+    # Constructed without the open; a cell's input is stored at once (in the cache).
     hm.input_hist_parsed.append("x = 1")
     hm.input_hist_raw.append("x = 1")
+    hm.store_inputs(1, "x = 1")
     written = threading.Event()
 
-    def store_and_write() -> None:
-        hm.store_inputs(1, "x = 1")
+    def write_out() -> None:
         hm.writeout_cache()
         written.set()
 
-    threading.Thread(target=store_and_write, daemon=True).start()
-    # Writing out waits for the open (and the session's number).
+    threading.Thread(target=write_out, daemon=True).start()
+    # Writing out waits for the open (and the session's number), and so would a fork.
     assert not written.wait(0.3)
+    assert not hm.open_lock.acquire(timeout=0.1)
     go_on.set()
     assert written.wait(30)
     assert hm.session_number > 0
@@ -49,10 +50,26 @@ def test_history_is_opened_off_the_constructor_and_waited_for(
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT session, line, source FROM history").fetchall()
     assert rows == [(hm.session_number, 1, "x = 1")]
-    # The opener let go of the cache locks (forks and write-outs take them).
-    for lock in (hm.db_input_cache_lock, hm.db_output_cache_lock):
-        assert lock.acquire(timeout=5)
-        lock.release()
+    # The opener let go of its lock (forks take it).
+    assert hm.open_lock.acquire(timeout=5)
+    hm.open_lock.release()
+
+    # After a fork: a session of its own, opened the same way.
+    first_session = hm.session_number
+    go_on.clear()
+    hm.reopen_in_background()
+    hm.input_hist_parsed.append("y = 2")
+    hm.input_hist_raw.append("y = 2")
+    hm.store_inputs(2, "y = 2")
+    written.clear()
+    threading.Thread(target=write_out, daemon=True).start()
+    assert not written.wait(0.3)
+    go_on.set()
+    assert written.wait(30)
+    assert hm.session_number > first_session
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT session, line, source FROM history ORDER BY session").fetchall()
+    assert rows == [(first_session, 1, "x = 1"), (hm.session_number, 2, "y = 2")]
     hm.close()
 
 

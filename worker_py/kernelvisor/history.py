@@ -2,16 +2,18 @@
 
 Opening ``history.sqlite`` commits the new session's row, an fsync: 15-30 ms of waiting on
 the disk, which IPython does while it builds the shell, before the worker can say it is
-ready. ``HistoryManager`` opens it on a thread instead, while the worker goes on starting.
-The thread holds the two cache locks from before it starts until the file is open, so
-anything that writes history out, and every fork made under those locks (a snapshot's, the
-template's), waits for the open; reading the database (``db``) waits for it too. Only the
-first cell's input, stored under the same lock, can wait for what is left of it."""
+ready; a forked worker (from the template, or a promoted snapshot) opens it again for a
+session of its own. ``HistoryManager`` opens it on a thread instead, while the worker goes
+on. A cell's input is still stored at once (in the cache, under IPython's lock); writing the
+cache out and reading the database (``db``) wait for the open. The thread holds
+``open_lock`` from before it starts until the file is open: every fork (a snapshot's, the
+template's) takes that lock, so none copies a half-open database."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from IPython.core import history
@@ -24,6 +26,8 @@ class HistoryManager(history.HistoryManager):
 
     def __init__(self, **kwargs: Any) -> None:
         self._opened = threading.Event()
+        # Held while the database is being opened; forks take it.
+        self.open_lock = threading.Lock()
         # The thread opening the database (which must not wait for itself).
         self._opener = 0
         self._conn: Any = None
@@ -35,12 +39,16 @@ class HistoryManager(history.HistoryManager):
             self._deferring = False
         if not self.enabled or str(self.hist_file) == ":memory:":
             # Nothing on disk: open at once, as IPython does.
-            self._open_now()
+            self._open()
+            self._opened.set()
             return
-        # Taken here, released by the opener: no fork or write-out can come in before it.
-        self.db_input_cache_lock.acquire()
-        self.db_output_cache_lock.acquire()
-        threading.Thread(target=self._open, name="kernelvisor-history-open", daemon=True).start()
+        self._in_background(self._open)
+
+    def reopen_in_background(self) -> None:
+        """After a fork: a connection and a session of our own (the other process may
+        write lines to its session), and a saving thread (its thread was not copied)."""
+        if self.enabled:
+            self._in_background(self._reopen)
 
     @property  # type: ignore[override]
     def db(self) -> Any:
@@ -69,7 +77,30 @@ class HistoryManager(history.HistoryManager):
             return
         self._opened.wait()
 
-    def _open_now(self) -> None:
+    def _in_background(self, open_db: Callable[[], None]) -> None:
+        # Taken here, released by the thread: nothing can fork before it is done.
+        self.open_lock.acquire()
+        self._opened.clear()
+        threading.Thread(
+            target=self._open_then_release,
+            args=(open_db,),
+            name="kernelvisor-history-open",
+            daemon=True,
+        ).start()
+
+    def _open_then_release(self, open_db: Callable[[], None]) -> None:
+        self._opener = threading.get_ident()
+        try:
+            open_db()
+        except Exception:
+            log.exception("cannot keep history; history is off")
+            self.enabled = False
+            self._conn = history.DummyDB()
+        finally:
+            self._opened.set()
+            self.open_lock.release()
+
+    def _open(self) -> None:
         self._opener = threading.get_ident()
         try:
             super().init_db()
@@ -80,17 +111,11 @@ class HistoryManager(history.HistoryManager):
             self.hist_file = ":memory:"
             super().init_db()
             super().new_session()
-        finally:
-            self._opened.set()
 
-    def _open(self) -> None:
-        try:
-            self._open_now()
-        except Exception:
-            log.exception("cannot keep history; history is off")
-            self.enabled = False
-            self._conn = history.DummyDB()
-        finally:
-            self._opened.set()
-            self.db_output_cache_lock.release()
-            self.db_input_cache_lock.release()
+    def _reopen(self) -> None:
+        super().init_db()
+        super().new_session()
+        saver = self.save_thread
+        if saver is not None:
+            self.save_thread = type(saver)(self)
+            self.save_thread.start()

@@ -187,7 +187,7 @@ class Snapshots:
         hm = getattr(w.shell, "history_manager", None)
         locks: list[Any] = [w.outbox._lock, w.capture._lock]
         if hm is not None:
-            locks += [hm.db_input_cache_lock, hm.db_output_cache_lock]
+            locks += [hm.db_input_cache_lock, hm.db_output_cache_lock, hm.open_lock]
         with w.gate.hold(), contextlib.ExitStack() as stack:
             for lock in locks:
                 stack.enter_context(lock)

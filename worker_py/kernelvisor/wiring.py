@@ -279,10 +279,10 @@ class Worker:
         self.aux_conn = self._connect_aux(self.path, self.worker_id, self.token)
         self.outbox.attach_aux(self.aux_conn)
         self.router.restart_after_fork()
-        # Off the way to the first cell: a SQLite open and a committed insert.
-        threading.Thread(
-            target=self._reopen_history, name="kernelvisor-history-reopen", daemon=True
-        ).start()
+        # Off the way to the first cell: a SQLite open and a committed insert (history.py).
+        hm = getattr(self.shell, "history_manager", None)
+        if hm is not None:
+            hm.reopen_in_background()
         # Its thread did not survive the fork (and snapshots are never taken while debugpy
         # is loaded): a fresh one, on the new aux link.
         from kernelvisor.debugger import Debugger
@@ -296,25 +296,6 @@ class Worker:
         self.gate.install()
         self.connect_main()
         self._serve()
-
-    def _reopen_history(self) -> None:
-        """Never use the dead worker's SQLite connection: open our own, in a new session
-        (the dead worker may have written lines of its own after the fork). Under the
-        history caches' locks, which every write-out takes."""
-        hm = getattr(self.shell, "history_manager", None)
-        if hm is None or not getattr(hm, "enabled", False):
-            return
-        try:
-            with hm.db_input_cache_lock, hm.db_output_cache_lock:
-                hm.init_db()
-                hm.new_session()
-            thread_class = type(getattr(hm, "save_thread", None) or object)
-            if getattr(hm, "save_thread", None) is not None and hasattr(thread_class, "stop"):
-                hm.save_thread = thread_class(hm)
-                hm.save_thread.start()
-        except Exception:
-            log.exception("cannot reopen the history database; history is off")
-            hm.enabled = False
 
     def set_count(self, execution_count: int) -> None:
         """Number the next cell ``execution_count`` (the namespace's numbering goes on
