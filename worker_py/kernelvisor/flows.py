@@ -68,8 +68,9 @@ class Flow:
         self.id = flow_id
         self.parent = parent
         self.outstanding = 0
-        # Stream output not sent yet: (stream name, text), in write order.
-        self.held: collections.deque[tuple[str, str]] = collections.deque()
+        # Stream output not sent yet, in write order: [stream name, text, start], of which
+        # text[start:] is still to go (a partly sent run is not copied).
+        self.held: collections.deque[list[Any]] = collections.deque()
         self.held_chars = 0
 
     def control(self, msg_type: str) -> bytes:

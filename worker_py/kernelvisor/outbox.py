@@ -223,38 +223,40 @@ class Outbox:
                 self._orphan_output(run.name, run.text)
                 continue
             flow = flows.get(run.parent)
-            if flow.held:
-                self._hold(flow, run.name, run.text)
-            else:
-                rest = self._send_text(flow, run.name, run.text)
-                if rest:
-                    self._hold(flow, run.name, rest)
+            text = run.text
+            stop = 0 if flow.held else self._send_text(flow, run.name, text, 0)
+            if stop < len(text):
+                self._hold(flow, run.name, text, stop)
         if flows.holding and self._send_held():
             flows.notify()
         buffer.check_flows = bool(flows.holding)
         flows.sweep()
 
-    def _send_text(self, flow: Flow, name: str, text: str) -> str:
-        """Sends ``text`` as stream messages while ``flow`` has credit; returns the rest."""
+    def _send_text(self, flow: Flow, name: str, text: str, start: int) -> int:
+        """Sends ``text[start:]`` as stream messages while ``flow`` has credit; returns
+        where it stopped (``len(text)``: all sent). Never copies what is left."""
         flows = self._flows
         parent = flow.parent
         control = flow.control("stream")
-        for start in range(0, len(text), STREAM_CHUNK_CHARS):
+        end = len(text)
+        while start < end:
             if not flows.may_send(flow):
-                return text[start:] if start else text
+                return start
             chunk = text[start : start + STREAM_CHUNK_CHARS]
             content = dumps({"name": name, "text": chunk})
             frames = [control, parent, EMPTY, content]
             flows.sent(flow, message_size(frames))  # before: see _send_iopub
             self._write(self._main, frames)
-        return ""
+            start += len(chunk)
+        return end
 
-    def _hold(self, flow: Flow, name: str, text: str) -> None:
+    def _hold(self, flow: Flow, name: str, text: str, start: int) -> None:
+        """Keeps ``text[start:]`` in ``flow``, after what it holds."""
         if not flow.held:
             self._flows.holding[flow.id] = flow
-        flow.held.append((name, text))
-        flow.held_chars += len(text)
-        self._flows.held_chars += len(text)
+        flow.held.append([name, text, start])
+        flow.held_chars += len(text) - start
+        self._flows.held_chars += len(text) - start
 
     def _send_held(self) -> bool:
         """Sends held output of the flows that have credit again, oldest first; whether
@@ -264,14 +266,16 @@ class Outbox:
         for flow in list(flows.holding.values()):
             held = flow.held
             while held and flows.may_send(flow):
-                name, text = held.popleft()
-                rest = self._send_text(flow, name, text)
-                flow.held_chars -= len(text) - len(rest)
-                flows.held_chars -= len(text) - len(rest)
+                entry = held[0]
+                name, text, start = entry
+                stop = self._send_text(flow, name, text, start)
+                flow.held_chars -= stop - start
+                flows.held_chars -= stop - start
                 sent = True
-                if rest:
-                    held.appendleft((name, rest))
+                if stop < len(text):
+                    entry[2] = stop  # the rest stays in place, uncopied
                     break
+                held.popleft()
             if not held:
                 del flows.holding[flow.id]
         return sent
@@ -309,9 +313,9 @@ class Outbox:
                 if conn in self._broken:
                     return False
                 runs = [
-                    Run(flow.parent, name, text)
+                    Run(flow.parent, name, text[start:])
                     for flow in self._flows.holding.values()
-                    for name, text in flow.held
+                    for name, text, start in flow.held
                 ]
                 runs += self._buffer.take()
                 for frames in self._stream_messages(runs):
