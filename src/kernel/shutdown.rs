@@ -1,8 +1,8 @@
 //! Stopping the kernel, in order, each step bounded so that nothing wedged can keep the
 //! supervisor from exiting (what did not finish is named in the log):
 //!
-//! 1. idle workers are asked to exit; those running a cell (which would finish it first)
-//!    or still starting are killed; what they still send is handled as usual (output
+//! 1. workers are asked to exit; those whose main thread runs a cell (they would finish
+//!    it first) or still starting are killed; what they still send is handled as usual (output
 //!    published, replies sent); those left after a grace are killed; all are reaped, and so
 //!    are their snapshots; then the processes their cells started and left running in
 //!    their process groups end, as ipykernel ends its own group's at shutdown;
@@ -23,8 +23,7 @@ use super::*;
 use crate::msg_type::MsgType;
 use crate::pool::WorkerRole;
 
-/// How long workers get to exit after the `shutdown` op (and, for those running a cell, an
-/// interrupt) before they are killed.
+/// How long workers get to exit after the `shutdown` op before they are killed.
 const WORKER_EXIT_GRACE: Duration = Duration::from_millis(300);
 
 /// How long killed workers may take to be reaped (their waiter also gives their stderr
@@ -59,11 +58,14 @@ impl Kernel {
         debug!(elapsed = ?started.elapsed(), "shutdown: tasks ended");
     }
 
-    /// Asks every worker to exit; kills at once those that cannot exit soon: a worker that
-    /// runs a cell would first finish it (an interrupt would make it format a traceback
-    /// that nobody will read, hundreds of ms the first time), and one still starting cannot
-    /// be asked yet. Kills what is left after a grace; reaps all of them and their
-    /// snapshots. The cells killed are answered `aborted` (by `answer_unfinished`).
+    /// Asks every worker to exit (its exit hooks run: IPython's history, the user's
+    /// `atexit`); kills at once those that cannot exit soon: a worker whose main thread runs
+    /// a cell (a main-lane queue cell, a `# process` cell) would first finish it (an
+    /// interrupt would make it format a traceback that nobody will read, hundreds of ms the
+    /// first time), and one still starting cannot be asked yet. Workers whose cells run
+    /// beside the main thread (`# task`, `# thread`, subshells) exit as idle ones do. Kills
+    /// what is left after a grace; reaps all of them and their snapshots. The cells that
+    /// did not finish are answered `aborted` (by `answer_unfinished`).
     async fn stop_workers(&mut self) {
         let mut kill_now: Vec<WorkerId> = self
             .pool
@@ -88,7 +90,7 @@ impl Kernel {
         kill_now.extend(
             self.pending
                 .values()
-                .filter(|p| p.exec.is_some())
+                .filter(|p| holds_main_thread(p))
                 .map(|p| p.worker),
         );
         self.pool.shutdown_all();
@@ -171,6 +173,14 @@ impl Kernel {
             }
         }
     }
+}
+
+/// Whether a request is a cell that runs on its worker's main thread, which serves the
+/// `shutdown` op only once the cell has finished.
+fn holds_main_thread(p: &Pending) -> bool {
+    p.exec
+        .as_ref()
+        .is_some_and(|e| p.borrowed || (e.holds_lane && e.lane == Some(super::lanes::LaneId::Main)))
 }
 
 const ABORTED_METADATA: &[u8] = br#"{"status":"aborted"}"#;

@@ -124,6 +124,36 @@ def test_shutdown_while_a_cell_runs(kernel: Kernel, busy: str) -> None:
     iopub_until(kc, running, is_idle, [])
 
 
+def test_shutdown_beside_a_background_cell_runs_exit_hooks(kernel: Kernel, tmp_path: Path) -> None:
+    """A `# thread` cell leaves the main thread free: the worker exits as an idle one does, so
+    the user's `atexit` hooks run (what libraries that flush at exit rely on), and the cell,
+    which will never finish, is answered `aborted`."""
+    km, kc = kernel.km, kernel.kc
+    assert km.provisioner is not None and km.provisioner.process is not None
+    proc = km.provisioner.process
+    marker = tmp_path / "atexit.txt"
+    hook = (
+        "import atexit\n"
+        "@atexit.register\n"
+        "def bye():\n"
+        f"    with open({str(marker)!r}, 'w') as f:\n"
+        "        f.write('bye')"
+    )
+    reply, _ = execute(kc, hook)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    running = kc.execute("# thread\nimport time\nprint('started', flush=True)\ntime.sleep(600)")
+    iopub_until(kc, running, lambda m: m["msg_type"] == "stream", [])
+    tree = process_tree(proc.pid)
+    started = time.monotonic()
+    msg_id = kc.shutdown()
+    assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
+    assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 5
+    assert not wait_gone(tree, timeout=10), "processes left behind"
+    assert marker.exists() and marker.read_text() == "bye", "the worker's exit hooks did not run"
+    assert get_reply(kc, running)["content"]["status"] == "aborted"
+
+
 def test_shutdown_ends_what_cells_left_running(kernel: Kernel) -> None:
     """Processes a cell started and left running end with the kernel, as ipykernel ends its
     process group's: a child of the worker, and an orphan (a shell's background job)."""
