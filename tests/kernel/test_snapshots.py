@@ -160,7 +160,9 @@ def test_run_all_restores_the_state_before_the_crashing_cell() -> None:
         kc = k.kc
         cells = [
             "import time\nimport numpy as np\nx = np.zeros(1 << 20)\nstep = 1",
-            "time.sleep(0.15)\nstep = 2",
+            # Past the burst spacing: 100 ms, or 20 forks (a fresh worker's first fork can
+            # take 15 ms on a loaded machine).
+            "time.sleep(0.6)\nstep = 2",
             f"x[:] = 7\nstep = 3\n{SEGFAULT}",
             "step = 4",
         ]

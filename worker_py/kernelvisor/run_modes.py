@@ -95,11 +95,17 @@ class RunModes:
 
     # --- the main thread's Caller and its threads ----------------------------------------
 
+    def forget_caller(self) -> None:
+        """After a fork: the main-thread Caller is the forking process's. Thread cells that
+        arrive before the new one is made wait for it (``_caller``), instead of starting
+        their threads under the old one."""
+        self._main_caller = None
+        self._caller_ready.clear()
+
     def start_caller(self) -> None:
         """Make a new main-thread Caller once the loop runs (at start, and in a promoted
         snapshot)."""
-        self._main_caller = None
-        self._caller_ready.clear()
+        self.forget_caller()
         self._worker.loop.call_soon(self._make_caller)
 
     def _make_caller(self) -> None:

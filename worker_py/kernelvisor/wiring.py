@@ -260,6 +260,8 @@ class Worker:
         """In a promoted snapshot: build what did not survive the fork, then serve."""
         import selectors
 
+        # Before any link is up: a thread cell may come on aux as soon as main says hello.
+        self.run_modes.forget_caller()
         loop: Any = self.loop
         # A selector of our own: the old epoll instance was shared with the dead worker,
         # and lists its descriptors. Keep the loop itself (tasks, timers, Callers made in
