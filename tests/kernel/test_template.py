@@ -21,7 +21,7 @@ from isolation_support import (
     wait_dead,
     wait_pool,
 )
-from kvharness import cell_stdout, collect_requests, execute, result_text
+from kvharness import cell_stdout, collect_requests, execute, result_text, stream_text
 
 MB = 2**20
 
@@ -122,3 +122,19 @@ def test_template_off_spawns_each_worker() -> None:
         reply, iopub = execute(kc, "import os; os._exit(5)")
         assert_crashed(reply, iopub, "exit code 5", restored=False)
         assert_healthy(kc)
+
+
+TRACEBACKS_WARM = (
+    "import sys\nfrom kernelvisor import tracebacks\n"
+    "print('stack_data.core' in sys.modules, tracebacks._lexer_class is not None)"
+)
+
+
+def test_workers_come_with_tracebacks_warm() -> None:
+    """The template formats one traceback before it forks, so a worker's first interrupt or
+    error does not import stack_data and pygments and compile the Python lexer (~100 ms).
+    A spawned worker leaves that to its first traceback."""
+    for template, warm in (("on", "True True\n"), ("off", "False False\n")):
+        with kv_kernel(template=template, snapshots="off") as kernel:
+            reply, iopub = execute(kernel.kc, TRACEBACKS_WARM)
+            assert stream_text(iopub) == warm, (template, reply["content"])

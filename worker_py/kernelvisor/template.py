@@ -86,6 +86,7 @@ def serve(worker: Worker, link: Connection) -> NoReturn:
             importlib.import_module(name)
         except ImportError as exc:
             log.debug("template: not warming %s: %s", name, exc)
+    _warm_tracebacks(worker)
     # What exists now is the template's, shared by every worker: out of the collector's
     # sight, so that a worker's collections never write to (and so copy) its pages.
     gc.collect()
@@ -113,6 +114,22 @@ def serve(worker: Worker, link: Connection) -> NoReturn:
                 _fork(worker, link, fork, stderr)
             if stderr is not None:
                 os.close(stderr)
+
+
+def _warm_tracebacks(worker: Worker) -> None:
+    """Format (never show) one traceback, as the first interrupt or error of every worker
+    would: stack_data, pygments and the Python lexer's compiled token table are then the
+    template's, shared, instead of costing each worker's first traceback ~100 ms."""
+    from kernelvisor import tracebacks
+
+    tracebacks.install()
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as exc:
+        try:
+            worker.shell.InteractiveTB.structured_traceback(type(exc), exc, exc.__traceback__)
+        except Exception:  # only a warm-up: a worker formats its own when it needs one
+            log.debug("template: traceback warm-up failed", exc_info=True)
 
 
 def _fork(worker: Worker, link: Connection, fork: Fork, stderr: int | None) -> None:
