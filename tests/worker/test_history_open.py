@@ -57,13 +57,18 @@ def test_history_is_opened_off_the_constructor_and_waited_for(
     # After a fork: a session of its own, opened the same way.
     first_session = hm.session_number
     go_on.clear()
-    hm.reopen_in_background()
+    hm.reopen_later()
+    # Nothing is opened yet: a fork would not wait.
+    assert hm.open_lock.acquire(timeout=5)
+    hm.open_lock.release()
     hm.input_hist_parsed.append("y = 2")
     hm.input_hist_raw.append("y = 2")
     hm.store_inputs(2, "y = 2")
     written.clear()
+    # Writing out opens it, and waits.
     threading.Thread(target=write_out, daemon=True).start()
     assert not written.wait(0.3)
+    assert not hm.open_lock.acquire(timeout=0.1)
     go_on.set()
     assert written.wait(30)
     assert hm.session_number > first_session

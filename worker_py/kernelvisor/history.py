@@ -4,10 +4,11 @@ Opening ``history.sqlite`` commits the new session's row, an fsync: 15-30 ms of 
 the disk, which IPython does while it builds the shell, before the worker can say it is
 ready; a forked worker (from the template, or a promoted snapshot) opens it again for a
 session of its own. ``HistoryManager`` opens it on a thread instead, while the worker goes
-on. A cell's input is still stored at once (in the cache, under IPython's lock); writing the
-cache out and reading the database (``db``) wait for the open. The thread holds
-``open_lock`` from before it starts until the file is open: every fork (a snapshot's, the
-template's) takes that lock, so none copies a half-open database."""
+on (a forked worker: once its first cell is on its way). A cell's input is still stored at
+once (in the cache, under IPython's lock); writing the cache out and reading the database
+(``db``) wait for the open. The thread holds ``open_lock`` from before it starts until the
+file is open: every fork (a snapshot's, the template's) takes that lock, so none copies a
+half-open database."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class HistoryManager(history.HistoryManager):
         # The thread opening the database (which must not wait for itself).
         self._opener = 0
         self._conn: Any = None
+        # A reopen waiting to be started (reopen_later); set and cleared under open_lock.
+        self._pending = False
         # While IPython's constructor runs, opening the file and starting the session wait.
         self._deferring = True
         try:
@@ -44,11 +47,25 @@ class HistoryManager(history.HistoryManager):
             return
         self._in_background(self._open)
 
-    def reopen_in_background(self) -> None:
+    def reopen_later(self) -> None:
         """After a fork: a connection and a session of our own (the other process may
-        write lines to its session), and a saving thread (its thread was not copied)."""
+        write lines to its session), and a saving thread (its thread was not copied),
+        opened by ``open_pending`` or by the first caller that needs the database. Until
+        then no fork waits for it (the snapshot before a forked worker's first cell)."""
         if self.enabled:
-            self._in_background(self._reopen)
+            self._opened.clear()
+            self._pending = True
+
+    def open_pending(self) -> None:
+        """Start the open ``reopen_later`` left pending, if it is (from any thread)."""
+        if not self._pending:
+            return
+        self.open_lock.acquire()
+        if not self._pending:
+            self.open_lock.release()
+            return
+        self._pending = False
+        self._start_opener(self._reopen)
 
     @property  # type: ignore[override]
     def db(self) -> Any:
@@ -75,12 +92,16 @@ class HistoryManager(history.HistoryManager):
     def _wait_open(self) -> None:
         if self._deferring or self._opened.is_set() or threading.get_ident() == self._opener:
             return
+        self.open_pending()
         self._opened.wait()
 
     def _in_background(self, open_db: Callable[[], None]) -> None:
         # Taken here, released by the thread: nothing can fork before it is done.
         self.open_lock.acquire()
         self._opened.clear()
+        self._start_opener(open_db)
+
+    def _start_opener(self, open_db: Callable[[], None]) -> None:
         threading.Thread(
             target=self._open_then_release,
             args=(open_db,),

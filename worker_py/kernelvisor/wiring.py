@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # How long shutdown waits for the main thread to finish before exiting regardless.
 SHUTDOWN_GRACE_SECONDS = 1.0
 
+# After a fork, when the history database is opened again (if nothing needed it sooner):
+# after the first cell that is sent at once, and the snapshot before it.
+HISTORY_REOPEN_DELAY = 0.1
+
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """The main thread's loop: uvloop's when ``KERNELVISOR_UVLOOP=1`` and it is installed
@@ -284,7 +288,8 @@ class Worker:
         # Off the way to the first cell: a SQLite open and a committed insert (history.py).
         hm = getattr(self.shell, "history_manager", None)
         if hm is not None:
-            hm.reopen_in_background()
+            hm.reopen_later()
+            self.loop.call_later(HISTORY_REOPEN_DELAY, hm.open_pending)
         # Its thread did not survive the fork (and snapshots are never taken while debugpy
         # is loaded): a fresh one, on the new aux link.
         from kernelvisor.debugger import Debugger
