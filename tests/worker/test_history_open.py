@@ -29,7 +29,10 @@ def test_history_is_opened_off_the_constructor_and_waited_for(
     monkeypatch.setattr(ipython_history.HistoryManager, "new_session", slow_new_session)
     path = tmp_path / "history.sqlite"
     hm = HistoryManager(shell=shell, hist_file=str(path))
-    # Constructed without the open; a cell's input is stored at once (in the cache).
+    # Constructed without the open (nothing holds it up, so a fork would not wait); a
+    # cell's input is stored at once (in the cache).
+    assert hm.open_lock.acquire(timeout=5)
+    hm.open_lock.release()
     hm.input_hist_parsed.append("x = 1")
     hm.input_hist_raw.append("x = 1")
     hm.store_inputs(1, "x = 1")
@@ -86,3 +89,14 @@ def test_history_in_memory_opens_at_once() -> None:
     hm.writeout_cache()
     assert list(hm.get_range(0, 1, 2)) == [(0, 1, "y = 2")]
     hm.close()
+
+
+def test_history_never_needed_is_never_opened(tmp_path: Path) -> None:
+    """The template's case: no cell, no history request; ending it opens nothing."""
+    hm = HistoryManager(shell=InteractiveShell.instance(), hist_file=str(tmp_path / "h.sqlite"))
+    hm.end_session()
+    assert not hm._opened.is_set()
+    hm.close()
+    with sqlite3.connect(tmp_path / "h.sqlite") as db:
+        tables = db.execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == []

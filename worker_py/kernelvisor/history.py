@@ -3,12 +3,14 @@
 Opening ``history.sqlite`` commits the new session's row, an fsync: 15-30 ms of waiting on
 the disk, which IPython does while it builds the shell, before the worker can say it is
 ready; a forked worker (from the template, or a promoted snapshot) opens it again for a
-session of its own. ``HistoryManager`` opens it on a thread instead, while the worker goes
-on (a forked worker: once its first cell is on its way). A cell's input is still stored at
-once (in the cache, under IPython's lock); writing the cache out and reading the database
-(``db``) wait for the open. The thread holds ``open_lock`` from before it starts until the
-file is open: every fork (a snapshot's, the template's) takes that lock, so none copies a
-half-open database."""
+session of its own. ``HistoryManager`` leaves the open pending instead: it is started by
+``open_pending`` (the worker calls it shortly after it starts serving, so after a first
+cell sent at once, and the snapshot before it), or by the first caller that needs the
+database; the template, which runs no cell, never opens it. A cell's input is stored at once
+(in the cache, under IPython's lock); writing the cache out and reading the database
+(``db``) wait for the open, which runs on a thread. That thread holds ``open_lock`` from
+before it starts until the file is open: every fork (a snapshot's, the template's) takes
+that lock, so none copies a half-open database."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class HistoryManager(history.HistoryManager):
-    """IPython's ``HistoryManager``, whose database is opened by a thread (see above)."""
+    """IPython's ``HistoryManager``, whose database is opened later, by a thread (see
+    above)."""
 
     def __init__(self, **kwargs: Any) -> None:
         self._opened = threading.Event()
@@ -32,8 +35,8 @@ class HistoryManager(history.HistoryManager):
         # The thread opening the database (which must not wait for itself).
         self._opener = 0
         self._conn: Any = None
-        # A reopen waiting to be started (reopen_later); set and cleared under open_lock.
-        self._pending = False
+        # The open waiting to be started; taken under open_lock.
+        self._pending: Callable[[], None] | None = None
         # While IPython's constructor runs, opening the file and starting the session wait.
         self._deferring = True
         try:
@@ -45,27 +48,32 @@ class HistoryManager(history.HistoryManager):
             self._open()
             self._opened.set()
             return
-        self._in_background(self._open)
+        self._pending = self._open
 
     def reopen_later(self) -> None:
         """After a fork: a connection and a session of our own (the other process may
         write lines to its session), and a saving thread (its thread was not copied),
-        opened by ``open_pending`` or by the first caller that needs the database. Until
-        then no fork waits for it (the snapshot before a forked worker's first cell)."""
+        left pending as the first open is."""
         if self.enabled:
             self._opened.clear()
-            self._pending = True
+            self._pending = self._reopen
 
     def open_pending(self) -> None:
-        """Start the open ``reopen_later`` left pending, if it is (from any thread)."""
-        if not self._pending:
+        """Start the pending open, if there is one (from any thread)."""
+        if self._pending is None:
             return
+        # Taken here, released by the opener: nothing can fork before it is done.
         self.open_lock.acquire()
-        if not self._pending:
+        open_db, self._pending = self._pending, None
+        if open_db is None:
             self.open_lock.release()
             return
-        self._pending = False
-        self._start_opener(self._reopen)
+        threading.Thread(
+            target=self._open_then_release,
+            args=(open_db,),
+            name="kernelvisor-history-open",
+            daemon=True,
+        ).start()
 
     @property  # type: ignore[override]
     def db(self) -> Any:
@@ -89,25 +97,30 @@ class HistoryManager(history.HistoryManager):
         self._wait_open()
         super().writeout_cache(conn)
 
+    def end_session(self) -> None:
+        if self._pending is not None and not self.db_input_cache and not self.db_output_cache:
+            return  # never opened, nothing to write: no session to end
+        super().end_session()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            # Never opened here: no connection of ours to close (one copied by a fork is
+            # the other process's).
+            with self.open_lock:
+                self._pending = None
+            self._conn = history.DummyDB()
+            self._opened.set()
+            stop_saving = getattr(self, "_stop_save_thread", None)
+            if stop_saving is not None:
+                stop_saving()
+            return
+        super().close()
+
     def _wait_open(self) -> None:
         if self._deferring or self._opened.is_set() or threading.get_ident() == self._opener:
             return
         self.open_pending()
         self._opened.wait()
-
-    def _in_background(self, open_db: Callable[[], None]) -> None:
-        # Taken here, released by the thread: nothing can fork before it is done.
-        self.open_lock.acquire()
-        self._opened.clear()
-        self._start_opener(open_db)
-
-    def _start_opener(self, open_db: Callable[[], None]) -> None:
-        threading.Thread(
-            target=self._open_then_release,
-            args=(open_db,),
-            name="kernelvisor-history-open",
-            daemon=True,
-        ).start()
 
     def _open_then_release(self, open_db: Callable[[], None]) -> None:
         self._opener = threading.get_ident()

@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 # How long shutdown waits for the main thread to finish before exiting regardless.
 SHUTDOWN_GRACE_SECONDS = 1.0
 
-# After a fork, when the history database is opened again (if nothing needed it sooner):
-# after the first cell that is sent at once, and the snapshot before it.
-HISTORY_REOPEN_DELAY = 0.1
+# When the history database is opened once the worker serves (if nothing needed it
+# sooner): after a first cell sent at once, and the snapshot before it (history.py).
+HISTORY_OPEN_DELAY = 0.1
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -253,6 +253,9 @@ class Worker:
         loop runs."""
         self.links.serve()
         self.run_modes.start_caller()
+        hm = getattr(self.shell, "history_manager", None)
+        if hm is not None:
+            self.loop.call_later(HISTORY_OPEN_DELAY, hm.open_pending)
 
     # --- snapshots -------------------------------------------------------------------
 
@@ -289,7 +292,6 @@ class Worker:
         hm = getattr(self.shell, "history_manager", None)
         if hm is not None:
             hm.reopen_later()
-            self.loop.call_later(HISTORY_REOPEN_DELAY, hm.open_pending)
         # Its thread did not survive the fork (and snapshots are never taken while debugpy
         # is loaded): a fresh one, on the new aux link.
         from kernelvisor.debugger import Debugger
