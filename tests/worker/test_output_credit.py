@@ -229,3 +229,19 @@ def test_credit_for_unknown_flows_or_malformed_pairs_is_ignored(rig: Rig) -> Non
     # More than was sent is capped at what was sent.
     rig.outbox.credit([[json.loads(rig.main.sent[0][0])["flow"], 10**9]])
     assert rig.outbox._flows.total == 0
+
+
+def test_writers_of_every_holding_request_wait_once_all_hold_too_much(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(flows, "HOLD", 1000)
+    monkeypatch.setattr(flows, "HOLD_TOTAL", 1500)
+    f = flows.Flows()
+    a, b, c = f.get(A), f.get(B), f.get(b'{"msg_id":"c"}')
+    a.held_chars, b.held_chars = 900, 500
+    f.held_chars = 1400
+    assert not f.stalled(a) and not f.stalled(b), "each below HOLD, all below HOLD_TOTAL"
+    a.held_chars, f.held_chars = 1001, 1501
+    assert f.stalled(a), "past HOLD"
+    assert f.stalled(b), "all together past HOLD_TOTAL: every holding request waits"
+    assert not f.stalled(c), "a request holding nothing never waits for others"
