@@ -79,20 +79,23 @@ def run_template(
 
 
 def serve(worker: Worker, link: Connection) -> NoReturn:
-    """Say hello on ``link`` (the worker is warm now), then fork a worker for each
-    ``fork`` until the supervisor closes the link."""
+    """Say hello on ``link`` (the shell is built), then fork a worker for each ``fork``
+    until the supervisor closes the link. The first fork (the main worker, which a client
+    is waiting for) comes before the rest of the warm-up (``_warm_up``); later ones share
+    it."""
+    # Every worker imports these on its way to serving: the first one too.
     for name in WARM_MODULES:
         try:
             importlib.import_module(name)
         except ImportError as exc:
             log.debug("template: not warming %s: %s", name, exc)
-    _warm_tracebacks(worker)
     # What exists now is the template's, shared by every worker: out of the collector's
     # sight, so that a worker's collections never write to (and so copy) its pages.
     gc.collect()
     gc.freeze()
     link.send([control_frame(hello("template", worker.worker_id, os.getpid(), worker.token))])
     log.info("template %d ready (pid %d)", worker.worker_id, os.getpid())
+    warm = False
     fds: collections.deque[int] = collections.deque()
     while True:
         try:
@@ -114,6 +117,17 @@ def serve(worker: Worker, link: Connection) -> NoReturn:
                 _fork(worker, link, fork, stderr)
             if stderr is not None:
                 os.close(stderr)
+        if not warm:
+            warm = True
+            _warm_up(worker)
+
+
+def _warm_up(worker: Worker) -> None:
+    """What each worker would otherwise do (and copy pages for) on its own, done once here
+    after the first fork, which it would delay: a first traceback; a full collection."""
+    _warm_tracebacks(worker)
+    gc.collect()
+    gc.freeze()
 
 
 def _warm_tracebacks(worker: Worker) -> None:
