@@ -123,9 +123,21 @@ impl Iopub {
     }
 
     fn ring(&self) {
-        if !self.rung.swap(true, Ordering::AcqRel) {
-            if let Err(e) = self.bell.send(Vec::<u8>::new(), zmq::DONTWAIT) {
-                warn!(error = %e, "iopub: cannot wake the publishing thread");
+        if self.rung.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        loop {
+            match self.bell.send(Vec::<u8>::new(), zmq::DONTWAIT) {
+                Ok(()) => return,
+                // A signal (a worker's SIGCHLD, say) interrupted the send: ring again. Left
+                // unrung, the thread would sleep on while `rung` stops every later ring.
+                Err(zmq::Error::EINTR) => {}
+                Err(e) => {
+                    warn!(error = %e, "iopub: cannot wake the publishing thread");
+                    // Let the next message try again.
+                    self.rung.store(false, Ordering::Release);
+                    return;
+                }
             }
         }
     }

@@ -209,7 +209,9 @@ def test_sigint_while_starting_does_not_kill(kv_bin: Path, tmp_path: Path) -> No
             except OSError as e:
                 if e.errno != errno.ENXIO:
                     raise
-            assert proc.poll() is None, "the kernel exited before reading its connection file"
+            assert proc.poll() is None, (
+                f"exited before reading its connection file: {stderr_path.read_text(errors='replace')}"
+            )
             assert time.monotonic() < deadline, "the kernel never opened its connection file"
             time.sleep(0.001)
         os.kill(proc.pid, signal.SIGINT)
@@ -219,7 +221,9 @@ def test_sigint_while_starting_does_not_kill(kv_bin: Path, tmp_path: Path) -> No
         msg_id = kc.kernel_info()
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
-            assert proc.poll() is None, f"the kernel died of SIGINT: exit {proc.returncode}"
+            assert proc.poll() is None, (
+                f"the kernel died: exit {proc.returncode}; {stderr_path.read_text(errors='replace')}"
+            )
             assert time.monotonic() < deadline, "no kernel_info_reply"
             os.kill(proc.pid, signal.SIGINT)
             try:
