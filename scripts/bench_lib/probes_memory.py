@@ -26,8 +26,9 @@ def kv_roles(k: Launched) -> dict[int, str]:
     if pool.get("template"):
         roles[pool["template"]["pid"]] = "template"
     snap = info.get("snapshot") or {}
-    if snap.get("pid"):
-        roles[snap["pid"]] = "snapshot"
+    # Newest first: the one a crash restores, then the one kept for %undo.
+    for kept, name in zip(snap.get("kept") or [], ("snapshot", "undo snapshot"), strict=False):
+        roles[kept["pid"]] = name
     return roles
 
 
@@ -66,8 +67,8 @@ def probe_memory(kernel: str, opts: Opts) -> dict[str, Value]:
         settle(k, kernel)
         out = measured(k, kernel, "idle")
         run_ok(k, FLOOD, timeout=STREAM_TIMEOUT)
-        # One more cell: kernelvisor's snapshot policy takes a snapshot before it, as it would
-        # before the user's next cell.
+        # A pause and one more cell: kernelvisor takes a snapshot once the worker is idle,
+        # as it would before the user's next cell.
         time.sleep(0.05)
         run_ok(k, "pass")
         settle(k, kernel)
