@@ -232,16 +232,9 @@ def test_sigint_while_starting_does_not_kill(kv_bin: Path, tmp_path: Path) -> No
                 continue
             if reply["parent_header"].get("msg_id") == msg_id:
                 break
-        _, iopub = execute(kc, "1+1")
-        assert result_text(iopub) == "2"
-        msg_id = kc.shutdown()
-        assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
-        assert proc.wait(timeout=30) == 0
+        works_then_shuts_down(kc, proc)
     finally:
-        kc.stop_channels()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(kc, proc)
     assert "panicked" not in stderr_path.read_text(errors="replace")
 
 
@@ -264,16 +257,9 @@ def test_direct_launch_and_shutdown(kv_bin: Path, tmp_path: Path) -> None:
     try:
         # Not manager-owned: jupyter_client also waits for heartbeats here.
         kc.wait_for_ready(timeout=STARTUP_TIMEOUT)
-        _, iopub = execute(kc, "1+1")
-        assert result_text(iopub) == "2"
-        msg_id = kc.shutdown()
-        assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
-        assert proc.wait(timeout=30) == 0
+        works_then_shuts_down(kc, proc)
     finally:
-        kc.stop_channels()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(kc, proc)
     assert "panicked" not in stderr_path.read_text(errors="replace")
 
 
@@ -306,3 +292,19 @@ def test_heartbeat_answers(kernel: Kernel) -> None:
     while not hb.is_beating() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert hb.is_beating()
+
+
+def works_then_shuts_down(kc: BlockingKernelClient, proc: subprocess.Popen[bytes]) -> None:
+    """``1+1`` is answered, then a shutdown_request, and the supervisor exits 0."""
+    _, iopub = execute(kc, "1+1")
+    assert result_text(iopub) == "2"
+    msg_id = kc.shutdown()
+    assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
+    assert proc.wait(timeout=30) == 0
+
+
+def stop(kc: BlockingKernelClient, proc: subprocess.Popen[bytes]) -> None:
+    kc.stop_channels()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
