@@ -115,14 +115,21 @@ def test_every_socket_is_a_curve_server(curve_kernel: Kernel, channel: str) -> N
             sock.curve_publickey, sock.curve_secretkey = public, secret
             sock.curve_serverkey = server_key
         sock.connect(url)
+        wait_ms = 10_000 if expect_answer else 2000
         try:
             if kind == zmq.SUB:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")  # answered by an iopub_welcome
-            elif kind == zmq.REQ:
-                sock.send(b"ping")
+                answered = bool(sock.poll(wait_ms))
+            # REQ and DEALER sends block while no connection is up, which is for good
+            # after a refused handshake (ZeroMQ drops the pipe): wait to be writable first.
+            elif not sock.poll(wait_ms, zmq.POLLOUT):
+                answered = False
             else:
-                session.send(sock, session.msg("kernel_info_request", {}))
-            answered = bool(sock.poll(10_000 if expect_answer else 2000))
+                if kind == zmq.REQ:
+                    sock.send(b"ping", zmq.NOBLOCK)
+                else:
+                    session.send(sock, session.msg("kernel_info_request", {}))
+                answered = bool(sock.poll(wait_ms))
             assert answered == expect_answer, (channel, server_key, answered)
         finally:
             sock.close()
