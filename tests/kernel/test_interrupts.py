@@ -200,8 +200,11 @@ def test_group_sigint_does_not_reach_idle_workers() -> None:
 DEADLOCK_MARKED = (
     "import ctypes\nlibc = ctypes.PyDLL(None)\nm = ctypes.create_string_buffer(64)\n"
     "libc.pthread_mutex_init(m, None)\nlibc.pthread_mutex_lock(m)\n"
-    'try:\n    print("stuck", flush=True)\nexcept KeyboardInterrupt:\n    pass\n'
-    "libc.pthread_mutex_lock(m)"
+    # One statement after the marker: IPython compiles each top-level statement just before
+    # it runs, and an interrupt landing in that compile would end the cell early.
+    "printed = False\nwhile True:\n    try:\n        if not printed:\n"
+    '            print("stuck", flush=True)\n            printed = True\n'
+    "        libc.pthread_mutex_lock(m)\n    except KeyboardInterrupt:\n        pass"
 )
 
 
