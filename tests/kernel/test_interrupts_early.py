@@ -27,20 +27,27 @@ comm.get_comm_manager().register_target("kv-busy", _busy_target)
 """
 
 
+def busy_main_thread(kc, seconds: float) -> int:  # type: ignore[no-untyped-def]
+    """Keeps the main worker's main thread in a comm handler for ``seconds`` (returns once
+    the handler runs); returns the worker's pid."""
+    reply, _ = execute(kc, BUSY_HANDLER)
+    assert reply["content"]["status"] == "ok"
+    _, pid = main_worker(kc)
+    opened = kc.session.msg("comm_open", {"comm_id": "b", "target_name": "kv-busy", "data": {}})
+    kc.shell_channel.send(opened)
+    collect_iopub(kc, opened["header"]["msg_id"])
+    busy = kc.session.msg("comm_msg", {"comm_id": "b", "data": {"seconds": seconds}})
+    kc.shell_channel.send(busy)
+    iopub_until(kc, busy["header"]["msg_id"], lambda m: m["msg_type"] == "comm_msg", [])
+    return pid
+
+
 @pytest.mark.parametrize("how", sorted(INTERRUPTS))
 def test_an_interrupt_before_the_cell_starts_stops_it(how: str) -> None:
     with kv_kernel() as k:
         kc = k.kc
-        reply, _ = execute(kc, BUSY_HANDLER)
-        assert reply["content"]["status"] == "ok"
-        _, pid = main_worker(kc)
-        opened = kc.session.msg("comm_open", {"comm_id": "b", "target_name": "kv-busy", "data": {}})
-        kc.shell_channel.send(opened)
-        collect_iopub(kc, opened["header"]["msg_id"])
-        busy = kc.session.msg("comm_msg", {"comm_id": "b", "data": {"seconds": 3}})
-        kc.shell_channel.send(busy)
-        # Once the handler sleeps, the request waits unread in the worker's socket.
-        iopub_until(kc, busy["header"]["msg_id"], lambda m: m["msg_type"] == "comm_msg", [])
+        # Once the handler sleeps, the next request waits unread in the worker's socket.
+        pid = busy_main_thread(kc, 3)
         cell = kc.execute("import time\ntime.sleep(60)")
         time.sleep(0.5)
         t0 = time.monotonic()
@@ -60,15 +67,7 @@ def test_a_sigint_with_no_cell_on_its_way_touches_no_later_cell() -> None:
     only other requests (a comm message) wait unread is dropped once they are handled."""
     with kv_kernel() as k:
         kc = k.kc
-        reply, _ = execute(kc, BUSY_HANDLER)
-        assert reply["content"]["status"] == "ok"
-        _, pid = main_worker(kc)
-        opened = kc.session.msg("comm_open", {"comm_id": "b", "target_name": "kv-busy", "data": {}})
-        kc.shell_channel.send(opened)
-        collect_iopub(kc, opened["header"]["msg_id"])
-        first = kc.session.msg("comm_msg", {"comm_id": "b", "data": {"seconds": 2}})
-        kc.shell_channel.send(first)
-        iopub_until(kc, first["header"]["msg_id"], lambda m: m["msg_type"] == "comm_msg", [])
+        pid = busy_main_thread(kc, 2)
         second = kc.session.msg("comm_msg", {"comm_id": "b", "data": {"seconds": 0}})
         kc.shell_channel.send(second)
         time.sleep(0.5)  # the second waits unread
