@@ -1,7 +1,7 @@
 //! How an `execute_request` is to run, decided by the supervisor when it arrives: its run
 //! mode (async-kernel's first-line comments, `silent`, cell tags), and what an error in it
 //! does to the queue (`stop_on_error`, the `raises-exception` / `stop-on-error` tags), and
-//! its `timeout=` tag.
+//! its `timeout=` and `snapshot` tags.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -37,6 +37,9 @@ pub struct Tags {
     pub stop_on_error: Option<bool>,
     /// `timeout=SECONDS`: interrupt the cell once it has run this long.
     pub timeout: Option<Duration>,
+    /// `snapshot`: fork a snapshot right before this cell, whatever the burst rule says
+    /// (a crash in it then costs exactly this cell, even in a fast Run All).
+    pub snapshot: bool,
 }
 
 /// Everything the supervisor decides about an execute request.
@@ -137,6 +140,7 @@ fn parse_tags(tags: &[String]) -> Tags {
         };
         match (key, value) {
             ("raises-exception", None) => out.raises_exception = true,
+            ("snapshot", None) => out.snapshot = true,
             ("stop-on-error", None) => out.stop_on_error = Some(true),
             ("stop-on-error", Some(v)) => {
                 if let Some(b) = parse_bool(v) {
@@ -335,6 +339,8 @@ mod tests {
             assert_eq!(t(json!([bad])).timeout, None, "{bad}");
         }
         assert!(t(json!([1, null, "raises-exception"])).raises_exception);
+        assert!(t(json!(["snapshot"])).snapshot);
+        assert!(!t(json!(["snapshot=yes", "snapshots"])).snapshot);
         assert_eq!(t(json!("not a list")), Tags::default());
     }
 

@@ -11,15 +11,17 @@
 //! worker), and only when cells or comm messages reached the worker since the last one
 //! ("dirty"):
 //! - when the worker has been quiet for [`IDLE_GAP`] after its last reply (the kernel
-//!   arms a timer for it: [`SnapshotState::idle_due_at`]). At human pace the fork and the
-//!   copy's start-up are over long before the next cell arrives, so they cost that cell
-//!   nothing, and a crash costs exactly that cell;
+//!   arms a timer for it: [`SnapshotState::idle_due_at`]), or at once after a cell that
+//!   ran at least 10 fork durations. At human pace the fork and the copy's start-up are
+//!   over long before the next cell arrives, so they cost that cell nothing, and a crash
+//!   costs exactly that cell;
 //! - before a cell that arrives after [`IDLE_GAP`] of quiet if the timer has not fired yet;
 //! - during a burst (Run All, pipelined requests), before a cell only once the last
 //!   snapshot is older than [`BURST_INTERVAL`], or 20 times the last fork's duration if
 //!   that is longer, which bounds the fork's share of a burst's time to about 5%.
 //!
-//! Never before a `%undo` cell. `%undo` promotes the newest snapshot taken before the last
+//! A cell tagged `snapshot` always gets one right before it (if something ran since the
+//! last one), burst or not. Never before a `%undo` cell. `%undo` promotes the newest snapshot taken before the last
 //! cell ran (see [`SnapshotState::take`]).
 
 use std::time::{Duration, Instant};
@@ -36,6 +38,15 @@ pub const BURST_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How many fork durations a burst runs between two snapshots, at least.
 const BURST_FORK_RATIO: f64 = 20.0;
+
+/// A cell that ran at least this many fork durations (of at least [`MIN_FORK_COST`] each)
+/// gets its idle snapshot as soon as it is done, not after [`IDLE_GAP`]: the fork then costs
+/// at most a tenth of that cell, and a client that sends the next cell within 2 ms of the
+/// reply (nbclient, papermill) still gets one between the two.
+const LONG_CELL_FORKS: f64 = 10.0;
+
+/// What a fork costs at least, counting the copy-on-write faults after it.
+const MIN_FORK_COST: Duration = Duration::from_millis(1);
 
 /// Snapshot settings of a kernel run.
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +123,8 @@ pub struct SnapshotState {
     dirty: bool,
     last_request: Option<Instant>,
     last_fork_ms: f64,
+    /// How long the worker's last busy period (cells running, back to back) lasted.
+    last_busy: Duration,
     /// Why the last attempt failed (the worker refused: CUDA, …).
     pub refused: Option<String>,
     /// Why the last snapshot was dropped (memory), if none was taken since.
@@ -133,6 +146,7 @@ impl Default for SnapshotState {
             dirty: true,
             last_request: None,
             last_fork_ms: 0.0,
+            last_busy: Duration::ZERO,
             refused: None,
             dropped: None,
             last_drop: None,
@@ -159,12 +173,24 @@ impl SnapshotState {
     }
 
     /// When the idle snapshot is due, for a worker quiet since `quiet_since` (`None`: a cell
-    /// runs): [`IDLE_GAP`] after it, if anything reached the worker since the last one.
+    /// runs): [`IDLE_GAP`] after it, or at once after a long cell (see
+    /// [`LONG_CELL_FORKS`]), if anything reached the worker since the last one.
     pub fn idle_due_at(&self, quiet_since: Option<Instant>) -> Option<Instant> {
         if !self.dirty || self.requested.is_some() {
             return None;
         }
-        quiet_since.map(|since| since + IDLE_GAP)
+        let fork = MIN_FORK_COST.max(Duration::from_secs_f64(self.last_fork_ms / 1000.0));
+        let gap = if self.last_busy >= fork.mul_f64(LONG_CELL_FORKS) {
+            Duration::ZERO
+        } else {
+            IDLE_GAP
+        };
+        quiet_since.map(|since| since + gap)
+    }
+
+    /// The worker was busy for `busy` (cells running back to back) and is quiet now.
+    pub fn was_busy(&mut self, busy: Duration) {
+        self.last_busy = busy;
     }
 
     /// A request reached the worker: its state may change.
@@ -172,8 +198,22 @@ impl SnapshotState {
         self.dirty = true;
     }
 
-    /// A `snapshot` op with `seq` was sent; `count` is the last execution count.
+    /// Whether a cell tagged `snapshot` needs one before it: something reached the worker
+    /// since the last one was requested (one in flight may be replaced, see
+    /// [`SnapshotState::requested`]).
+    pub fn due_for_tagged_cell(&self) -> bool {
+        self.dirty
+    }
+
+    /// A `snapshot` op with `seq` was sent; `count` is the last execution count. A request
+    /// still in flight is replaced: its process, if forked, is let go (it exits when its
+    /// link closes, or is refused one when it connects late).
     pub fn requested(&mut self, seq: u64, now: Instant, count: Option<u64>) {
+        if let Some(old) = self.requested.take() {
+            if let Some((pid, _)) = old.taken {
+                self.lingering.push(pid);
+            }
+        }
         self.dirty = false;
         self.last_request = Some(now);
         self.requested = Some(Requested {
@@ -191,7 +231,11 @@ impl SnapshotState {
         self.last_fork_ms = fork_ms;
         match &mut self.requested {
             Some(r) if r.seq == seq => r.taken = Some((pid, fork_ms)),
-            _ => return None,
+            _ => {
+                // Replaced while in flight: it exits once its link is refused.
+                self.lingering.push(pid);
+                return None;
+            }
         }
         self.complete()
     }
@@ -440,6 +484,47 @@ mod tests {
             "the third hands the first back to drop"
         );
         assert_eq!(s.ready().map(|r| r.pid).collect::<Vec<_>>(), [12, 11]);
+    }
+
+    #[test]
+    fn a_long_cell_gets_its_idle_snapshot_at_once() {
+        let t0 = Instant::now();
+        let mut s = SnapshotState::default();
+        s.was_busy(Duration::from_millis(5));
+        assert_eq!(s.idle_due_at(Some(t0)), Some(t0 + IDLE_GAP), "short: 10 ms");
+        s.was_busy(Duration::from_millis(10));
+        assert_eq!(s.idle_due_at(Some(t0)), Some(t0), "10 forks of 1 ms");
+        s.requested(1, t0, None);
+        s.taken(1, 10, 4.0);
+        s.connected(1, link()).unwrap();
+        s.touch();
+        assert_eq!(
+            s.idle_due_at(Some(t0)),
+            Some(t0 + IDLE_GAP),
+            "forks take 4 ms"
+        );
+        s.was_busy(Duration::from_millis(40));
+        assert_eq!(s.idle_due_at(Some(t0)), Some(t0));
+    }
+
+    #[test]
+    fn a_replaced_request_lets_its_process_go() {
+        let t0 = Instant::now();
+        let mut s = SnapshotState::default();
+        s.requested(1, t0, None);
+        s.taken(1, 10, 1.0);
+        s.touch();
+        assert!(s.due_for_tagged_cell());
+        s.requested(2, t0, Some(1));
+        assert!(!s.due_for_tagged_cell());
+        assert!(
+            s.connected(1, link()).is_err(),
+            "the replaced one is refused its link"
+        );
+        assert!(s.taken(2, 11, 1.0).is_none());
+        assert!(s.connected(2, link()).unwrap().is_none());
+        assert_eq!(s.ready().map(|r| r.pid).collect::<Vec<_>>(), [11]);
+        assert!(s.lingering.contains(&10));
     }
 
     #[test]

@@ -147,7 +147,7 @@ impl Kernel {
         }
         while let Some((lane, _)) = self.lanes.first_ready(|q| q.seq) {
             let (kind, queued) = self.lanes.pop_front(&lane).expect("a ready front");
-            self.maybe_snapshot(queued.plan.undo);
+            self.maybe_snapshot(&snapshots::Before::Cell(&queued.plan));
             let holds_lane = kind == Kind::Queue;
             let id = self.start_execute(lane.clone(), queued, holds_lane);
             if holds_lane {
@@ -162,9 +162,11 @@ impl Kernel {
         let wid = self.pool.main().map(|w| w.id).expect("a main worker");
         let exec = Execution::new(Some(lane.clone()), holds_lane, &plan);
         if self.quiet_since.take().is_some() {
+            let now = Instant::now();
+            self.busy_since = Some(now);
             // Liveness is measured from when the worker became busy.
             if let Some(w) = self.pool.main_mut() {
-                w.last_heard = Instant::now();
+                w.last_heard = now;
             }
         }
         let id = self.register(Channel::Shell, &msg, wid, Some(exec));
@@ -274,7 +276,16 @@ impl Kernel {
             }
         }
         if !self.main_busy() {
-            self.quiet_since = Some(Instant::now());
+            let now = Instant::now();
+            self.quiet_since = Some(now);
+            if let (Some(since), Some(w)) = (self.busy_since.take(), self.pool.main_mut()) {
+                w.snapshots.was_busy(now.duration_since(since));
+            }
+            // Due at once (after a long cell): before the next cell, which may be here
+            // already, not when the timer's turn comes.
+            if let Some(at) = self.idle_snapshot_at().filter(|at| *at <= now) {
+                self.idle_snapshot(at);
+            }
         }
         self.dispatch_execute();
     }

@@ -195,6 +195,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         waiting_for_worker: VecDeque::new(),
         deferred_kernel_info: Vec::new(),
         quiet_since: Some(Instant::now()),
+        busy_since: None,
         idle_snapshot_fired: None,
         last_ping: Instant::now(),
         ping_seq: 0,
@@ -348,6 +349,8 @@ struct Kernel {
     deferred_kernel_info: Vec<(Channel, Incoming)>,
     /// Since when no cell has run in the main worker (`None` while one runs).
     quiet_since: Option<Instant>,
+    /// Since when cells have run in the main worker back to back (`None`: quiet).
+    busy_since: Option<Instant>,
     /// The idle snapshot timer that last fired (see [`Kernel::idle_snapshot_at`]).
     idle_snapshot_fired: Option<Instant>,
     last_ping: Instant,

@@ -9,6 +9,12 @@ use super::*;
 use crate::ipc_ops::ToWorker;
 use crate::pool::KillReason;
 
+/// When a snapshot may be taken: at idle (the timer), or before a cell with this plan.
+pub(super) enum Before<'a> {
+    Idle,
+    Cell(&'a crate::cell_plan::CellPlan),
+}
+
 /// Snapshots holding less than `limit / SMALL_SNAPSHOT_DIVISOR` of their own are not
 /// dropped for a tight `--memory-limit`.
 const SMALL_SNAPSHOT_DIVISOR: u64 = 16;
@@ -28,14 +34,19 @@ impl Kernel {
     /// The idle snapshot's timer fired.
     pub(super) fn idle_snapshot(&mut self, at: Instant) {
         self.idle_snapshot_fired = Some(at);
-        self.maybe_snapshot(false);
+        self.maybe_snapshot(&Before::Idle);
     }
 
     /// Before a cell is sent to the main worker, or when it has been quiet for a while:
     /// fork a snapshot if the policy says so (never before an `%undo` cell, which goes
-    /// back to the snapshot before the cell it undoes).
-    pub(super) fn maybe_snapshot(&mut self, undo: bool) {
-        if !self.snapshots_on || undo || self.main_busy() || self.cfg.backend != Backend::Asyncio {
+    /// back to the snapshot before the cell it undoes; always before a cell tagged
+    /// `snapshot`).
+    pub(super) fn maybe_snapshot(&mut self, before: &Before) {
+        if !self.snapshots_on
+            || matches!(before, Before::Cell(plan) if plan.undo)
+            || self.main_busy()
+            || self.cfg.backend != Backend::Asyncio
+        {
             return;
         }
         let now = Instant::now();
@@ -46,7 +57,16 @@ impl Kernel {
         let Some(w) = self.pool.main_mut() else {
             return;
         };
-        if !w.snapshots.due(now, quiet) {
+        let due = match before {
+            // The timer's time was `idle_due_at`'s, which may be sooner than the idle gap.
+            Before::Idle => w
+                .snapshots
+                .idle_due_at(self.quiet_since)
+                .is_some_and(|at| at <= now),
+            Before::Cell(plan) if plan.tags.snapshot => w.snapshots.due_for_tagged_cell(),
+            Before::Cell(_) => w.snapshots.due(now, quiet),
+        };
+        if !due {
             tracing::trace!(
                 quiet_us = quiet.as_micros() as u64,
                 "no snapshot before this cell"
@@ -79,6 +99,7 @@ impl Kernel {
         let Some(w) = self.pool.get_mut(id) else {
             return;
         };
+        tracing::debug!(worker = id, seq, "snapshot connected");
         match w.snapshots.connected(seq, link) {
             Ok(old) => w.snapshots.let_go(old),
             // Not expected (late, or replaced): dropping the link ends it.

@@ -143,6 +143,7 @@ impl Kernel {
         self.heir_deadline = None;
         let now = Instant::now();
         self.quiet_since = Some(now);
+        self.busy_since = None;
         if let (Some(w), Some(n)) = (self.pool.main_mut(), self.last_count) {
             w.last_heard = now;
             w.execution_count = Some(n);

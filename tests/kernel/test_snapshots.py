@@ -429,3 +429,35 @@ def test_a_crash_tagged_raises_exception_does_not_stop_run_all() -> None:
         reply = get_reply(kc, after, TIMEOUT)
         assert reply["content"]["status"] == "ok", (crashed["evalue"], reply["content"])
         assert result_text(collect_iopub(kc, after)) == "2"
+
+
+@pytest.mark.parametrize("tagged", [True, False], ids=["tagged", "untagged"])
+def test_a_cell_tagged_snapshot_gets_one_even_in_a_fast_burst(tagged: bool) -> None:
+    """Run All of quick cells: the burst rule skips the snapshots between them, so a crash
+    goes back past them, and says so. Tagged ``snapshot``, the crashing cell gets one right
+    before it: the crash costs exactly that cell."""
+    with kv_kernel() as k:
+        kc = k.kc
+        reply, iopub = execute(kc, "a = 1")
+        assert reply["content"]["status"] == "ok", describe(iopub)
+        # The idle snapshot (2 ms after the reply) keeps `a = 1`; the rest follow at once,
+        # well within the burst spacing (100 ms) after it.
+        time.sleep(0.01)
+        quick = [send_execute(kc, f"a = {n}") for n in (2, 3)]
+        tags = ["raises-exception", "snapshot"] if tagged else ["raises-exception"]
+        crash = send_execute(kc, f"a = 99\n{SEGFAULT}", tags=tags)
+        after = send_execute(kc, "a")
+        for i in quick:
+            assert get_reply(kc, i, TIMEOUT)["content"]["status"] == "ok"
+        crashed = get_reply(kc, crash, TIMEOUT)["content"]
+        assert crashed["ename"] == "WorkerCrashed", crashed
+        reply = get_reply(kc, after, TIMEOUT)
+        assert reply["content"]["status"] == "ok", (crashed["evalue"], reply["content"])
+        value = result_text(collect_iopub(kc, after))
+        if tagged:
+            assert RESTORED in crashed["evalue"], crashed["evalue"]
+            assert value == "3"
+        else:
+            # Restored to before a quick cell: the message names it, and its change is lost.
+            assert "restored to before cell" in crashed["evalue"], crashed["evalue"]
+            assert value in ("1", "2"), (value, crashed["evalue"])
