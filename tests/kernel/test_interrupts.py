@@ -230,3 +230,27 @@ def test_second_interrupt_frees_a_worker_stuck_in_c_code(kernel: Kernel) -> None
     assert not is_running(pid)
     assert_namespace_as_reported(kc, reply, "survivor")
     assert_healthy(kc)
+
+
+def test_a_sigint_caught_by_another_thread_still_ends_an_awaiting_cell(kernel: Kernel) -> None:
+    """A process-directed SIGINT (the supervisor's kill, a frontend's) may be caught by any
+    thread of the worker. Python runs its handler on the main thread only, which here waits
+    in its event loop's select with a 30 s timer: the signal must wake it. Here a thread of
+    the cell's own signals itself, which makes the case certain."""
+    kc = kernel.kc
+    code = (
+        "import asyncio, signal, threading, time\n"
+        "def from_another_thread():\n"
+        "    time.sleep(0.5)\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)\n"
+        "threading.Thread(target=from_another_thread, daemon=True).start()\n"
+        'print("awaiting", flush=True)\n'
+        "await asyncio.sleep(30)"
+    )
+    msg_id, seen = start_cell_marked(kc, code, "awaiting")
+    begun = time.monotonic()
+    reply, iopub = finish_cell(kc, msg_id, seen)
+    assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+    # The supervisor pings the worker's main link every second or so, which would also wake
+    # the loop: well under that.
+    assert time.monotonic() - begun < 0.9 + 0.5, describe(iopub)

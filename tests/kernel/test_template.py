@@ -145,3 +145,28 @@ def test_later_workers_come_with_tracebacks_warm() -> None:
                 reply, iopub = execute(kc, where + TRACEBACKS_WARM)
                 expected = f"{warm} {warm}\n"
                 assert stream_text(iopub) == expected, (template, where, reply["content"])
+
+
+# The inodes of the sockets that wake this worker's main loop: its self-pipe (other threads'
+# call_soon_threadsafe) and its signal wake-up socket.
+WAKE_SOCKETS = (
+    "import asyncio, os, signal\n"
+    "loop = asyncio.get_running_loop()\n"
+    "fd = signal.set_wakeup_fd(-1)\n"
+    "signal.set_wakeup_fd(fd, warn_on_full_buffer=False)\n"
+    "print(os.fstat(loop._ssock.fileno()).st_ino, os.fstat(fd).st_ino)"
+)
+
+
+def test_sibling_workers_do_not_share_what_wakes_their_loops() -> None:
+    """Workers forked from one template inherit its descriptors. A self-pipe shared by two
+    workers' loops lets one swallow the other's wake-ups: a trio cell, woken by trio's I/O
+    thread that way, hung for good when the spare read the byte."""
+    with kv_kernel() as kernel:
+        kc = kernel.kc
+        assert_healthy(kc)
+        wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+        main = set(stream_text(execute(kc, WAKE_SOCKETS)[1]).split())
+        borrowed = set(stream_text(execute(kc, "# process\n" + WAKE_SOCKETS)[1]).split())
+        assert len(main) == 2 and len(borrowed) == 2, (main, borrowed)
+        assert not main & borrowed, (main, borrowed)

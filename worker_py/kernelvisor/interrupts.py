@@ -26,15 +26,24 @@ local kernel by signalling every process of its tree one by one, then the kernel
 forwards the signal to the worker, so one click reaches the worker twice. The second must not
 cut short the cell's ``except KeyboardInterrupt:`` clean-up. A later click is a new interrupt.
 
+A SIGINT always wakes the main thread's event loop (``wake_loop``): the C handler writes to a
+socket the loop watches. Without it, a signal landing just before the loop blocks in its
+``select`` would run the Python handler only at the loop's next timer: an awaiting cell then
+missed its interrupt's grace and lost its worker. In a trio cell, KeyboardInterrupt is never
+raised in code that trio protects from it (its cancel scopes' bookkeeping): the cell's scope
+is cancelled instead, as for an await.
+
 A cell held at a debugger breakpoint is first resumed (``resume_suspended``, set by the
 debugger), so that the exception leaves pydevd's wait with the debugger's state intact.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import signal
+import socket
 import sys
 import threading
 import time
@@ -66,6 +75,24 @@ def _cell_on_stack(
             in_task = True
         frame = frame.f_back
     return current_cell.get() if in_task else None
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while sock.recv(4096):
+            pass
+
+
+def _trio_protects_this_point() -> bool:
+    """Whether the code the signal interrupted is protected from KeyboardInterrupt by trio
+    (called from the handler: its caller frames are the interrupted code's)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        return bool(trio.lowlevel.currently_ki_protected())
+    except Exception:
+        return False
 
 
 def _raise_in_thread(ident: int, exc_type: type[BaseException]) -> None:
@@ -100,9 +127,27 @@ class SigintGate:
         # An untargeted SIGINT came while no cell ran but requests were still on their way
         # in: the next cell that starts from them is interrupted.
         self._early = False
+        # The socket pair that wakes the main thread's loop on a signal (``wake_loop``).
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
+
+    def wake_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From the main thread: make any signal wake ``loop``, which then runs the Python
+        handler at once. Called again after a fork, whose pair is shared with its parent."""
+        old = self._wakeup
+        if old is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(old[0].fileno())
+            for sock in old:
+                sock.close()
+        reader, writer = socket.socketpair()
+        for sock in (reader, writer):
+            sock.setblocking(False)
+        loop.add_reader(reader.fileno(), _drain, reader)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._wakeup = (reader, writer)
 
     @contextmanager
     def running(self, cell: Cell) -> Iterator[None]:
@@ -203,6 +248,9 @@ class SigintGate:
             else:
                 self._interrupt_elsewhere(cell)
         if raise_here:
+            if _trio_protects_this_point() and active is not None and active.cancel is not None:
+                active.cancel()  # at its next checkpoint
+                return
             self._resume(frame, self._main_ident)
             raise KeyboardInterrupt
 

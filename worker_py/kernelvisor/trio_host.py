@@ -35,7 +35,8 @@ class TrioHost:
             run_sync_soon_threadsafe=self._loop.call_soon_threadsafe,
             run_sync_soon_not_threadsafe=self._loop.call_soon,
             done_callback=self._done,
-            host_uses_signal_set_wakeup_fd=False,
+            # The worker's SigintGate wakes this loop on signals (interrupts.py).
+            host_uses_signal_set_wakeup_fd=True,
         )
 
     async def _main(self) -> None:

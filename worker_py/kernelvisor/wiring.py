@@ -85,6 +85,7 @@ class Worker:
 
         self.gate = SigintGate()
         self.gate.install()
+        self.gate.wake_loop(self.loop)
         self.buffer = OutputBuffer(ContextVar("kernelvisor_parent", default=None))
         self.capture = FdCapture(self.buffer)
         self.outbox = Outbox(aux, self.buffer, self.gate, self.capture.drain, self._orphan_output)
@@ -264,19 +265,30 @@ class Worker:
         self.links.inbox.clear()
 
     def rewire_after_fork(self, execution_count: int) -> None:
-        """In a promoted snapshot: build what did not survive the fork, then serve."""
+        """In a promoted snapshot, or a worker forked from the template: build what did not
+        survive the fork, then serve."""
         import selectors
+        import socket
 
         # Before any link is up: a thread cell may come on aux as soon as main says hello.
         self.run_modes.forget_caller()
         loop: Any = self.loop
         # A selector of our own: the old epoll instance was shared with the dead worker,
         # and lists its descriptors. Keep the loop itself (tasks, timers, Callers made in
-        # it stay valid), re-registering only its self-pipe.
+        # it stay valid), with a self-pipe of its own: the inherited one is shared with
+        # every process forked from the same parent (the template's workers are siblings),
+        # and a sibling's loop would read, and so swallow, this loop's wake-ups from other
+        # threads (`call_soon_threadsafe`: a trio cell then hung for good).
         old = loop._selector
         loop._selector = selectors.DefaultSelector()
         old.close()
+        loop._ssock.close()
+        loop._csock.close()
+        loop._ssock, loop._csock = socket.socketpair()
+        loop._ssock.setblocking(False)
+        loop._csock.setblocking(False)
         loop._add_reader(loop._ssock.fileno(), loop._read_from_self)
+        self.gate.wake_loop(loop)
         self.capture.restart_after_fork()
         self.flusher = Flusher(self.outbox.flush_streams)
         self.buffer.on_first_write = self.flusher.wake
