@@ -1,4 +1,5 @@
-"""kernelvisor.tracebacks: IPython's tracebacks look exactly as before, from one lexer class."""
+"""kernelvisor.tracebacks: IPython's tracebacks look exactly as before, from one lexer class, one
+executing-node style class and one colour mapping per style."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import linecache
 import sys
 import time
 
+import stack_data
 import stack_data.core
 from IPython.core.interactiveshell import InteractiveShell
 from kernelvisor import tracebacks
+from pygments.formatters.terminal256 import Terminal256Formatter
 
 CELL = """\
 def inner(n):
@@ -40,6 +43,8 @@ def _formatted(shell: InteractiveShell) -> list[str]:
 def test_same_traceback_from_one_lexer_class() -> None:
     shell = InteractiveShell.instance()
     original = stack_data.core._pygmented_with_ranges
+    make_style = stack_data.style_with_executing_node
+    setup_styles = Terminal256Formatter._setup_styles
     try:
         before = _formatted(shell)
         tracebacks.install()
@@ -53,6 +58,13 @@ def test_same_traceback_from_one_lexer_class() -> None:
         lexer = tracebacks._range_lexer()
         _formatted(shell)
         assert tracebacks._range_lexer() is lexer, "one class, compiled once"
+        style = stack_data.style_with_executing_node("monokai", "bg:#ff0000")
+        assert stack_data.style_with_executing_node("monokai", "bg:#ff0000") is style
+        assert stack_data.core.style_with_executing_node is stack_data.style_with_executing_node
+        # A formatter for a known style gets the mapping the first one computed.
+        first = Terminal256Formatter(style=style).style_string
+        assert Terminal256Formatter(style=style).style_string == first
+        assert Terminal256Formatter(style=style, nobold=True).style_string != first
         # And it is what makes a traceback cheaper: several times faster than the original
         # on a warm process (generous bound for a loaded machine).
         stack_data.core._pygmented_with_ranges = original
@@ -68,4 +80,7 @@ def test_same_traceback_from_one_lexer_class() -> None:
         assert fast < slow, (fast, slow)
     finally:
         stack_data.core._pygmented_with_ranges = original
+        stack_data.style_with_executing_node = make_style
+        stack_data.core.style_with_executing_node = make_style
+        Terminal256Formatter._setup_styles = setup_styles
         tracebacks._installed = False

@@ -6,6 +6,12 @@ lexer's token table once per class, so every traceback recompiled Python's whole
 about half the time of formatting a short traceback, e.g. an interrupted cell's
 ``KeyboardInterrupt`` (and the memory that touches is copied on write after a snapshot).
 ``install`` replaces that function with one that makes the same output from one class.
+
+IPython also builds, for every traceback, a new style class (stack_data's
+``style_with_executing_node``) and a ``Terminal256Formatter`` for it, which maps every token
+style of it to the nearest of 256 colours again. ``install`` makes the style class once per
+(style, modifier) and keeps each style's colour mapping, so a formatter for it is cheap. The
+output is the same.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from typing import Any
 
 _installed = False
 _lexer_class: type | None = None
+# style_with_executing_node's classes, by (style, modifier).
+_executing_styles: dict[tuple[Any, str], type] = {}
+# Terminal256Formatter's colour mapping, by (style class, bold, underline, italic).
+_style_strings: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
 def _range_lexer() -> type:
@@ -69,3 +79,41 @@ def install() -> None:
         return
     if callable(getattr(core, "_pygmented_with_ranges", None)):
         core._pygmented_with_ranges = _pygmented_with_ranges
+    _memoize_styles(core)
+
+
+def _memoize_styles(core: Any) -> None:
+    """One executing-node style class per (style, modifier), and one colour mapping per
+    style class for ``Terminal256Formatter`` (both were rebuilt for every traceback)."""
+    make_style = getattr(core, "style_with_executing_node", None)
+    if callable(make_style):
+
+        def style_with_executing_node(style: Any, modifier: str) -> Any:
+            key = (style, modifier)
+            made = _executing_styles.get(key)
+            if made is None:
+                made = _executing_styles[key] = make_style(style, modifier)
+            return made
+
+        core.style_with_executing_node = style_with_executing_node
+        package = importlib.import_module("stack_data")
+        if getattr(package, "style_with_executing_node", None) is make_style:
+            package.style_with_executing_node = style_with_executing_node
+    try:
+        from pygments.formatters.terminal256 import Terminal256Formatter
+    except ImportError:
+        return
+    setup = getattr(Terminal256Formatter, "_setup_styles", None)
+    if not callable(setup):
+        return
+
+    def _setup_styles(self: Any) -> None:
+        key = (self.style, self.usebold, self.useunderline, self.useitalic)
+        known = _style_strings.get(key)
+        if known is None:
+            setup(self)
+            _style_strings[key] = dict(self.style_string)
+        else:
+            self.style_string.update(known)
+
+    Terminal256Formatter._setup_styles = _setup_styles
