@@ -232,11 +232,16 @@ def test_second_interrupt_frees_a_worker_stuck_in_c_code(kernel: Kernel) -> None
     assert_healthy(kc)
 
 
-def test_a_sigint_caught_by_another_thread_still_ends_an_awaiting_cell(kernel: Kernel) -> None:
+@pytest.mark.parametrize(
+    "wait", ["await asyncio.sleep(30)", "time.sleep(30)"], ids=["await", "blocking"]
+)
+def test_a_sigint_caught_by_another_thread_still_ends_the_cell(kernel: Kernel, wait: str) -> None:
     """A process-directed SIGINT (the supervisor's kill, a frontend's) may be caught by any
-    thread of the worker. Python runs its handler on the main thread only, which here waits
-    in its event loop's select with a 30 s timer: the signal must wake it. Here a thread of
-    the cell's own signals itself, which makes the case certain."""
+    thread of the worker, and Python runs its handler on the main thread only: here that
+    thread waits in its event loop's select, or in `time.sleep`, for 30 s. The signal must
+    still end the cell at once. A thread of the cell signals itself, which makes the case
+    certain (a SIGINT landing just before the main thread blocks is the same case, by
+    chance)."""
     kc = kernel.kc
     code = (
         "import asyncio, signal, threading, time\n"
@@ -244,13 +249,13 @@ def test_a_sigint_caught_by_another_thread_still_ends_an_awaiting_cell(kernel: K
         "    time.sleep(0.5)\n"
         "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)\n"
         "threading.Thread(target=from_another_thread, daemon=True).start()\n"
-        'print("awaiting", flush=True)\n'
-        "await asyncio.sleep(30)"
+        'print("waiting", flush=True)\n'
+        f"{wait}"
     )
-    msg_id, seen = start_cell_marked(kc, code, "awaiting")
+    msg_id, seen = start_cell_marked(kc, code, "waiting")
     begun = time.monotonic()
     reply, iopub = finish_cell(kc, msg_id, seen)
     assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
-    # The supervisor pings the worker's main link every second or so, which would also wake
-    # the loop: well under that.
+    # Anything else that wakes the main thread (the supervisor's pings, every second or so)
+    # would end it too, later: well under that.
     assert time.monotonic() - begun < 0.9 + 0.5, describe(iopub)

@@ -14,7 +14,7 @@ import threading
 from types import FrameType
 
 # Threads the worker starts for itself (links.py, router.py, wiring.py, streams.py,
-# capture.py, caller_pool.py, debugger*.py), and IPython's history writer.
+# capture.py, caller_pool.py, interrupts.py, debugger*.py), and IPython's history writer.
 SERVICE_THREAD_NAMES = frozenset(
     {
         "kernelvisor-aux-reader",
@@ -23,6 +23,7 @@ SERVICE_THREAD_NAMES = frozenset(
         "kernelvisor-fd-capture",
         "kernelvisor-exit",
         "kernelvisor-caller-reaper",
+        "kernelvisor-signals",
         "kernelvisor-debugger",
         "kernelvisor-dap-reader",
         "kernelvisor-dap-events",

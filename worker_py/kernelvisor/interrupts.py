@@ -26,12 +26,17 @@ local kernel by signalling every process of its tree one by one, then the kernel
 forwards the signal to the worker, so one click reaches the worker twice. The second must not
 cut short the cell's ``except KeyboardInterrupt:`` clean-up. A later click is a new interrupt.
 
-A SIGINT always wakes the main thread's event loop (``wake_loop``): the C handler writes to a
-socket the loop watches. Without it, a signal landing just before the loop blocks in its
-``select`` would run the Python handler only at the loop's next timer: an awaiting cell then
-missed its interrupt's grace and lost its worker. In a trio cell, KeyboardInterrupt is never
-raised in code that trio protects from it (its cancel scopes' bookkeeping): the cell's scope
-is cancelled instead, as for an await.
+Python runs a signal's handler on the main thread, at its next bytecode: a SIGINT that lands
+just before the main thread blocks (in the event loop's ``select``, in ``time.sleep``), or
+that another thread of the worker caught, would run it only when that call returns. So the C
+handler also writes the signal's number to a socket (``signal.set_wakeup_fd``), and for each
+SIGINT a watcher thread (``watch_signals``) pokes the main thread with a signal whose handler
+does nothing (``POKE``): the poke interrupts the blocking call, and Python then runs every
+handler still pending, the SIGINT's included (if it ran already, the poke costs nothing).
+Without it an awaiting cell missed its interrupt's grace and lost its worker.
+
+In a trio cell, KeyboardInterrupt is never raised in code that trio protects from it (its
+cancel scopes' bookkeeping): the cell's scope is cancelled instead, as for an await.
 
 A cell held at a debugger breakpoint is first resumed (``resume_suspended``, set by the
 debugger), so that the exception leaves pydevd's wait with the debugger's state intact.
@@ -39,7 +44,6 @@ debugger), so that the exception leaves pydevd's wait with the debugger's state 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import signal
@@ -77,10 +81,13 @@ def _cell_on_stack(
     return current_cell.get() if in_task else None
 
 
-def _drain(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while sock.recv(4096):
-            pass
+# What the watcher sends the main thread to make it run pending handlers: a real-time signal,
+# which nothing else sends a kernel's worker.
+POKE = signal.SIGRTMIN + 7
+
+
+def _poked(signum: int, frame: FrameType | None) -> None:
+    """``POKE``'s handler: the point was to get here (see the module doc)."""
 
 
 def _trio_protects_this_point() -> bool:
@@ -127,27 +134,40 @@ class SigintGate:
         # An untargeted SIGINT came while no cell ran but requests were still on their way
         # in: the next cell that starts from them is interrupted.
         self._early = False
-        # The socket pair that wakes the main thread's loop on a signal (``wake_loop``).
+        # The socket pair the C handler writes to, read by the watcher (``watch_signals``).
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
 
-    def wake_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """From the main thread: make any signal wake ``loop``, which then runs the Python
-        handler at once. Called again after a fork, whose pair is shared with its parent."""
+    def watch_signals(self) -> None:
+        """From the main thread: have every signal seen at once (see the module doc). Called
+        again after a fork: the pair is shared with the parent, and the thread is gone."""
         old = self._wakeup
         if old is not None:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(old[0].fileno())
             for sock in old:
                 sock.close()
         reader, writer = socket.socketpair()
-        for sock in (reader, writer):
-            sock.setblocking(False)
-        loop.add_reader(reader.fileno(), _drain, reader)
+        writer.setblocking(False)
+        signal.signal(POKE, _poked)
         signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         self._wakeup = (reader, writer)
+        threading.Thread(
+            target=self._watch, args=(reader,), name="kernelvisor-signals", daemon=True
+        ).start()
+
+    def _watch(self, reader: socket.socket) -> None:
+        """The watcher thread: poke the main thread for each SIGINT."""
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGINT in data:
+                with contextlib.suppress(OSError):
+                    signal.pthread_kill(self._main_ident, POKE)  # type: ignore[arg-type]
 
     @contextmanager
     def running(self, cell: Cell) -> Iterator[None]:

@@ -35,7 +35,7 @@ class TrioHost:
             run_sync_soon_threadsafe=self._loop.call_soon_threadsafe,
             run_sync_soon_not_threadsafe=self._loop.call_soon,
             done_callback=self._done,
-            # The worker's SigintGate wakes this loop on signals (interrupts.py).
+            # The worker's SigintGate watches signals and wakes this loop (interrupts.py).
             host_uses_signal_set_wakeup_fd=True,
         )
 

@@ -85,7 +85,7 @@ class Worker:
 
         self.gate = SigintGate()
         self.gate.install()
-        self.gate.wake_loop(self.loop)
+        self.gate.watch_signals()
         self.buffer = OutputBuffer(ContextVar("kernelvisor_parent", default=None))
         self.capture = FdCapture(self.buffer)
         self.outbox = Outbox(aux, self.buffer, self.gate, self.capture.drain, self._orphan_output)
@@ -288,7 +288,7 @@ class Worker:
         loop._ssock.setblocking(False)
         loop._csock.setblocking(False)
         loop._add_reader(loop._ssock.fileno(), loop._read_from_self)
-        self.gate.wake_loop(loop)
+        self.gate.watch_signals()
         self.capture.restart_after_fork()
         self.flusher = Flusher(self.outbox.flush_streams)
         self.buffer.on_first_write = self.flusher.wake
