@@ -100,14 +100,18 @@ fn router(
     port: u16,
 ) -> anyhow::Result<(tmq::router::Router, u16)> {
     let (endpoint, port) = conn.bind_endpoint(port);
-    let mut builder = tmq::router(ctx).set_linger(1000);
-    if let Some(keys) = &conn.curve {
-        builder = keys.serve_router(builder);
-    }
-    let socket = builder.bind(&endpoint).map_err(|e| match e {
-        tmq::TmqError::Zmq(e) => bind_error(conn, channel, &endpoint, port, e),
-        other => anyhow!("cannot bind the {channel} socket to {endpoint}: {other}"),
-    })?;
+    let bind = || {
+        let mut builder = tmq::router(ctx).set_linger(1000);
+        if let Some(keys) = &conn.curve {
+            builder = keys.serve_router(builder);
+        }
+        builder.bind(&endpoint)
+    };
+    let socket = retry_interrupted(bind, |e| matches!(e, tmq::TmqError::Zmq(zmq::Error::EINTR)))
+        .map_err(|e| match e {
+            tmq::TmqError::Zmq(e) => bind_error(conn, channel, &endpoint, port, e),
+            other => anyhow!("cannot bind the {channel} socket to {endpoint}: {other}"),
+        })?;
     // A reconnecting client's new connection takes its identity over from the old one,
     // which libzmq may not have noticed is dead yet (as ipykernel sets it).
     use tmq::AsZmqSocket as _;
@@ -131,10 +135,24 @@ pub fn bind_socket(
         keys.serve(socket)
             .with_context(|| format!("cannot make the {channel} socket a CURVE server"))?;
     }
-    socket
-        .bind(&endpoint)
+    retry_interrupted(|| socket.bind(&endpoint), |e| *e == zmq::Error::EINTR)
         .map_err(|e| bind_error(conn, channel, &endpoint, port, e))?;
     bound_port(conn, socket, port)
+}
+
+/// Runs a libzmq call again while a signal interrupts it: `zmq_bind` first processes the
+/// socket's pending commands and returns EINTR there, before it binds anything, when a
+/// signal lands (VS Code signals the whole process group, also while the kernel starts).
+fn retry_interrupted<T, E>(
+    mut call: impl FnMut() -> Result<T, E>,
+    interrupted: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    loop {
+        match call() {
+            Err(e) if interrupted(&e) => tracing::debug!("a signal interrupted a bind: again"),
+            done => return done,
+        }
+    }
 }
 
 /// The port a socket is bound to: the one asked for, or the one the system chose for 0.

@@ -182,6 +182,7 @@ def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
 # the try: a SIGINT landing while print() sends it is raised when print() returns.
 STUBBORN = """\
 import time
+caught = 0
 started = False
 while True:
     try:
@@ -190,7 +191,8 @@ while True:
             print("looping", flush=True)
         time.sleep(0.1)
     except KeyboardInterrupt:
-        print("caught", flush=True)
+        caught += 1
+        print("caught", caught, flush=True)
 """
 
 

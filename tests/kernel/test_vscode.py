@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 from dap_client import Dap
 from isolation_support import (
+    STUBBORN,
     idle_workers,
     main_worker,
     settled,
@@ -57,22 +58,6 @@ except KeyboardInterrupt:
     print("clean-up ends", flush=True)
 """
 
-# A cell that swallows every interrupt, counting them.
-COUNTING = """\
-import time
-caught = 0
-started = False
-while True:
-    try:
-        if not started:
-            started = True
-            print("looping", flush=True)
-        time.sleep(0.05)
-    except KeyboardInterrupt:
-        caught += 1
-        print("caught", caught, flush=True)
-"""
-
 
 def vscode_interrupt(k: Kernel) -> None:
     """VS Code's interrupt of a local kernel (interrupt_mode "signal"): SIGINT to every
@@ -109,7 +94,7 @@ def test_one_click_is_one_interrupt_and_the_clean_up_runs_to_its_end(kernel: Ker
 def test_a_second_click_still_escalates(kernel: Kernel) -> None:
     kc = kernel.kc
     before = main_worker(kc)
-    msg_id, seen = start_cell_marked(kc, COUNTING, "looping")
+    msg_id, seen = start_cell_marked(kc, STUBBORN, "looping")
     vscode_interrupt(kernel)
     wait_for_output(kc, msg_id, "caught 1", seen)
     # One click, one KeyboardInterrupt; the next click comes a second later.
