@@ -17,8 +17,9 @@ pub fn start(
     socket.set_linger(0)?;
     let port = bind(&socket)?;
     let thread = tasks.thread("heartbeat", move || {
-        // Returns ETERM when the context is terminated at exit.
-        let _ = zmq::proxy(&socket, &socket);
+        // Returns ETERM when the context is terminated at exit; EINTR (a signal, though
+        // this thread blocks them) must not stop the heartbeat.
+        while let Err(zmq::Error::EINTR) = zmq::proxy(&socket, &socket) {}
     })?;
     Ok((port, thread))
 }

@@ -98,7 +98,10 @@ impl Tasks {
         })
     }
 
-    /// Starts a thread; [`Thread::join`] waits for it, bounded.
+    /// Starts a thread; [`Thread::join`] waits for it, bounded. The thread blocks every
+    /// signal, as libzmq's own threads do, so that signals (SIGINT, SIGCHLD) reach the
+    /// runtime's thread and never interrupt a blocking call here (`zmq_proxy` returns on
+    /// EINTR: the heartbeat would stop).
     pub fn thread(
         &self,
         name: &str,
@@ -109,6 +112,13 @@ impl Tasks {
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                if let Err(e) = nix::sys::signal::pthread_sigmask(
+                    nix::sys::signal::SigmaskHow::SIG_BLOCK,
+                    Some(&nix::sys::signal::SigSet::all()),
+                    None,
+                ) {
+                    tracing::warn!("cannot block signals in a thread: {e}");
+                }
                 body();
                 drop(entry);
                 drop(done_tx); // the joiner's receive ends here
@@ -172,6 +182,25 @@ impl Thread {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_block_every_signal() {
+        use nix::sys::signal::{SigSet, Signal};
+        let tasks = Tasks::new();
+        let (tx, rx) = mpsc::channel();
+        let thread = tasks
+            .thread("mask", move || {
+                let mask = SigSet::thread_get_mask().unwrap();
+                tx.send(
+                    [Signal::SIGINT, Signal::SIGCHLD, Signal::SIGTERM].map(|s| mask.contains(s)),
+                )
+                .unwrap();
+            })
+            .unwrap();
+        assert_eq!(rx.recv().unwrap(), [true; 3]);
+        assert!(!SigSet::thread_get_mask().unwrap().contains(Signal::SIGCHLD));
+        drop(thread);
+    }
 
     #[tokio::test]
     async fn tasks_end_at_the_stop_signal_or_are_named() {
