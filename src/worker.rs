@@ -237,44 +237,22 @@ pub fn spawn(
     Ok(Proc { pid, signals })
 }
 
-/// Takes charge of a process that the supervisor did not spawn but must reap: a
-/// promoted snapshot, which its dead worker's exit reparented to the supervisor (a child
-/// subreaper). Reports its end as worker `id`'s [`WorkerEvent::Exited`], with the tail of
-/// the file it writes its diagnostics to (`diagnostics`: it has no stderr pipe of ours),
-/// which is then removed. At the stop signal of `tasks`, kills it if it is still running.
-pub fn adopt(
-    id: WorkerId,
-    pid: u32,
-    diagnostics: PathBuf,
-    events: mpsc::UnboundedSender<WorkerEvent>,
-    tasks: &Tasks,
-) -> Proc {
-    watch_adopted(id, pid, LastWords::File(diagnostics), events, tasks)
-}
-
-/// [`adopt`], for a worker forked by the template (and reparented to the supervisor),
-/// whose stderr pipe the supervisor reads ([`Stderr::pipe`]).
-pub fn adopt_forked(
-    id: WorkerId,
-    pid: u32,
-    stderr: Stderr,
-    events: mpsc::UnboundedSender<WorkerEvent>,
-    tasks: &Tasks,
-) -> Proc {
-    watch_adopted(id, pid, LastWords::Pipe(stderr), events, tasks)
-}
-
 /// Where an adopted process's last words are.
-enum LastWords {
-    /// A file it writes its diagnostics to (removed after).
+pub enum LastWords {
+    /// A file it writes its diagnostics to (removed after): a promoted snapshot's, which has
+    /// no stderr pipe of ours.
     File(PathBuf),
-    /// A stderr pipe of ours.
+    /// A stderr pipe of ours ([`Stderr::pipe`]): a worker forked by the template.
     Pipe(Stderr),
 }
 
-/// Waits for an adopted process (its end is seen through a pidfd at once, or by polling
-/// where there is none), relays signals to it, and reports its end.
-fn watch_adopted(
+/// Takes charge of a process that the supervisor did not spawn but must reap: a promoted
+/// snapshot or a worker forked by the template, which the kernel reparented to the
+/// supervisor (a child subreaper). Waits for it (its end is seen through a pidfd at once,
+/// or by polling where there is none), relays signals to it, and reports its end as worker
+/// `id`'s [`WorkerEvent::Exited`], with the tail of its `last_words`. At the stop signal of
+/// `tasks`, kills it if it is still running.
+pub fn adopt(
     id: WorkerId,
     pid: u32,
     last_words: LastWords,

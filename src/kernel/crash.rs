@@ -308,7 +308,7 @@ impl Kernel {
         let proc = worker::adopt(
             id,
             snapshot.pid,
-            diagnostics,
+            worker::LastWords::File(diagnostics),
             self.events_tx.clone(),
             &self.tasks,
         );

@@ -115,7 +115,13 @@ impl Kernel {
         if let Some(Some(stderr)) = self.pool.fork_arrived(id) {
             debug!(worker = id, pid, "forked worker connected");
             let events = self.events_tx.clone();
-            let proc = worker::adopt_forked(id, pid, stderr, events, &self.tasks);
+            let proc = worker::adopt(
+                id,
+                pid,
+                worker::LastWords::Pipe(stderr),
+                events,
+                &self.tasks,
+            );
             self.pool.started(id, proc, false);
         }
     }

@@ -38,6 +38,25 @@ def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proces
     return alive
 
 
+def shuts_down_promptly(
+    kc: BlockingKernelClient,
+    proc: subprocess.Popen[bytes],
+    procs: list[psutil.Process],
+    what: str = "processes left behind",
+) -> None:
+    """A shutdown_request with cells still running: the reply is ok, the kernel exits with 0
+    within 5 s, and every process of ``procs`` is gone soon after. The bound leaves room for
+    a loaded machine and for IOPub's flush of printed output (at most 2 s): it is what
+    jupyter_client waits in all (shutdown_wait_time) before it kills the kernel. A busy
+    worker is killed, not waited for (tens of ms)."""
+    started = time.monotonic()
+    msg_id = kc.shutdown()
+    assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
+    assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 5
+    assert not wait_gone(procs, timeout=10), what
+
+
 @BOTH_KERNELS
 def test_shutdown_request_exits_by_itself(kernel: Kernel) -> None:
     km, kc = kernel.km, kernel.kc
@@ -106,15 +125,7 @@ def test_shutdown_while_a_cell_runs(kernel: Kernel, busy: str) -> None:
     iopub_until(kc, running, lambda m: m["msg_type"] == "stream", [])
     tree = process_tree(proc.pid)
     assert len(tree) >= 3, "supervisor and workers"
-    started = time.monotonic()
-    msg_id = kc.shutdown()
-    assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
-    assert proc.wait(timeout=30) == 0
-    # The busy worker is killed, not waited for (tens of ms). The bound leaves room for a
-    # loaded machine and for IOPub's flush of the printed flood (at most 2 s): it is what
-    # jupyter_client waits in all (shutdown_wait_time) before it kills the kernel.
-    assert time.monotonic() - started < 5
-    assert not wait_gone(tree, timeout=10), "processes left behind"
+    shuts_down_promptly(kc, proc, tree)
     assert not ipc_dir.exists(), "the worker socket's directory is left"
     replies = get_replies(kc, [running, after])
     # The running cell will never finish: it is answered `aborted`, as a cell that will not run.
@@ -143,13 +154,7 @@ def test_shutdown_beside_a_background_cell_runs_exit_hooks(kernel: Kernel, tmp_p
     assert reply["content"]["status"] == "ok", reply["content"]
     running = kc.execute("# thread\nimport time\nprint('started', flush=True)\ntime.sleep(600)")
     iopub_until(kc, running, lambda m: m["msg_type"] == "stream", [])
-    tree = process_tree(proc.pid)
-    started = time.monotonic()
-    msg_id = kc.shutdown()
-    assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
-    assert proc.wait(timeout=30) == 0
-    assert time.monotonic() - started < 5
-    assert not wait_gone(tree, timeout=10), "processes left behind"
+    shuts_down_promptly(kc, proc, process_tree(proc.pid))
     assert marker.exists() and marker.read_text() == "bye", "the worker's exit hooks did not run"
     assert get_reply(kc, running)["content"]["status"] == "aborted"
 
@@ -170,12 +175,7 @@ def test_shutdown_ends_what_cells_left_running(kernel: Kernel) -> None:
     assert reply["content"]["status"] == "ok", reply["content"]
     pids = [psutil.Process(int(p)) for p in stream_text(iopub).split()]
     assert len(pids) == 2 and all(p.is_running() for p in pids)
-    started = time.monotonic()
-    msg_id = kc.shutdown()
-    assert get_reply(kc, msg_id, channel="control")["content"]["status"] == "ok"
-    assert proc.wait(timeout=30) == 0
-    assert time.monotonic() - started < 5
-    assert not wait_gone(pids, timeout=10), "processes started by a cell outlived the kernel"
+    shuts_down_promptly(kc, proc, pids, "processes started by a cell outlived the kernel")
 
 
 def test_sigint_while_starting_does_not_kill(kv_bin: Path, tmp_path: Path) -> None:

@@ -33,21 +33,29 @@ def test_history_is_opened_off_the_constructor_and_waited_for(
     # cell's input is stored at once (in the cache).
     assert hm.open_lock.acquire(timeout=5)
     hm.open_lock.release()
-    hm.input_hist_parsed.append("x = 1")
-    hm.input_hist_raw.append("x = 1")
-    hm.store_inputs(1, "x = 1")
-    written = threading.Event()
 
-    def write_out() -> None:
-        hm.writeout_cache()
-        written.set()
+    def store(line: int, code: str) -> None:
+        hm.input_hist_parsed.append(code)
+        hm.input_hist_raw.append(code)
+        hm.store_inputs(line, code)
 
-    threading.Thread(target=write_out, daemon=True).start()
-    # Writing out waits for the open (and the session's number), and so would a fork.
-    assert not written.wait(0.3)
-    assert not hm.open_lock.acquire(timeout=0.1)
-    go_on.set()
-    assert written.wait(30)
+    def write_out_once_opened() -> None:
+        """Writing out waits for the open (and the session's number), and so would a fork;
+        then the open is let go on, and the write-out ends."""
+        written = threading.Event()
+
+        def write_out() -> None:
+            hm.writeout_cache()
+            written.set()
+
+        threading.Thread(target=write_out, daemon=True).start()
+        assert not written.wait(0.3)
+        assert not hm.open_lock.acquire(timeout=0.1)
+        go_on.set()
+        assert written.wait(30)
+
+    store(1, "x = 1")
+    write_out_once_opened()
     assert hm.session_number > 0
     assert list(hm.get_range(0, 1, 2)) == [(0, 1, "x = 1")]
     with sqlite3.connect(path) as db:
@@ -64,16 +72,9 @@ def test_history_is_opened_off_the_constructor_and_waited_for(
     # Nothing is opened yet: a fork would not wait.
     assert hm.open_lock.acquire(timeout=5)
     hm.open_lock.release()
-    hm.input_hist_parsed.append("y = 2")
-    hm.input_hist_raw.append("y = 2")
-    hm.store_inputs(2, "y = 2")
-    written.clear()
+    store(2, "y = 2")
     # Writing out opens it, and waits.
-    threading.Thread(target=write_out, daemon=True).start()
-    assert not written.wait(0.3)
-    assert not hm.open_lock.acquire(timeout=0.1)
-    go_on.set()
-    assert written.wait(30)
+    write_out_once_opened()
     assert hm.session_number > first_session
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT session, line, source FROM history ORDER BY session").fetchall()

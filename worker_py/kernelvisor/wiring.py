@@ -268,7 +268,6 @@ class Worker:
         """In a promoted snapshot, or a worker forked from the template: build what did not
         survive the fork, then serve."""
         import selectors
-        import socket
 
         # Before any link is up: a thread cell may come on aux as soon as main says hello.
         self.run_modes.forget_caller()
@@ -282,12 +281,9 @@ class Worker:
         old = loop._selector
         loop._selector = selectors.DefaultSelector()
         old.close()
-        loop._ssock.close()
-        loop._csock.close()
-        loop._ssock, loop._csock = socket.socketpair()
-        loop._ssock.setblocking(False)
-        loop._csock.setblocking(False)
-        loop._add_reader(loop._ssock.fileno(), loop._read_from_self)
+        # asyncio's own: the old pair is not in the new selector, so only closed.
+        loop._close_self_pipe()
+        loop._make_self_pipe()
         self.gate.watch_signals()
         self.capture.restart_after_fork()
         self.flusher = Flusher(self.outbox.flush_streams)
