@@ -42,6 +42,12 @@ FORK_UNSAFE_ATTR = "__kernelvisor_fork_unsafe__"
 _PR_SET_PDEATHSIG = 1
 
 
+def die_with_parent() -> None:
+    """Be killed (SIGKILL) when the parent dies: for a process reparented to the supervisor
+    (a promoted snapshot, a worker forked by the template), as a spawned worker is."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def fork_unsafe_reason(worker: Worker) -> str | None:
     """Why forking now would give a broken copy, or None. Never imports anything. (The
     trio backend is refused by the supervisor, which never asks a trio worker for a
@@ -276,8 +282,7 @@ class Snapshots:
         w = self._worker
         # Our worker is dead and we were reparented to the supervisor (a subreaper): die
         # with it from now on, as a spawned worker does.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        die_with_parent()
         if os.getppid() == 1:
             really_exit(0)
         link.abandon()

@@ -16,13 +16,11 @@ worker's stderr is a pipe of its own, which the supervisor sends with ``fork``
 from __future__ import annotations
 
 import collections
-import ctypes
 import gc
 import importlib
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from typing import NoReturn, TextIO
@@ -31,12 +29,10 @@ from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
 from kernelvisor.ipc import Connection, ProtocolError
 from kernelvisor.messages import Fork, hello
 from kernelvisor.outbox import control_frame
-from kernelvisor.snapshot import _import_in_progress, _let_go_of
+from kernelvisor.snapshot import _import_in_progress, _let_go_of, die_with_parent
 from kernelvisor.wiring import SHUTDOWN_GRACE_SECONDS, Worker
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 REPARENT_SECONDS = 5.0
 """How long a forked worker waits to become the supervisor's child before it gives up."""
@@ -189,7 +185,7 @@ def _become_worker(worker: Worker, link: Connection, fork: Fork, stderr: int | N
             time.sleep(0.0001)
         # Die with the supervisor, as a spawned worker does (checked again after: it may
         # have died before this).
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        die_with_parent()
         if os.getppid() != supervisor:
             really_exit(0)
         # A process group of its own, as a spawned worker has.
