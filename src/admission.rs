@@ -11,12 +11,14 @@
 //! - `snapshot`: the peer is a child of that worker (it forked the snapshot), with the
 //!   worker's token. A snapshot that is promoted gets a new token and becomes the expected
 //!   pid of a new worker id, so its own `main` and `aux` pass the first rule.
-//! - `template`: the peer is the spawned template process, accepted once.
+//! - `template`: the peer is the spawned template process (or the one a previous
+//!   supervisor handed over, whose pid the rendezvous showed, [`crate::handover`]),
+//!   accepted once.
 //! - a worker forked from the template (its pid is not known in advance): its first
 //!   connection must come from a child of the supervisor (the template double-forks, so
-//!   the worker is reparented to the supervisor, a child subreaper, before it connects)
-//!   with the token the supervisor gave the template for it; that pid is then the
-//!   worker's, and its other link must come from it.
+//!   the worker is reparented to the supervisor, a child subreaper, before it connects),
+//!   or of the handed-over template, with the token the supervisor gave the template for
+//!   it; that pid is then the worker's, and its other link must come from it.
 //!
 //! A connection that fails is closed and logged, and affects no worker.
 
@@ -61,6 +63,9 @@ impl std::fmt::Debug for Token {
 struct Expected {
     /// Zero for a worker forked from the template, until its first connection.
     pid: u32,
+    /// For a worker forked from the template: the process it must be a child of when it
+    /// first connects (the supervisor, or a handed-over template).
+    parent: u32,
     token: Token,
     main: bool,
     aux: bool,
@@ -102,6 +107,7 @@ impl Admission {
             id,
             Expected {
                 pid,
+                parent: std::process::id(),
                 token,
                 main: false,
                 aux: false,
@@ -112,9 +118,13 @@ impl Admission {
     }
 
     /// Worker `id` is being forked by the template and knows `token`; its pid is the
-    /// pid of its first connection, which must be a child of the supervisor.
-    pub fn expect_fork(&self, id: WorkerId, token: Token) {
+    /// pid of its first connection, which must be a child of `parent` (the supervisor,
+    /// or a template handed over to it, which reaps its workers itself).
+    pub fn expect_fork(&self, id: WorkerId, token: Token, parent: u32) {
         self.expect(id, 0, token);
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.parent = parent;
+        }
     }
 
     /// Worker `id` reported forking snapshot `pid`: it may connect as `id`'s snapshot even
@@ -145,9 +155,10 @@ impl Admission {
         match hello.role {
             Link::Main | Link::Aux | Link::Template => {
                 if e.pid == 0 && hello.role != Link::Template {
-                    // Forked by the template, reparented to us before it connects.
+                    // Forked by the template, reparented to us before it connects (or
+                    // the child of a handed-over template).
                     let parent = crate::proctree::parent(peer.pid);
-                    if parent != Some(std::process::id()) {
+                    if parent != Some(e.parent) {
                         return Err(format!(
                             "pid {} (parent {parent:?}) is not a worker forked for {}",
                             peer.pid, hello.worker_id
@@ -276,7 +287,7 @@ mod tests {
     fn a_forked_worker_is_a_child_of_the_supervisor_and_keeps_its_pid() {
         let a = Admission::default();
         let t = Token::random().unwrap();
-        a.expect_fork(1, t.clone());
+        a.expect_fork(1, t.clone(), std::process::id());
         // This test process is not its own child: refused, and nothing is pinned.
         let me = Peer {
             uid: a.uid,
@@ -304,6 +315,30 @@ mod tests {
         assert!(a
             .admit(&hello(Link::Main, 1, t.as_str(), None), kid)
             .is_ok());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_worker_forked_by_a_handed_over_template_is_its_child() {
+        let a = Admission::default();
+        let t = Token::random().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let kid = Peer {
+            uid: a.uid,
+            pid: child.id(),
+        };
+        // Expected as the child of another process (the template): our child is refused.
+        a.expect_fork(1, t.clone(), 1);
+        assert!(a
+            .admit(&hello(Link::Aux, 1, t.as_str(), None), kid)
+            .is_err());
+        // Expected as the child of this process, standing in for the template: admitted.
+        a.expect_fork(2, t.clone(), std::process::id());
+        assert!(a.admit(&hello(Link::Aux, 2, t.as_str(), None), kid).is_ok());
         child.kill().unwrap();
         child.wait().unwrap();
     }

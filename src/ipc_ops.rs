@@ -117,6 +117,12 @@ pub enum ToWorker<'a> {
         /// Its secret (hex).
         token: &'a str,
     },
+    /// A restart: outlive this supervisor, and wait for the next one on the abstract
+    /// socket `name` (on `template`; see `worker_py/kernelvisor/handover.py`).
+    Outlive {
+        /// The abstract socket's name ([`crate::handover::rendezvous_name`]).
+        name: &'a str,
+    },
 }
 
 impl ToWorker<'_> {
@@ -225,6 +231,15 @@ pub enum FromWorker<'a> {
         /// Why (the OS error).
         #[serde(borrow)]
         reason: std::borrow::Cow<'a, str>,
+    },
+    /// The template will outlive this supervisor (the answer to `outlive`).
+    Outliving,
+    /// A process the adopted template reaps for the supervisor ended (on `template`).
+    Exited {
+        /// Its pid.
+        pid: u32,
+        /// Its wait status, as `waitpid` returned it.
+        status: i32,
     },
 }
 

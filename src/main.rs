@@ -13,6 +13,7 @@ mod curve;
 mod digests;
 mod exit;
 mod flow;
+mod handover;
 mod header;
 mod heartbeat;
 mod install;
@@ -228,6 +229,7 @@ fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
     become_subreaper()?;
     let config = kernel::KernelConfig {
         connection,
+        connection_file: std::path::absolute(&path).unwrap_or(path),
         python: args.python,
         python_version: args.python_version,
         pool: pool::PoolPolicy {

@@ -10,7 +10,7 @@
 //! `fork` with the new worker's stderr pipe attached, and adopts the worker when it
 //! connects (it is reparented to the supervisor, a child subreaper).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -58,13 +58,71 @@ pub struct WorkerConfig {
 pub struct Proc {
     /// Its process id (for logs and `/proc`; never signalled directly).
     pub pid: u32,
-    signals: mpsc::UnboundedSender<Signal>,
+    orders: mpsc::UnboundedSender<Order>,
+    /// Who reaps the processes it leaves behind (its snapshots, once it is dead).
+    pub reaper: Reaper,
+}
+
+/// What the task that waits for a process is told.
+#[derive(Debug)]
+enum Order {
+    /// Send it this signal.
+    Signal(Signal),
+    /// Stop waiting for it, and never kill it: it outlives the supervisor.
+    Release,
 }
 
 impl Proc {
     /// Sends it a signal, if it has not been reaped yet.
     pub fn signal(&self, sig: Signal) {
-        let _ = self.signals.send(sig);
+        let _ = self.orders.send(Order::Signal(sig));
+    }
+
+    /// Lets it go: it is neither waited for nor killed at the stop signal (a template
+    /// handed over to the next supervisor, see [`crate::handover`]).
+    pub fn release(&self) {
+        let _ = self.orders.send(Order::Release);
+    }
+}
+
+/// Who reaps a process the supervisor did not spawn, and so who knows how it ended.
+#[derive(Debug, Clone)]
+pub enum Reaper {
+    /// The supervisor: the process was reparented to it (a child subreaper).
+    Supervisor,
+    /// A template handed over by the previous supervisor: its workers are its children,
+    /// and it reports how each ended ([`crate::ipc_ops::FromWorker::Exited`]).
+    Template(ExitReports),
+    /// Nobody we hear from (the handed-over template itself, whose parent is gone).
+    Unknown,
+}
+
+/// How long a report of a process's end may trail the end itself.
+const REPORT_WAIT: Duration = Duration::from_secs(1);
+
+/// Ends of processes reported by a handed-over template, by pid.
+#[derive(Debug, Clone, Default)]
+pub struct ExitReports(Arc<(Mutex<HashMap<u32, i32>>, tokio::sync::Notify)>);
+
+impl ExitReports {
+    /// Process `pid` ended with wait status `status`.
+    pub fn report(&self, pid: u32, status: i32) {
+        self.0 .0.lock().expect("reports lock").insert(pid, status);
+        self.0 .1.notify_waiters();
+    }
+
+    /// The wait status of `pid`, once reported (`None` if not within [`REPORT_WAIT`]).
+    async fn take(&self, pid: u32) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + REPORT_WAIT;
+        loop {
+            let reported = self.0 .1.notified();
+            if let Some(status) = self.0 .0.lock().expect("reports lock").remove(&pid) {
+                return Some(status);
+            }
+            if tokio::time::timeout_at(deadline, reported).await.is_err() {
+                return None;
+            }
+        }
     }
 }
 
@@ -193,7 +251,7 @@ pub fn spawn(
             log_lines(id, "stderr", s, Some(tail.clone())),
         )
     });
-    let (signals, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
+    let (orders, mut order_rx) = mpsc::unbounded_channel::<Order>();
     let stop = tasks.stopped();
     tasks.spawn(format!("worker {id} waiter"), async move {
         let mut stop = std::pin::pin!(stop);
@@ -201,12 +259,18 @@ pub fn spawn(
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status,
-                Some(sig) = signal_rx.recv() => {
+                Some(order) = order_rx.recv() => match order {
                     // Not reaped yet (wait has not returned), so the pid is still ours.
-                    if let Some(pid) = child.id() {
-                        send_signal(pid, sig);
+                    Order::Signal(sig) => {
+                        if let Some(pid) = child.id() {
+                            send_signal(pid, sig);
+                        }
                     }
-                }
+                    Order::Release => {
+                        debug!(worker = id, "released: outlives the supervisor");
+                        return;
+                    }
+                },
                 () = &mut stop, if !stopping => {
                     // The kernel stops and this worker is still here: kill it, then reap.
                     stopping = true;
@@ -234,7 +298,11 @@ pub fn spawn(
             stderr_tail,
         });
     });
-    Ok(Proc { pid, signals })
+    Ok(Proc {
+        pid,
+        orders,
+        reaper: Reaper::Supervisor,
+    })
 }
 
 /// Where an adopted process's last words are.
@@ -246,21 +314,23 @@ pub enum LastWords {
     Pipe(Stderr),
 }
 
-/// Takes charge of a process that the supervisor did not spawn but must reap: a promoted
-/// snapshot or a worker forked by the template, which the kernel reparented to the
-/// supervisor (a child subreaper). Waits for it (its end is seen through a pidfd at once,
-/// or by polling where there is none), relays signals to it, and reports its end as worker
-/// `id`'s [`WorkerEvent::Exited`], with the tail of its `last_words`. At the stop signal of
-/// `tasks`, kills it if it is still running.
+/// Takes charge of a process that the supervisor did not spawn: a promoted snapshot or a
+/// worker forked by the template (reaped by `reaper`), or a handed-over template. Waits
+/// for it (its end is seen through a pidfd at once, or by polling where there is none),
+/// relays signals to it, and reports its end as worker `id`'s [`WorkerEvent::Exited`],
+/// with the tail of its `last_words`. At the stop signal of `tasks`, kills it if it is
+/// still running.
 pub fn adopt(
     id: WorkerId,
     pid: u32,
     last_words: LastWords,
+    reaper: Reaper,
     events: mpsc::UnboundedSender<WorkerEvent>,
     tasks: &Tasks,
 ) -> Proc {
-    let (signals, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
+    let (orders, mut order_rx) = mpsc::unbounded_channel::<Order>();
     let stop = tasks.stopped();
+    let waiter_reaper = reaper.clone();
     tasks.spawn(format!("worker {id} waiter (adopted)"), async move {
         let mut stop = std::pin::pin!(stop);
         let mut stopping = false;
@@ -268,7 +338,7 @@ pub fn adopt(
         let pidfd = pidfd_open(pid);
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let status = loop {
-            // Until `waitpid` below has reaped it, the pid is still our child's.
+            // Until it is reaped (by `waitpid` below, or by its reaper), the pid is its.
             tokio::select! {
                 ready = exited(pidfd.as_ref()) => {
                     if let Ok(mut ready) = ready {
@@ -276,8 +346,14 @@ pub fn adopt(
                     }
                 }
                 _ = tick.tick(), if pidfd.is_none() => {}
-                Some(sig) = signal_rx.recv() => {
-                    send_signal(pid, sig);
+                Some(order) = order_rx.recv() => {
+                    match order {
+                        Order::Signal(sig) => send_signal(pid, sig),
+                        Order::Release => {
+                            debug!(worker = id, "released: outlives the supervisor");
+                            return;
+                        }
+                    }
                     continue;
                 }
                 () = &mut stop, if !stopping => {
@@ -287,15 +363,29 @@ pub fn adopt(
                     continue;
                 }
             }
-            match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw((code & 0xff) << 8),
-                Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
-                Ok(_) => {}
-                // Not our child: gone already, or reaped elsewhere.
-                Err(e) => {
-                    debug!(worker = id, pid, error = %e, "adopted worker: waitpid failed");
-                    break ExitStatus::from_raw(libc::SIGKILL);
+            match &waiter_reaper {
+                Reaper::Supervisor => match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, code)) => {
+                        break ExitStatus::from_raw((code & 0xff) << 8)
+                    }
+                    Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
+                    Ok(_) => {}
+                    // Not our child: gone already, or reaped elsewhere.
+                    Err(e) => {
+                        debug!(worker = id, pid, error = %e, "adopted worker: waitpid failed");
+                        break ExitStatus::from_raw(libc::SIGKILL);
+                    }
+                },
+                // Another process reaps it: its end is known once it is no longer alive.
+                Reaper::Template(_) | Reaper::Unknown if alive(pid) => {}
+                Reaper::Template(reports) => {
+                    let status = reports.take(pid).await;
+                    if status.is_none() {
+                        debug!(worker = id, pid, "no report of how it ended");
+                    }
+                    break ExitStatus::from_raw(status.unwrap_or(libc::SIGKILL));
                 }
+                Reaper::Unknown => break ExitStatus::from_raw(0),
             }
         };
         let stderr_tail = match last_words {
@@ -315,7 +405,23 @@ pub fn adopt(
             stderr_tail,
         });
     });
-    Proc { pid, signals }
+    Proc {
+        pid,
+        orders,
+        reaper,
+    }
+}
+
+/// Whether `pid` has not ended (a zombie has: it waits only to be reaped).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command, which is in parentheses and may hold any byte.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// A pidfd of `pid`, readable once it exits; `None` if the kernel has none.
@@ -635,7 +741,8 @@ impl Proc {
     pub fn detached(pid: u32) -> Proc {
         Proc {
             pid,
-            signals: mpsc::unbounded_channel().0,
+            orders: mpsc::unbounded_channel().0,
+            reaper: Reaper::Supervisor,
         }
     }
 }

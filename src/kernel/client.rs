@@ -148,6 +148,7 @@ impl Kernel {
         self.answer(channel, &msg, reply.to_string().as_bytes())
             .await;
         self.exiting = true;
+        self.restarting = restart;
     }
 
     /// Whether a shutdown request was created before this supervisor started. Only

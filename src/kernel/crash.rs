@@ -299,7 +299,8 @@ impl Kernel {
         };
         self.next_worker += 1;
         let id = self.next_worker;
-        // Its worker is dead, so the kernel has reparented it to us (a child subreaper).
+        // Its worker is dead, so the kernel has reparented it to the worker's reaper: us
+        // (a child subreaper), or the handed-over template that forked the worker.
         // Same name as the worker's `heir_diagnostics_path`.
         let diagnostics = self
             .worker_cfg
@@ -309,6 +310,7 @@ impl Kernel {
             id,
             snapshot.pid,
             worker::LastWords::File(diagnostics),
+            slot.proc.reaper.clone(),
             self.events_tx.clone(),
             &self.tasks,
         );

@@ -97,7 +97,11 @@ impl Kernel {
         }
         .message();
         // Known before the request leaves: the worker may connect before we look again.
-        self.admission.expect_fork(id, token);
+        let parent = match self.forks_reaped_by() {
+            Some(_) => self.pool.template().map_or(0, |t| t.pid()),
+            None => std::process::id(),
+        };
+        self.admission.expect_fork(id, token, parent);
         self.pool.fork_requested(id, Some(stderr));
         if !self.pool.template_link().is_some_and(|l| l.send(op, fd)) {
             // Its exit event follows (and spawns another).
@@ -115,14 +119,87 @@ impl Kernel {
         if let Some(Some(stderr)) = self.pool.fork_arrived(id) {
             debug!(worker = id, pid, "forked worker connected");
             let events = self.events_tx.clone();
+            let reaper = match self.forks_reaped_by() {
+                Some(reports) => worker::Reaper::Template(reports),
+                None => worker::Reaper::Supervisor,
+            };
             let proc = worker::adopt(
                 id,
                 pid,
                 worker::LastWords::Pipe(stderr),
+                reaper,
                 events,
                 &self.tasks,
             );
             self.pool.started(id, proc, false);
+        }
+    }
+
+    /// The reports of a handed-over template, if the template is one: it reaps the
+    /// workers it forks.
+    fn forks_reaped_by(&self) -> Option<worker::ExitReports> {
+        let (id, reports) = self.handed_over.as_ref()?;
+        (self.pool.template()?.id == *id).then(|| reports.clone())
+    }
+
+    /// At start: takes over the template that the previous supervisor of this kernel
+    /// handed over at a restart, if one waits and can serve us ([`crate::handover`]).
+    /// Its first worker is then a fork away, instead of a Python start-up.
+    pub(super) fn take_over_template(&mut self) {
+        if !self.pool.forks_from_template() {
+            return;
+        }
+        let name = crate::handover::rendezvous_name(
+            self.cfg.connection.key.as_bytes(),
+            &self.cfg.connection_file,
+        );
+        let id = self.next_worker + 1;
+        let prepared = Token::random().and_then(|token| {
+            let (fd, stderr) = worker::Stderr::pipe(id, &self.tasks)?;
+            Ok((token, fd, stderr))
+        });
+        let (token, fd, stderr) = match prepared {
+            Ok(p) => p,
+            Err(e) => return warn!(error = %e, "cannot look for a handed-over template"),
+        };
+        let (cwd, env) = crate::handover::Offer::inherited();
+        let offer = crate::handover::Offer {
+            worker_id: id,
+            token: token.as_str(),
+            path: &self.worker_cfg.socket_path,
+            supervisor_pid: std::process::id(),
+            python: &self.worker_cfg.python,
+            backend: self.worker_cfg.backend,
+            cwd,
+            env,
+        };
+        // Blocking, but short: a refused connection when nothing waits; else the template
+        // checks the offer (it stats the files it imported) and answers. The template
+        // connects only after this returns (one thread runs the kernel), so it is
+        // expected by then.
+        match crate::handover::look_for(&name, &offer, std::os::fd::AsFd::as_fd(&fd)) {
+            crate::handover::Found::Nothing => {}
+            crate::handover::Found::Refused(why) => {
+                info!(reason = %why, "the template handed over at the restart cannot serve this kernel; starting a new one");
+            }
+            crate::handover::Found::Adopted { pid } => {
+                self.next_worker = id;
+                self.admission.expect(id, pid, token);
+                let proc = worker::adopt(
+                    id,
+                    pid,
+                    worker::LastWords::Pipe(stderr),
+                    worker::Reaper::Unknown,
+                    self.events_tx.clone(),
+                    &self.tasks,
+                );
+                self.pool.started_template(id, proc);
+                self.handed_over = Some((id, worker::ExitReports::default()));
+                info!(
+                    worker = id,
+                    pid, "took over the template handed over at the restart"
+                );
+            }
         }
     }
 

@@ -57,6 +57,9 @@ use lanes::Lanes;
 pub struct KernelConfig {
     /// Where to bind, and the key.
     pub connection: ConnectionInfo,
+    /// The connection file it came from (with the key, it names where a template handed
+    /// over at a restart waits, [`crate::handover`]).
+    pub connection_file: std::path::PathBuf,
     /// The workers' Python.
     pub python: std::path::PathBuf,
     /// The workers' Python version, if known before the first worker is up
@@ -209,6 +212,9 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         start_failure: None,
         refusals: Vec::new(),
         exiting: false,
+        restarting: false,
+        template_outliving: false,
+        handed_over: None,
         tasks,
     };
     info!(
@@ -220,6 +226,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
     );
     // Only the main worker at first: spares start once it is ready, so they do not
     // compete with it for the CPU during start-up.
+    kernel.take_over_template();
     kernel.spawn_worker();
     kernel.serve(signals).await;
     let stopping = Instant::now();
@@ -375,6 +382,14 @@ struct Kernel {
     /// Requests to answer with `start_failure`.
     refusals: Vec<(Channel, Incoming, String)>,
     exiting: bool,
+    /// The `shutdown_request` that set `exiting` asked for a restart: the template is
+    /// handed over to the next supervisor.
+    restarting: bool,
+    /// The template answered `outliving` to the handover.
+    template_outliving: bool,
+    /// The template is one a previous supervisor handed over: it reaps the workers it
+    /// forks, and reports their ends here.
+    handed_over: Option<(WorkerId, worker::ExitReports)>,
     /// Every task the kernel spawns, and the stop signal they listen to.
     tasks: Tasks,
 }

@@ -40,6 +40,9 @@ const SNAPSHOT_KILL_WAIT: Duration = Duration::from_millis(200);
 /// How long what the cells started may take to end after SIGTERM before SIGKILL.
 const ORPHAN_TERM_WAIT: Duration = Duration::from_millis(300);
 
+/// How long the template may take to answer `outlive` at a restart.
+const OUTLIVE_WAIT: Duration = Duration::from_millis(300);
+
 /// How long the tasks get to end after the stop signal.
 const TASKS_WAIT: Duration = Duration::from_millis(500);
 
@@ -67,6 +70,9 @@ impl Kernel {
     /// what is left after a grace; reaps all of them and their snapshots. The cells that
     /// did not finish are answered `aborted` (by `answer_unfinished`).
     async fn stop_workers(&mut self) {
+        if self.restarting {
+            self.hand_over_template().await;
+        }
         let mut kill_now: Vec<WorkerId> = self
             .pool
             .all()
@@ -115,6 +121,58 @@ impl Kernel {
         }
         reap_snapshots(snapshots).await;
         end_orphans(&groups).await;
+    }
+
+    /// At a restart: asks the ready template to outlive us, for the next supervisor to take
+    /// over ([`crate::handover`]), and lets it go once it says it will. A template that
+    /// does not answer in time is stopped with the workers.
+    async fn hand_over_template(&mut self) {
+        let Some(template) = self
+            .pool
+            .template()
+            .filter(|t| t.role == WorkerRole::Template { ready: true })
+        else {
+            return;
+        };
+        let id = template.id;
+        let name = crate::handover::rendezvous_name(
+            self.cfg.connection.key.as_bytes(),
+            &self.cfg.connection_file,
+        );
+        // Every message on the template's link carries a descriptor; this one, none
+        // that matters.
+        let sent = std::fs::File::open("/dev/null").is_ok_and(|null| {
+            let op = crate::ipc_ops::ToWorker::Outlive { name: &name }.message();
+            self.pool
+                .template_link()
+                .is_some_and(|l| l.send(op, null.into()))
+        });
+        if !sent {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + OUTLIVE_WAIT;
+        while !self.template_outliving {
+            match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
+                Ok(Some(ev)) => self.on_worker_event(ev).await,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if !self.template_outliving {
+            warn!(
+                worker = id,
+                "the template did not answer outlive in time: stopped"
+            );
+            return;
+        }
+        if let Some(template) = self.pool.remove(id) {
+            template.proc.release();
+            self.admission.forget(id);
+            debug!(
+                worker = id,
+                pid = template.pid(),
+                "template handed over to the next supervisor"
+            );
+        }
     }
 
     /// Handles worker events until every worker has exited (`true`) or `limit` passes.

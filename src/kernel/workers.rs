@@ -178,21 +178,31 @@ impl Kernel {
     ) {
         // Owned, so that large frames are moved on to the client, not copied.
         let rest = frames.split_off(1.min(frames.len()));
+        if link == Link::Template {
+            // The template says why a fork failed, that it outlives us (a restart), and,
+            // handed over to us, how the workers it reaps ended (also once it is let go at a
+            // restart: the workers it forked for us end after that).
+            match FromWorker::parse(&frames[0]) {
+                Ok(FromWorker::ForkFailed { worker_id, reason }) => {
+                    self.fork_failed(worker_id, &reason)
+                }
+                Ok(FromWorker::Outliving) => self.template_outliving = true,
+                Ok(FromWorker::Exited { pid, status }) => match &self.handed_over {
+                    Some((template, reports)) if *template == wid => reports.report(pid, status),
+                    _ => debug!(
+                        worker = wid,
+                        pid, "an end reported by a template that reaps nothing"
+                    ),
+                },
+                _ => debug!(worker = wid, "message from the template ignored"),
+            }
+            return;
+        }
         let Some(w) = self.pool.get_mut(wid) else {
             return;
         };
         if link == Link::Snapshot {
             debug!(worker = wid, "message from a paused snapshot ignored");
-            return;
-        }
-        if link == Link::Template {
-            // The template says nothing but why a fork failed.
-            match FromWorker::parse(&frames[0]) {
-                Ok(FromWorker::ForkFailed { worker_id, reason }) => {
-                    self.fork_failed(worker_id, &reason)
-                }
-                _ => debug!(worker = wid, "message from the template ignored"),
-            }
             return;
         }
         w.last_heard = Instant::now();

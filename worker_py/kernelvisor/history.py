@@ -134,20 +134,31 @@ class HistoryManager(history.HistoryManager):
             self._opened.set()
             self.open_lock.release()
 
+    def _init_db(self) -> None:
+        """IPython's ``init_db``, with a connection that stays open until the shell's own
+        exit hook has written the session out: IPython closes it in a ``weakref.finalize``,
+        whose exit hook runs before that one when the finalizer was registered after it
+        (a worker's reopened history), and the last cells were then lost with a
+        "Cannot operate on a closed database" at exit."""
+        super().init_db()
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.atexit = False
+
     def _open(self) -> None:
         self._opener = threading.get_ident()
         try:
-            super().init_db()
+            self._init_db()
             super().new_session()
         except Exception:
             # As IPython's constructor does when it cannot start a session.
             log.exception("cannot open the history %s; it is kept in memory", self.hist_file)
             self.hist_file = ":memory:"
-            super().init_db()
+            self._init_db()
             super().new_session()
 
     def _reopen(self) -> None:
-        super().init_db()
+        self._init_db()
         super().new_session()
         saver = self.save_thread
         if saver is not None:

@@ -26,6 +26,7 @@ import time
 from typing import NoReturn, TextIO
 
 from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
+from kernelvisor.handover import Handover
 from kernelvisor.ipc import Connection, ProtocolError
 from kernelvisor.messages import Fork, hello
 from kernelvisor.outbox import control_frame
@@ -89,33 +90,70 @@ def serve(worker: Worker, link: Connection) -> NoReturn:
     # sight, so that a worker's collections never write to (and so copy) its pages.
     gc.collect()
     gc.freeze()
+    handover = Handover(worker.shell, worker.backend)
     link.send([control_frame(hello("template", worker.worker_id, os.getpid(), worker.token))])
     log.info("template %d ready (pid %d)", worker.worker_id, os.getpid())
     warm = False
     fds: collections.deque[int] = collections.deque()
+    quieted: list[int] = []
     while True:
         try:
             messages, received = link.recv_with_fds()
         except (EOFError, OSError, ProtocolError):
-            really_exit(0)
+            if not handover.outliving:
+                # Adopted: the workers we reap are stopping too; report their ends first.
+                handover.until_childless(SHUTDOWN_GRACE_SECONDS)
+                really_exit(0)
+            link = _adopted(worker, handover, quieted, link)
+            continue
         fds.extend(received)
         for frames in messages:
-            # Every message comes with one descriptor: the new worker's stderr.
-            stderr = fds.popleft() if fds else None
+            # Every message comes with one descriptor: a fork's is the new worker's stderr.
+            fd = fds.popleft() if fds else None
             try:
                 control = json.loads(frames[0])
-                if not isinstance(control, dict) or control.get("op") != "fork":
-                    raise ProtocolError(f"not a fork: {frames[0][:80]!r}")
-                fork = Fork.from_control(control)
+                op = control.get("op") if isinstance(control, dict) else None
+                if op == "outlive":
+                    if handover.outlive(link, control):
+                        quieted = _let_go_of(worker.diag.fileno())
+                elif op == "fork":
+                    _fork(worker, link, Fork.from_control(control), fd, handover)
+                else:
+                    raise ProtocolError(f"not a template op: {frames[0][:80]!r}")
             except (ValueError, ProtocolError) as exc:
                 log.warning("template: ignoring a message: %s", exc)
-            else:
-                _fork(worker, link, fork, stderr)
-            if stderr is not None:
-                os.close(stderr)
+            if fd is not None:
+                os.close(fd)
         if not warm:
             warm = True
             _warm_up(worker)
+            handover.note_imports()
+
+
+def _adopted(worker: Worker, handover: Handover, quieted: list[int], old: Connection) -> Connection:
+    """The supervisor we outlived is gone: wait for the next one (handover.py), then serve it
+    as its template, our diagnostics going to the stderr it sent. Until then the ``old``
+    link stays open: the reaper reports on it the ends of the workers it stops."""
+    adopt, stderr = handover.await_adopter()
+    if stderr is not None:
+        for fd in quieted:
+            os.dup2(stderr, fd, inheritable=False)
+        os.close(stderr)
+    try:
+        link = Connection.connect(adopt.path)
+    except OSError:
+        log.exception("cannot connect to %s", adopt.path)
+        really_exit(1)
+    worker.path = adopt.path
+    worker.worker_id = adopt.worker_id
+    worker.token = adopt.token
+    worker.aux_conn = link
+    worker.outbox.attach_aux(link)
+    old.close()
+    link.send([control_frame(hello("template", worker.worker_id, os.getpid(), worker.token))])
+    handover.adopted_by(adopt, link)
+    log.info("template %d adopted by supervisor %d", worker.worker_id, adopt.supervisor_pid)
+    return link
 
 
 def _warm_up(worker: Worker) -> None:
@@ -142,16 +180,21 @@ def _warm_tracebacks(worker: Worker) -> None:
             log.debug("template: traceback warm-up failed", exc_info=True)
 
 
-def _fork(worker: Worker, link: Connection, fork: Fork, stderr: int | None) -> None:
-    """Fork worker ``fork.worker_id`` (twice: see the module's doc), or say why not."""
+def _fork(
+    worker: Worker, link: Connection, fork: Fork, stderr: int | None, handover: Handover
+) -> None:
+    """Fork worker ``fork.worker_id`` (twice: see the module's doc; once when adopted, see
+    handover.py), or say why not."""
     # No thread of ours may be inside an import: its lock would stay held in the worker.
     deadline = time.monotonic() + 1.0
     while _import_in_progress() is not None and time.monotonic() < deadline:
         time.sleep(0.001)
+    # The process that will reap the worker: it waits to be that one's child.
+    parent = os.getpid() if handover.adopted else _supervisor_pid()
     try:
         with worker.snapshots.quiet():
             pid = os.fork()
-            if pid == 0:
+            if pid == 0 and not handover.adopted:
                 # The middle process: leave at once, so the worker is reparented.
                 try:
                     if os.fork() != 0:
@@ -162,10 +205,17 @@ def _fork(worker: Worker, link: Connection, fork: Fork, stderr: int | None) -> N
         _failed(link, fork, str(exc))
         return
     if pid == 0:
-        _become_worker(worker, link, fork, stderr)
+        _become_worker(worker, link, fork, stderr, parent)
+    if handover.adopted:
+        handover.forked()
+        return
     _, status = os.waitpid(pid, 0)
     if status != 0:
         _failed(link, fork, "the second fork failed")
+
+
+def _supervisor_pid() -> int:
+    return int(os.environ.get("KERNELVISOR_SUPERVISOR_PID", "0") or 0)
 
 
 def _failed(link: Connection, fork: Fork, reason: str) -> None:
@@ -173,20 +223,22 @@ def _failed(link: Connection, fork: Fork, reason: str) -> None:
     link.send([control_frame({"op": "fork_failed", "worker_id": fork.worker_id, "reason": reason})])
 
 
-def _become_worker(worker: Worker, link: Connection, fork: Fork, stderr: int | None) -> NoReturn:
-    """In the forked worker: become the supervisor's child, then worker ``fork.worker_id``
-    (the rebuild of a promoted snapshot), and serve."""
+def _become_worker(
+    worker: Worker, link: Connection, fork: Fork, stderr: int | None, parent: int
+) -> NoReturn:
+    """In the forked worker: become ``parent``'s child (the supervisor's, or an adopted
+    template's), then worker ``fork.worker_id`` (the rebuild of a promoted snapshot), and
+    serve."""
     try:
-        supervisor = int(os.environ.get("KERNELVISOR_SUPERVISOR_PID", "0") or 0)
         deadline = time.monotonic() + REPARENT_SECONDS
-        while os.getppid() != supervisor:
+        while os.getppid() != parent:
             if time.monotonic() > deadline:
                 really_exit(1)
             time.sleep(0.0001)
-        # Die with the supervisor, as a spawned worker does (checked again after: it may
+        # Die with our parent, as a spawned worker does (checked again after: it may
         # have died before this).
         die_with_parent()
-        if os.getppid() != supervisor:
+        if os.getppid() != parent:
             really_exit(0)
         # A process group of its own, as a spawned worker has.
         os.setpgid(0, 0)
