@@ -308,3 +308,28 @@ def stop(kc: BlockingKernelClient, proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def test_the_last_cells_reach_the_history_database_at_shutdown(tmp_path: Path) -> None:
+    """The shell's exit hook writes the session out (its last inputs, its end time) on an
+    open database: IPython's own finalizer used to close it first ("Cannot operate on a closed
+    database"), and the cells run in the last half second were lost."""
+    import sqlite3
+
+    env = {**os.environ, "IPYTHONDIR": str(tmp_path)}
+    with running_kernel(KERNELVISOR, env=env) as k:
+        kc = k.kc
+        execute(kc, "first_marker = 1")
+        # A history request writes the cache out first: the database is open from here on.
+        msg_id = kc.history(hist_access_type="tail", n=5)
+        assert get_reply(kc, msg_id)["content"]["status"] == "ok"
+        execute(kc, "last_marker = 2")
+        k.km.shutdown_kernel(now=False)
+    db = sqlite3.connect(tmp_path / "profile_default" / "history.sqlite")
+    try:
+        inputs = [row[0] for row in db.execute("SELECT source_raw FROM history")]
+        ends = [row[0] for row in db.execute("SELECT end FROM sessions")]
+    finally:
+        db.close()
+    assert "last_marker = 2" in inputs, inputs
+    assert ends and all(end is not None for end in ends), f"a session never ended: {ends}"

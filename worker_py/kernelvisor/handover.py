@@ -132,6 +132,7 @@ class Handover:
         self.listener: socket.socket | None = None
         self.adopted = False
         self._link: Connection | None = None
+        self._link_lock = threading.Lock()
         self._children = threading.Event()
 
     # -- what the template is made of ----------------------------------------------------
@@ -272,11 +273,14 @@ class Handover:
 
     # -- serving the next supervisor --------------------------------------------------------
 
-    def adopted_by(self, adopt: Adopt, link: Connection) -> None:
+    def adopted_by(self, adopt: Adopt, link: Connection, old: Connection) -> None:
         """Become the forked workers' reaper (the new supervisor cannot be their parent):
-        a subreaper, whose reaper thread reports every end on ``link``."""
+        a subreaper, whose reaper thread reports every end on ``link`` from now on. The
+        ``old`` link is closed once the reaper cannot be using it."""
         os.environ["KERNELVISOR_SUPERVISOR_PID"] = str(adopt.supervisor_pid)
-        self._link = link
+        with self._link_lock:
+            self._link = link
+            old.close()
         if not self.adopted:
             self.adopted = True
             _prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -312,8 +316,10 @@ class Handover:
                     break
                 except InterruptedError:
                     continue
-                with contextlib.suppress(OSError):
-                    self._link.send([control_frame({"op": "exited", "pid": pid, "status": status})])
+                report = control_frame({"op": "exited", "pid": pid, "status": status})
+                with self._link_lock, contextlib.suppress(OSError):
+                    if self._link is not None:
+                        self._link.send([report])
 
 
 def _prctl(option: int, value: int) -> None:

@@ -149,9 +149,8 @@ def _adopted(worker: Worker, handover: Handover, quieted: list[int], old: Connec
     worker.token = adopt.token
     worker.aux_conn = link
     worker.outbox.attach_aux(link)
-    old.close()
     link.send([control_frame(hello("template", worker.worker_id, os.getpid(), worker.token))])
-    handover.adopted_by(adopt, link)
+    handover.adopted_by(adopt, link, old)
     log.info("template %d adopted by supervisor %d", worker.worker_id, adopt.supervisor_pid)
     return link
 
