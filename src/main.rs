@@ -258,7 +258,9 @@ fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
     runtime.block_on(kernel::run(config))?;
     // Every task was stopped and waited for (bounded, in `kernel::run`): nothing should be
     // left, and nothing left may hold up the exit.
+    let ending = std::time::Instant::now();
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    tracing::debug!(elapsed = ?ending.elapsed(), "runtime shut down");
     Ok(())
 }
 

@@ -179,8 +179,11 @@ class Launched:
 
 
 def wait_ready(km: KernelManager, kc: BlockingKernelClient, pump: Pump) -> tuple[float, float]:
-    """Times of the first kernel_info_reply, and of readiness: a reply plus iopub's idle for the
-    same request, which proves our SUB is subscribed (else the first outputs could be lost)."""
+    """Times of the first kernel_info_reply, and of readiness: a reply plus proof that our SUB
+    is subscribed (else the first outputs could be lost): iopub's idle for the same request, or
+    the kernel's `iopub_welcome` (JEP 65), which an XPUB kernel sends when the subscription
+    arrives. Without the welcome, a SUB that reconnects just after a restart's first reply was
+    published waits for the 200 ms retry."""
     deadline = time.perf_counter() + STARTUP_TIMEOUT
     t_info = 0.0
     while time.perf_counter() < deadline:
@@ -198,7 +201,10 @@ def wait_ready(km: KernelManager, kc: BlockingKernelClient, pump: Pump) -> tuple
                     if parent_id(msg) == msg_id:
                         replied = True
                         retry_at = min(retry_at, time.perf_counter() + 0.2)
-                elif chan == "iopub" and parent_id(msg) == msg_id and is_idle(msg):
+                elif chan == "iopub" and (
+                    msg["msg_type"] == "iopub_welcome"
+                    or (parent_id(msg) == msg_id and is_idle(msg))
+                ):
                     idle = True
             if replied and idle:
                 return t_info, time.perf_counter()
@@ -217,7 +223,9 @@ def launched(
         # Context-level options apply to the client's sockets as they are created, i.e. before
         # they connect, which is when HWM options must be set to take effect.
         ctx.setsockopt(opt, val)
-    km = KernelManager(kernel_name=KERNELS[kernel])
+    # The manager's own control socket (a restart's shutdown_request) too: it connects as the
+    # kernel is launched, before it listens, and retries at the reconnect interval.
+    km = KernelManager(kernel_name=KERNELS[kernel], context=ctx)
     t_start = time.perf_counter()
     # xeus-python writes a banner, a line per cell (raw) and backtraces: keep them off ours.
     xeus = kernel in (XPYTHON, XPYTHON_RAW)

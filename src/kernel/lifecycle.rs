@@ -149,10 +149,7 @@ impl Kernel {
         if !self.pool.forks_from_template() {
             return;
         }
-        let name = crate::handover::rendezvous_name(
-            self.cfg.connection.key.as_bytes(),
-            &self.cfg.connection_file,
-        );
+        let name = self.handover_name();
         let id = self.next_worker + 1;
         let prepared = Token::random().and_then(|token| {
             let (fd, stderr) = worker::Stderr::pipe(id, &self.tasks)?;
@@ -201,6 +198,14 @@ impl Kernel {
                 );
             }
         }
+    }
+
+    /// Where a template handed over at a restart waits for this kernel's next supervisor.
+    pub(super) fn handover_name(&self) -> String {
+        crate::handover::rendezvous_name(
+            self.cfg.connection.key.as_bytes(),
+            &self.cfg.connection_file,
+        )
     }
 
     /// The template could not fork worker `id`.

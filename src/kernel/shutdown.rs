@@ -135,10 +135,7 @@ impl Kernel {
             return;
         };
         let id = template.id;
-        let name = crate::handover::rendezvous_name(
-            self.cfg.connection.key.as_bytes(),
-            &self.cfg.connection_file,
-        );
+        let name = self.handover_name();
         // Every message on the template's link carries a descriptor; this one, none
         // that matters.
         let sent = std::fs::File::open("/dev/null").is_ok_and(|null| {
