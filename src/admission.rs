@@ -283,6 +283,19 @@ mod tests {
         );
     }
 
+    /// A child of this process, and how it would appear as a peer.
+    fn sleeping_child(a: &Admission) -> (std::process::Child, Peer) {
+        let child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let peer = Peer {
+            uid: a.uid,
+            pid: child.id(),
+        };
+        (child, peer)
+    }
+
     #[test]
     fn a_forked_worker_is_a_child_of_the_supervisor_and_keeps_its_pid() {
         let a = Admission::default();
@@ -294,14 +307,7 @@ mod tests {
             pid: std::process::id(),
         };
         assert!(a.admit(&hello(Link::Aux, 1, t.as_str(), None), me).is_err());
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let kid = Peer {
-            uid: a.uid,
-            pid: child.id(),
-        };
+        let (mut child, kid) = sleeping_child(&a);
         assert!(
             a.admit(&hello(Link::Aux, 1, "00", None), kid).is_err(),
             "token"
@@ -323,14 +329,7 @@ mod tests {
     fn a_worker_forked_by_a_handed_over_template_is_its_child() {
         let a = Admission::default();
         let t = Token::random().unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let kid = Peer {
-            uid: a.uid,
-            pid: child.id(),
-        };
+        let (mut child, kid) = sleeping_child(&a);
         // Expected as the child of another process (the template): our child is refused.
         a.expect_fork(1, t.clone(), 1);
         assert!(a

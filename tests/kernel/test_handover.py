@@ -144,33 +144,14 @@ def test_a_template_that_cannot_serve_the_new_kernel_is_replaced() -> None:
 
 def test_a_template_that_nobody_takes_over_exits() -> None:
     with kv_kernel(handover_wait="1") as kernel:
-        kc = kernel.kc
-        assert_healthy(kc)
-        template = template_pid(kernel)
-        before = rendezvous_names()
-        # A shutdown with restart, and no new kernel after it (a frontend that went away).
-        msg = kc.session.msg("shutdown_request", {"restart": True})
-        kc.control_channel.send(msg)
-        get_reply(kc, msg["header"]["msg_id"], channel="control")
-        proc = kernel.km.provisioner.process  # type: ignore[union-attr]
-        proc.wait(timeout=10)
-        assert is_running(template), "the template outlives the supervisor"
-        assert len(rendezvous_names() - before) == 1, "and waits for the next one"
+        template, _ = shut_down_for_a_restart(kernel)
         wait_dead({template}, "the template nobody took over", timeout=10)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to connect as another user")
 def test_only_the_kernels_user_may_take_the_template_over() -> None:
     with kv_kernel(handover_wait="5") as kernel:
-        kc = kernel.kc
-        assert_healthy(kc)
-        template = template_pid(kernel)
-        before = rendezvous_names()
-        msg = kc.session.msg("shutdown_request", {"restart": True})
-        kc.control_channel.send(msg)
-        get_reply(kc, msg["header"]["msg_id"], channel="control")
-        kernel.km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
-        [name] = rendezvous_names() - before
+        template, name = shut_down_for_a_restart(kernel)
         # Another user connects and offers to adopt it: the template closes the connection
         # without an answer, and waits on.
         pid = os.fork()
@@ -183,6 +164,23 @@ def test_only_the_kernels_user_may_take_the_template_over() -> None:
         # The kernel's next supervisor still takes it over.
         restart(kernel)
         assert template_pid(kernel) == template
+
+
+def shut_down_for_a_restart(kernel: Kernel) -> tuple[int, str]:
+    """A shutdown_request with restart, and no new kernel after it (a frontend that went
+    away): the supervisor exits, and its template outlives it, waiting at the rendezvous.
+    Returns the template's pid and the rendezvous's name."""
+    kc = kernel.kc
+    assert_healthy(kc)
+    template = template_pid(kernel)
+    before = rendezvous_names()
+    msg = kc.session.msg("shutdown_request", {"restart": True})
+    kc.control_channel.send(msg)
+    get_reply(kc, msg["header"]["msg_id"], channel="control")
+    kernel.km.provisioner.process.wait(timeout=10)  # type: ignore[union-attr]
+    assert is_running(template), "the template outlives the supervisor"
+    [name] = rendezvous_names() - before
+    return template, name
 
 
 def connect_as_nobody(name: str) -> int:
