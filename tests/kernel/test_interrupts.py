@@ -84,6 +84,11 @@ def test_interrupt_raises_keyboard_interrupt_and_keeps_namespace(kernel: Kernel,
     assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
     errors = [m for m in iopub if m["msg_type"] == "error"]
     assert [e["content"]["ename"] for e in errors] == ["KeyboardInterrupt"], describe(iopub)
+    # It shows where the cell was interrupted (its `time.sleep` line), as ipykernel does, and
+    # none of the kernel's own frames (the SIGINT handler that raised it).
+    shown = "\n".join(errors[0]["content"]["traceback"])
+    assert "time.sleep" in shown, shown
+    assert "kernelvisor" not in shown, shown
     # The same worker, its namespace intact, and it goes on working.
     assert main_worker(kc) == before
     reply, iopub = execute(kc, "survivor")

@@ -22,6 +22,7 @@ from traitlets.config import Config
 from kernelvisor.cells import Cell, current_cell
 from kernelvisor.compiler import CellCompiler
 from kernelvisor.history import HistoryManager
+from kernelvisor.interrupts import cut_at_handler
 from kernelvisor.messages import loads_object
 from kernelvisor.startup import user_config
 from kernelvisor.streams import OutStream
@@ -201,15 +202,16 @@ class ZMQInteractiveShell(InteractiveShell):
 
     def showtraceback(self, exc_tuple: Any = None, *args: Any, **kwargs: Any) -> None:
         install_fast_tracebacks()
+        _etype, value, tb = exc_tuple if exc_tuple is not None else sys.exc_info()
+        if isinstance(value, KeyboardInterrupt):
+            cut_at_handler(tb)
         # An interrupted cell shows why it ended (KeyboardInterrupt, TimeoutError), not the
         # cancellation that ended its await.
         cell = current_cell.get()
-        if cell is not None and cell.interrupted is not None:
-            _etype, value, tb = exc_tuple if exc_tuple is not None else sys.exc_info()
-            if value is not None:
-                shown = cell.interrupt_error(value)
-                if shown is not value:
-                    exc_tuple = (type(shown), shown, tb)
+        if cell is not None and cell.interrupted is not None and value is not None:
+            shown = cell.interrupt_error(value)
+            if shown is not value:
+                exc_tuple = (type(shown), shown, tb)
         super().showtraceback(exc_tuple, *args, **kwargs)
 
     def init_environment(self) -> None:
