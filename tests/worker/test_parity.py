@@ -164,6 +164,14 @@ def test_code_filename_warnings_and_tracebacks_name_the_cell(
     assert ex.reply.content["evalue"] == expected
 
 
+def test_inspect_knows_a_cells_module(worker: WorkerProcess) -> None:
+    # What every traceback asks of each frame: a cell's is __main__'s (the module cells run
+    # in), as a script's frames are, found without a look through every loaded module.
+    _ok(worker.execute("import inspect, sys"))
+    same = "inspect.getmodule(sys._getframe()) is sys.modules['__main__']"
+    assert _result(worker.execute(same)) == "True"
+
+
 def test_traceback_context_keeps_blank_lines(worker: WorkerProcess) -> None:
     ex = worker.execute("def inner():\n    return 1 / 0\n\n\ninner()")
     (error,) = ex.iopub("error")

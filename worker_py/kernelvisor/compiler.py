@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import inspect
 import os
 import shutil
 import stat
@@ -111,6 +112,14 @@ class CellCompiler(CachingCompiler):
 
     def get_code_name(self, raw_code: str, transformed_code: str, number: int) -> str:
         return cell_filename(raw_code)
+
+    def cache(self, transformed_code: str, number: int = 0, raw_code: str | None = None) -> str:
+        """IPython's, and the cell's file is known to ``inspect`` as ``__main__``'s (the
+        module cells run in): ``inspect.getmodule`` of a cell's frame, which every traceback
+        asks, otherwise looks through every loaded module each time, and finds none."""
+        name = super().cache(transformed_code, number, raw_code)
+        inspect.modulesbyfile[name] = "__main__"
+        return name
 
 
 def dump_cell(source: str) -> str:
