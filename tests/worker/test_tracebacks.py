@@ -6,6 +6,8 @@ from __future__ import annotations
 import linecache
 import sys
 import time
+import types
+from collections.abc import Callable
 
 import stack_data
 import stack_data.core
@@ -84,3 +86,42 @@ def test_same_traceback_from_one_lexer_class() -> None:
         stack_data.core.style_with_executing_node = make_style
         Terminal256Formatter._setup_styles = setup_styles
         tracebacks._installed = False
+
+
+def _raise_it() -> None:
+    raise KeyboardInterrupt
+
+
+def _call(f: Callable[[], None]) -> None:
+    f()
+
+
+def test_a_traceback_is_cut_after_the_users_last_frame() -> None:
+    # The kernel's frames at the end go (the SIGINT handler, the output code a print was in);
+    # one of ours between two of the user's (a callback) stays. "Ours": code run with the
+    # globals of a module of the kernel's package.
+    ours = {"__name__": "kernelvisor.example"}
+    raise_ours = types.FunctionType(_raise_it.__code__, ours)
+    call_ours = types.FunctionType(_call.__code__, ours)
+
+    def callback() -> None:
+        raise_ours()
+
+    def cell() -> None:
+        call_ours(callback)
+
+    try:
+        cell()
+    except KeyboardInterrupt as exc:
+        tb = exc.__traceback__
+    tracebacks.cut_kernel_tail(tb)
+    names = []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert names == [
+        "test_a_traceback_is_cut_after_the_users_last_frame",
+        "cell",
+        "_call",
+        "callback",
+    ]

@@ -54,7 +54,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from types import CodeType, FrameType, TracebackType
+from types import CodeType, FrameType
 
 from kernelvisor.cells import Cell, current_cell
 
@@ -84,20 +84,6 @@ def _cell_on_stack(
 # What the watcher sends the main thread to make it run pending handlers: a real-time signal,
 # which nothing else sends a kernel's worker.
 POKE = signal.SIGRTMIN + 7
-
-
-def cut_at_handler(tb: TracebackType | None) -> None:
-    """Cuts a KeyboardInterrupt's traceback where the gate's own frames begin (the SIGINT
-    handler raises it): the user sees where their code was interrupted, as under Python's
-    default handler (a C function, so no frames of its own), and formatting it reads and
-    highlights no source of ours."""
-    before: TracebackType | None = None
-    while tb is not None:
-        if tb.tb_frame.f_globals.get("__name__") == __name__:
-            if before is not None:
-                before.tb_next = None
-            return
-        before, tb = tb, tb.tb_next
 
 
 def _poked(signum: int, frame: FrameType | None) -> None:

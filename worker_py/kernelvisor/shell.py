@@ -22,10 +22,10 @@ from traitlets.config import Config
 from kernelvisor.cells import Cell, current_cell
 from kernelvisor.compiler import CellCompiler
 from kernelvisor.history import HistoryManager
-from kernelvisor.interrupts import cut_at_handler
 from kernelvisor.messages import loads_object
 from kernelvisor.startup import user_config
 from kernelvisor.streams import OutStream
+from kernelvisor.tracebacks import cut_kernel_tail
 from kernelvisor.tracebacks import install as install_fast_tracebacks
 
 # Inputs cached before IPython writes history to sqlite on its own.
@@ -204,7 +204,7 @@ class ZMQInteractiveShell(InteractiveShell):
         install_fast_tracebacks()
         _etype, value, tb = exc_tuple if exc_tuple is not None else sys.exc_info()
         if isinstance(value, KeyboardInterrupt):
-            cut_at_handler(tb)
+            cut_kernel_tail(tb)
         # An interrupted cell shows why it ended (KeyboardInterrupt, TimeoutError), not the
         # cancellation that ended its await.
         cell = current_cell.get()

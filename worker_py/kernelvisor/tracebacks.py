@@ -12,12 +12,16 @@ IPython also builds, for every traceback, a new style class (stack_data's
 style of it to the nearest of 256 colours again. ``install`` makes the style class once per
 (style, modifier) and keeps each style's colour mapping, so a formatter for it is cheap. The
 output is the same.
+
+``cut_kernel_tail`` cuts a KeyboardInterrupt's traceback after the user's last frame: the
+SIGINT handler that raised it, or the output code a ``print`` was in, is the kernel's.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
 _installed = False
@@ -26,6 +30,24 @@ _lexer_class: type | None = None
 _executing_styles: dict[tuple[Any, str], type] = {}
 # Terminal256Formatter's colour mapping, by (style class, bold, underline, italic).
 _style_strings: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def cut_kernel_tail(tb: TracebackType | None) -> None:
+    """Cuts a traceback after its last frame outside this package (if it has one): the user
+    sees where their code was interrupted, as under Python's own SIGINT handler (a C
+    function, so no frames of its own), not our handler's frames or those of the output
+    code a ``print(..., flush=True)`` was in; and formatting it reads and highlights no
+    source of ours. Frames of ours between frames of theirs (a callback) stay."""
+    last_theirs: TracebackType | None = None
+    while tb is not None:
+        if not tb.tb_frame.f_globals.get("__name__", "").startswith(_PACKAGE):
+            last_theirs = tb
+        tb = tb.tb_next
+    if last_theirs is not None:
+        last_theirs.tb_next = None
+
+
+_PACKAGE = __name__.rpartition(".")[0] + "."
 
 
 def _range_lexer() -> type:
