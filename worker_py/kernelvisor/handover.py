@@ -200,6 +200,8 @@ class Handover:
             log.warning("template: cannot outlive the supervisor: %s", exc)
             return False
         self.listener = listener
+        # What was imported since the warm-up (rarely anything) is checked too.
+        self.note_imports()
         link.send([control_frame({"op": "outliving"})])
         return True
 
