@@ -102,21 +102,34 @@ const REPORT_WAIT: Duration = Duration::from_secs(1);
 
 /// Ends of processes reported by a handed-over template, by pid.
 #[derive(Debug, Clone, Default)]
-pub struct ExitReports(Arc<(Mutex<HashMap<u32, i32>>, tokio::sync::Notify)>);
+pub struct ExitReports(Arc<Reports>);
+
+#[derive(Debug, Default)]
+struct Reports {
+    /// Wait statuses not taken yet, by pid.
+    ends: Mutex<HashMap<u32, i32>>,
+    /// Wakes the waiters at each report.
+    reported: tokio::sync::Notify,
+}
 
 impl ExitReports {
     /// Process `pid` ended with wait status `status`.
     pub fn report(&self, pid: u32, status: i32) {
-        self.0 .0.lock().expect("reports lock").insert(pid, status);
-        self.0 .1.notify_waiters();
+        self.0
+            .ends
+            .lock()
+            .expect("reports lock")
+            .insert(pid, status);
+        self.0.reported.notify_waiters();
     }
 
     /// The wait status of `pid`, once reported (`None` if not within [`REPORT_WAIT`]).
     async fn take(&self, pid: u32) -> Option<i32> {
         let deadline = tokio::time::Instant::now() + REPORT_WAIT;
         loop {
-            let reported = self.0 .1.notified();
-            if let Some(status) = self.0 .0.lock().expect("reports lock").remove(&pid) {
+            // Registered before the look, so that a report in between still wakes us.
+            let reported = self.0.reported.notified();
+            if let Some(status) = self.0.ends.lock().expect("reports lock").remove(&pid) {
                 return Some(status);
             }
             if tokio::time::timeout_at(deadline, reported).await.is_err() {
@@ -750,6 +763,20 @@ impl Proc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_reported_end_reaches_its_waiter_before_or_after_it_waits() {
+        let reports = ExitReports::default();
+        reports.report(7, 9);
+        assert_eq!(reports.take(7).await, Some(9));
+        let waiter = {
+            let reports = reports.clone();
+            tokio::spawn(async move { reports.take(8).await })
+        };
+        tokio::task::yield_now().await;
+        reports.report(8, 0x100);
+        assert_eq!(waiter.await.unwrap(), Some(0x100));
+    }
 
     #[test]
     fn hellos() {

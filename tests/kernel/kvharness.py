@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import subprocess
 import sys
 import time
@@ -288,3 +289,11 @@ def install_kernelspec(kv_bin: Path, prefix: Path, *args: str) -> None:
     assert proc.returncode == 0, (
         f"kernelvisor install {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """``text`` without its ANSI colour codes (what a terminal shows of a traceback)."""
+    return _ANSI.sub("", text)
