@@ -29,7 +29,7 @@ from isolation_support import (
     wait_pool,
     wait_until,
 )
-from kvharness import STARTUP_TIMEOUT, Kernel, execute, get_reply, result_text
+from kvharness import STARTUP_TIMEOUT, Kernel, execute, get_reply, result_text, running_kernel
 
 SEGFAULT = "import ctypes; ctypes.string_at(0)"
 
@@ -124,6 +124,19 @@ def test_after_a_handover_crashes_keep_the_namespace_and_interrupts_work() -> No
         reply, iopub = execute(kc, "# process\nimport os; print(os.getppid())")
         assert reply["content"]["status"] == "ok", reply["content"]
         assert_healthy(kc, "kept", "41")
+
+
+def test_a_trio_kernel_hands_its_template_over() -> None:
+    with running_kernel("kernelvisor-trio") as kernel:
+        kc = kernel.kc
+        execute(kc, "kept = 1")
+        template = template_pid(kernel)
+        restart(kernel)
+        assert template_pid(kernel) == template, "the template was not taken over"
+        # The first cell after it runs in trio, in a new namespace.
+        _, iopub = execute(kc, "import trio; trio.lowlevel.current_root_task() is not None")
+        assert result_text(iopub) == "True"
+        assert_name_lost(kc, "kept")
 
 
 def test_a_template_that_cannot_serve_the_new_kernel_is_replaced() -> None:
