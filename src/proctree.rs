@@ -172,12 +172,22 @@ fn children_by_scan(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The parent of `pid` (`/proc/PID/stat`, after the command name, which may hold
-/// spaces and parentheses).
-pub fn parent(pid: u32) -> Option<u32> {
+/// Field `n` of `/proc/PID/stat` after the command name (which may hold spaces and
+/// parentheses): 0 is the state, 1 the parent.
+fn stat_field<T: std::str::FromStr>(pid: u32, n: usize) -> Option<T> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(1)?.parse().ok()
+    after_comm.split_whitespace().nth(n)?.parse().ok()
+}
+
+/// The parent of `pid`.
+pub fn parent(pid: u32) -> Option<u32> {
+    stat_field(pid, 1)
+}
+
+/// Whether `pid` has not ended (a zombie has: it waits only to be reaped).
+pub fn alive(pid: u32) -> bool {
+    stat_field::<char>(pid, 0).is_some_and(|state| state != 'Z' && state != 'X')
 }
 
 /// Resident memory (`/proc/PID/statm`, in pages).
@@ -226,6 +236,21 @@ mod tests {
     use super::*;
     use std::process::Command;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        assert!(alive(std::process::id()));
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stat_field::<char>(pid, 0) != Some('Z') && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!alive(pid), "a zombie");
+        assert_eq!(parent(pid), Some(std::process::id()));
+        child.wait().unwrap();
+        assert!(!alive(pid), "reaped");
+    }
 
     #[test]
     fn a_child_is_in_the_tree_with_its_memory() {

@@ -390,7 +390,7 @@ pub fn adopt(
                     }
                 },
                 // Another process reaps it: its end is known once it is no longer alive.
-                Reaper::Template(_) | Reaper::Unknown if alive(pid) => {}
+                Reaper::Template(_) | Reaper::Unknown if crate::proctree::alive(pid) => {}
                 Reaper::Template(reports) => {
                     let status = reports.take(pid).await;
                     if status.is_none() {
@@ -422,18 +422,6 @@ pub fn adopt(
         pid,
         orders,
         reaper,
-    }
-}
-
-/// Whether `pid` has not ended (a zombie has: it waits only to be reaped).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command, which is in parentheses and may hold any byte.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
     }
 }
 

@@ -83,11 +83,7 @@ impl Kernel {
     fn fork_worker(&mut self) {
         self.next_worker += 1;
         let id = self.next_worker;
-        let prepared = Token::random().and_then(|token| {
-            let (fd, stderr) = worker::Stderr::pipe(id, &self.tasks)?;
-            Ok((token, fd, stderr))
-        });
-        let (token, fd, stderr) = match prepared {
+        let (token, fd, stderr) = match self.token_and_stderr(id) {
             Ok(p) => p,
             Err(e) => return self.note_start_failure(format!("cannot fork a worker: {e}")),
         };
@@ -97,9 +93,9 @@ impl Kernel {
         }
         .message();
         // Known before the request leaves: the worker may connect before we look again.
-        let parent = match self.forks_reaped_by() {
-            Some(_) => self.pool.template().map_or(0, |t| t.pid()),
-            None => std::process::id(),
+        let parent = match self.forks_reaper() {
+            worker::Reaper::Template(_) => self.pool.template().map_or(0, |t| t.pid()),
+            _ => std::process::id(),
         };
         self.admission.expect_fork(id, token, parent);
         self.pool.fork_requested(id, Some(stderr));
@@ -119,15 +115,11 @@ impl Kernel {
         if let Some(Some(stderr)) = self.pool.fork_arrived(id) {
             debug!(worker = id, pid, "forked worker connected");
             let events = self.events_tx.clone();
-            let reaper = match self.forks_reaped_by() {
-                Some(reports) => worker::Reaper::Template(reports),
-                None => worker::Reaper::Supervisor,
-            };
             let proc = worker::adopt(
                 id,
                 pid,
                 worker::LastWords::Pipe(stderr),
-                reaper,
+                self.forks_reaper(),
                 events,
                 &self.tasks,
             );
@@ -135,11 +127,26 @@ impl Kernel {
         }
     }
 
-    /// The reports of a handed-over template, if the template is one: it reaps the
-    /// workers it forks.
-    fn forks_reaped_by(&self) -> Option<worker::ExitReports> {
-        let (id, reports) = self.handed_over.as_ref()?;
-        (self.pool.template()?.id == *id).then(|| reports.clone())
+    /// Who reaps the workers the template forks: the supervisor (they are reparented to
+    /// it), or the template itself if a previous supervisor handed it over.
+    fn forks_reaper(&self) -> worker::Reaper {
+        match (&self.handed_over, self.pool.template()) {
+            (Some((id, reports)), Some(t)) if t.id == *id => {
+                worker::Reaper::Template(reports.clone())
+            }
+            _ => worker::Reaper::Supervisor,
+        }
+    }
+
+    /// A new worker's secret, and the stderr pipe it is forked with (the write end to
+    /// send, the supervisor's reader of it).
+    fn token_and_stderr(
+        &self,
+        id: WorkerId,
+    ) -> std::io::Result<(Token, std::os::fd::OwnedFd, worker::Stderr)> {
+        let token = Token::random()?;
+        let (fd, stderr) = worker::Stderr::pipe(id, &self.tasks)?;
+        Ok((token, fd, stderr))
     }
 
     /// At start: takes over the template that the previous supervisor of this kernel
@@ -151,11 +158,7 @@ impl Kernel {
         }
         let name = self.handover_name();
         let id = self.next_worker + 1;
-        let prepared = Token::random().and_then(|token| {
-            let (fd, stderr) = worker::Stderr::pipe(id, &self.tasks)?;
-            Ok((token, fd, stderr))
-        });
-        let (token, fd, stderr) = match prepared {
+        let (token, fd, stderr) = match self.token_and_stderr(id) {
             Ok(p) => p,
             Err(e) => return warn!(error = %e, "cannot look for a handed-over template"),
         };

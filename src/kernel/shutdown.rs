@@ -147,14 +147,10 @@ impl Kernel {
         if !sent {
             return;
         }
-        let deadline = tokio::time::Instant::now() + OUTLIVE_WAIT;
-        while !self.template_outliving {
-            match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
-                Ok(Some(ev)) => self.on_worker_event(ev).await,
-                Ok(None) | Err(_) => break,
-            }
-        }
-        if !self.template_outliving {
+        if !self
+            .handle_events_until(OUTLIVE_WAIT, |k| k.template_outliving)
+            .await
+        {
             warn!(
                 worker = id,
                 "the template did not answer outlive in time: stopped"
@@ -174,8 +170,14 @@ impl Kernel {
 
     /// Handles worker events until every worker has exited (`true`) or `limit` passes.
     async fn until_workers_exit(&mut self, limit: Duration) -> bool {
+        self.handle_events_until(limit, |k| k.pool.all().next().is_none())
+            .await
+    }
+
+    /// Handles worker events until `done` holds (`true`) or `limit` passes.
+    async fn handle_events_until(&mut self, limit: Duration, done: impl Fn(&Self) -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        while self.pool.all().next().is_some() {
+        while !done(self) {
             match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
                 Ok(Some(ev)) => self.on_worker_event(ev).await,
                 Ok(None) | Err(_) => return false,

@@ -20,7 +20,6 @@ of a dead worker become its children), reaps them all, and reports each end as
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -34,13 +33,13 @@ from typing import Any
 
 from kernelvisor.ipc import Connection, ProtocolError
 from kernelvisor.outbox import control_frame
+from kernelvisor.snapshot import PR_SET_PDEATHSIG, prctl
 
 log = logging.getLogger(__name__)
 
 HANDOVER_WAIT_SECONDS = float(os.environ.get("KERNELVISOR_HANDOVER_WAIT", "10"))
 """How long an outliving template waits for the next supervisor before it exits."""
 
-_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _UCRED = struct.Struct("3i")
 
@@ -194,7 +193,7 @@ class Handover:
         try:
             listener.bind("\0" + name)
             listener.listen(1)
-            _prctl(_PR_SET_PDEATHSIG, 0)
+            prctl(PR_SET_PDEATHSIG, 0)
         except OSError as exc:
             listener.close()
             log.warning("template: cannot outlive the supervisor: %s", exc)
@@ -285,7 +284,7 @@ class Handover:
             old.close()
         if not self.adopted:
             self.adopted = True
-            _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+            prctl(_PR_SET_CHILD_SUBREAPER, 1)
             threading.Thread(target=self._reap, name="kernelvisor-reaper", daemon=True).start()
 
     def until_childless(self, limit: float) -> None:
@@ -322,11 +321,6 @@ class Handover:
                 with self._link_lock, contextlib.suppress(OSError):
                     if self._link is not None:
                         self._link.send([report])
-
-
-def _prctl(option: int, value: int) -> None:
-    if ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
 def _peer_uid(sock: socket.socket) -> int | None:

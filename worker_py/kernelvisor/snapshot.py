@@ -39,13 +39,19 @@ log = logging.getLogger(__name__)
 FORK_UNSAFE_ATTR = "__kernelvisor_fork_unsafe__"
 """A module that sets this attribute (to a reason string) stops snapshots while loaded."""
 
-_PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG = 1
+
+
+def prctl(option: int, value: int) -> None:
+    """``prctl(2)`` with one argument; OSError if it fails."""
+    if ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
 def die_with_parent() -> None:
     """Be killed (SIGKILL) when the parent dies: for a process reparented to the supervisor
     (a promoted snapshot, a worker forked by the template), as a spawned worker is."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def fork_unsafe_reason(worker: Worker) -> str | None:
