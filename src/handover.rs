@@ -11,8 +11,8 @@
 //! - the adopted template then connects to the new supervisor's private socket with the
 //!   token in the offer, as a spawned template does ([`crate::admission`]).
 
-use std::io::{IoSlice, Read};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -109,8 +109,7 @@ pub fn look_for(name: &str, offer: &Offer, stderr: BorrowedFd) -> Found {
 }
 
 fn try_offer(name: &str, offer: &Offer, stderr: BorrowedFd) -> std::io::Result<Found> {
-    use nix::sys::socket::{getsockopt, sendmsg, sockopt::PeerCredentials};
-    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr};
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     use std::os::linux::net::SocketAddrExt;
 
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
@@ -132,19 +131,9 @@ fn try_offer(name: &str, offer: &Offer, stderr: BorrowedFd) -> std::io::Result<F
     stream.set_write_timeout(Some(ANSWER_WAIT))?;
     let body = serde_json::to_vec(offer).map_err(std::io::Error::other)?;
     let bytes = crate::ipc::encode(&[body])?;
-    let fds = [stderr.as_raw_fd()];
     let mut sent = 0;
     while sent < bytes.len() {
-        let rights = [ControlMessage::ScmRights(&fds)];
-        let cmsgs: &[ControlMessage] = if sent == 0 { &rights } else { &[] };
-        let iov = [IoSlice::new(&bytes[sent..])];
-        sent += sendmsg::<UnixAddr>(
-            stream.as_raw_fd(),
-            &iov,
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )?;
+        sent += crate::ipc::send_with_fd(stream.as_fd(), &bytes, sent, stderr)?;
     }
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;

@@ -16,7 +16,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 
 use bytes::Bytes;
@@ -680,7 +680,6 @@ async fn write_with_fds(
     wr: tokio::net::unix::OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<(Frames, OwnedFd)>,
 ) {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
     while let Some((frames, fd)) = rx.recv().await {
         let bytes = match ipc::encode(&frames) {
             Ok(bytes) => bytes,
@@ -696,19 +695,8 @@ async fn write_with_fds(
                 debug!(worker = id, error = %e, "template write failed");
                 return;
             }
-            let fds = [fd.as_raw_fd()];
-            let rights = [ControlMessage::ScmRights(&fds)];
-            let cmsgs: &[ControlMessage] = if sent == 0 { &rights } else { &[] };
-            let iov = [std::io::IoSlice::new(&bytes[sent..])];
             let result = stream.try_io(tokio::io::Interest::WRITABLE, || {
-                sendmsg::<UnixAddr>(
-                    stream.as_raw_fd(),
-                    &iov,
-                    cmsgs,
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(std::io::Error::from)
+                ipc::send_with_fd(stream.as_fd(), &bytes, sent, fd.as_fd())
             });
             match result {
                 Ok(n) => sent += n,

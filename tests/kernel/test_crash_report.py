@@ -22,15 +22,10 @@ from kvharness import (
     execute,
     kernel_process,
     of_type,
+    plain,
     process_tree,
     result_text,
 )
-
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def plain(lines: list[str]) -> list[str]:
-    return [ANSI.sub("", line) for line in lines]
 
 
 @contextmanager
@@ -64,7 +59,7 @@ def crash(kernel: Kernel, code: str) -> tuple[list[str], list[Msg]]:
     assert content["ename"] == "WorkerCrashed", content
     [error] = of_type(msgs, "error")
     assert error["content"]["traceback"] == content["traceback"]
-    return plain(content["traceback"]), msgs
+    return [plain(line) for line in content["traceback"]], msgs
 
 
 def test_a_segfault_shows_the_cells_line_first() -> None:

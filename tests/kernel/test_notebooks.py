@@ -23,7 +23,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from kvharness import IPYKERNEL, KERNELVISOR, STARTUP_TIMEOUT, TIMEOUT
+from kvharness import IPYKERNEL, KERNELVISOR, STARTUP_TIMEOUT, TIMEOUT, plain
 from nbclient import NotebookClient
 from nbformat import NotebookNode
 
@@ -120,12 +120,6 @@ def run_notebook(kernelspecs: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 # --- reading outputs --------------------------------------------------------------------------
-
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def strip_ansi(text: str) -> str:
-    return ANSI.sub("", text)
 
 
 def streams(outputs: list[Output]) -> list[tuple[str, str]]:
@@ -360,8 +354,8 @@ def test_errors(run_notebook: RunNotebook, kernel_name: str) -> None:
 
     error = assert_error(run, "raise", "ValueError")
     assert error.evalue == "bad value"
-    assert strip_ansi(error.traceback[-1]).strip() == "ValueError: bad value"
-    assert any("Cell In[2], line 1" in strip_ansi(line) for line in error.traceback)
+    assert plain(error.traceback[-1]).strip() == "ValueError: bad value"
+    assert any("Cell In[2], line 1" in plain(line) for line in error.traceback)
     assert result_text(run, "after-raise") == "2"
 
     outputs = run.outputs("raise-after-output")
@@ -369,7 +363,7 @@ def test_errors(run_notebook: RunNotebook, kernel_name: str) -> None:
     assert streams(outputs) == [("stdout", "partial output\n")]
     error = assert_error(run, "raise-after-output", "ZeroDivisionError")
     assert error.evalue == "division by zero"
-    assert strip_ansi(error.traceback[-1]).strip() == "ZeroDivisionError: division by zero"
+    assert plain(error.traceback[-1]).strip() == "ZeroDivisionError: division by zero"
 
     # sys.exit() in a cell is an ordinary SystemExit: reported, and the namespace lives on.
     error = assert_error(run, "sys-exit", "SystemExit")
@@ -503,7 +497,7 @@ def test_input_without_stdin(run_notebook: RunNotebook, kernel_name: str) -> Non
     for cell_id in ("input", "getpass"):
         error = assert_error(run, cell_id, "StdinNotImplementedError")
         assert "does not support input requests" in error.evalue
-        assert strip_ansi(error.traceback[-1]).startswith("StdinNotImplementedError: ")
+        assert plain(error.traceback[-1]).startswith("StdinNotImplementedError: ")
     assert result_text(run, "after") == "'still running'"
 
 
@@ -517,7 +511,7 @@ def test_crash_reported_and_next_cell_runs(run_notebook: RunNotebook) -> None:
     error = assert_error(run, "segfault", "WorkerCrashed")
     assert run.outputs("segfault")[-1] is error
     assert "SIGSEGV" in error.evalue
-    assert "WorkerCrashed" in strip_ansi(error.traceback[0])
+    assert "WorkerCrashed" in plain(error.traceback[0])
     # faulthandler's stack of the dying worker: the call that faulted.
     assert any("in string_at" in line for line in error.traceback), error.traceback
 
@@ -629,7 +623,7 @@ def normalized_data(data: dict[str, Any], widget_names: WidgetNames) -> dict[str
 
 
 def normalized_traceback(traceback: list[str]) -> list[str]:
-    frames = [strip_ansi(entry) for entry in traceback]
+    frames = [plain(entry) for entry in traceback]
     return [
         CELL_DIR.sub("/<cells>/", ADDRESS.sub("0x…", f))
         for f in frames

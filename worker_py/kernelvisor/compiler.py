@@ -67,7 +67,8 @@ def cell_hash(source: str) -> int:
 
 
 def kernel_pid() -> int:
-    """The pid that names this kernel's cell directory (see the module doc)."""
+    """The supervisor's pid (``KERNELVISOR_SUPERVISOR_PID``, set for its workers), which
+    names this kernel's cell directory (see the module doc); ours outside a kernel."""
     try:
         return int(os.environ["KERNELVISOR_SUPERVISOR_PID"])
     except (KeyError, ValueError):

@@ -25,6 +25,7 @@ import socket
 import time
 from typing import NoReturn, TextIO
 
+from kernelvisor.compiler import kernel_pid
 from kernelvisor.crash import FatalSignalFlush, flush_on_os_exit, really_exit
 from kernelvisor.handover import Handover
 from kernelvisor.ipc import Connection, ProtocolError
@@ -189,7 +190,7 @@ def _fork(
     while _import_in_progress() is not None and time.monotonic() < deadline:
         time.sleep(0.001)
     # The process that will reap the worker: it waits to be that one's child.
-    parent = os.getpid() if handover.adopted else _supervisor_pid()
+    parent = os.getpid() if handover.adopted else kernel_pid()
     try:
         with worker.snapshots.quiet():
             pid = os.fork()
@@ -211,10 +212,6 @@ def _fork(
     _, status = os.waitpid(pid, 0)
     if status != 0:
         _failed(link, fork, "the second fork failed")
-
-
-def _supervisor_pid() -> int:
-    return int(os.environ.get("KERNELVISOR_SUPERVISOR_PID", "0") or 0)
 
 
 def _failed(link: Connection, fork: Fork, reason: str) -> None:
