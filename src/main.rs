@@ -26,7 +26,7 @@ mod msg_type;
 mod outbox;
 mod pool;
 mod proctree;
-mod sigint;
+mod signals;
 mod signer;
 mod snapshot;
 mod sockets;
@@ -125,15 +125,12 @@ struct RunArgs {
         default_value_t = 60.0
     )]
     idle_worker_shutdown_duration: f64,
-    /// Idle workers always kept ready (IPython imported), so a crash costs a swap, not a
-    /// Python start-up (at most `--max-idle-pool-instances`).
-    #[arg(
-        long,
-        value_name = "N",
-        env = "KERNELVISOR_WARM_WORKERS",
-        default_value_t = 1
-    )]
-    warm_workers: usize,
+    /// Idle workers always kept ready (IPython imported), so that a worker is there at once
+    /// for a crash without a snapshot or a `# process` cell (at most
+    /// `--max-idle-pool-instances`). Default: 0 with a template (it forks one in
+    /// milliseconds, and a spare would cost its own pages), 1 without.
+    #[arg(long, value_name = "N", env = "KERNELVISOR_WARM_WORKERS")]
+    warm_workers: Option<usize>,
     /// Fork workers from a template process (imports done once, pages shared by every
     /// worker) instead of starting each from scratch: `on` or `off`. Off with uvloop.
     #[arg(
@@ -173,10 +170,11 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    // First thing, before any thread or start-up work: SIGINT is held back until the
-    // kernel's handler exists (sigint.rs), so a client's SIGINT to our process group
-    // while we start cannot kill us.
-    let held = sigint::hold();
+    // First thing, before any thread or start-up work: SIGINT, SIGTERM and SIGCHLD are
+    // blocked in every thread, and the kernel reads them from a signalfd (signals.rs): a
+    // client's SIGINT to our process group while we start waits, and no handler ever
+    // interrupts a system call.
+    let held = signals::hold();
     // Then the process that launched us: a parent that dies while we start is noticed
     // (see `die_with_parent`).
     let parent = nix::unistd::getppid();
@@ -184,12 +182,12 @@ fn main() -> ExitCode {
     let result = init_logging(&cli.log_level).and_then(|()| match cli.command {
         Some(Command::Install(args)) => {
             // Not a kernel: Ctrl-C stops it.
-            sigint::let_in()?;
+            signals::let_in()?;
             install::run(&args).map(|_| ())
         }
         None => {
             if let Err(e) = held {
-                tracing::warn!(error = %e, "cannot hold SIGINT back while the kernel starts");
+                tracing::warn!(error = %e, "cannot block the kernel's signals");
             }
             run_kernel(cli.run, parent)
         }
@@ -227,6 +225,7 @@ fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
     let connection = connection::ConnectionInfo::load(&path)?;
     die_with_parent(parent)?;
     become_subreaper()?;
+    let template = args.template && std::env::var("KERNELVISOR_UVLOOP").as_deref() != Ok("1");
     let config = kernel::KernelConfig {
         connection,
         connection_file: std::path::absolute(&path).unwrap_or(path),
@@ -239,8 +238,8 @@ fn run_kernel(args: RunArgs, parent: nix::unistd::Pid) -> anyhow::Result<()> {
                 "--idle-worker-shutdown-duration",
             )?
             .unwrap_or_default(),
-            warm: args.warm_workers,
-            template: args.template && std::env::var("KERNELVISOR_UVLOOP").as_deref() != Ok("1"),
+            warm: args.warm_workers.unwrap_or(usize::from(!template)),
+            template,
         },
         memory_limit: args.memory_limit,
         unresponsive_timeout: seconds(args.unresponsive_timeout, "--unresponsive-timeout")?,

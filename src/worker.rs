@@ -234,6 +234,9 @@ pub fn spawn(
             if libc::signal(libc::SIGINT, libc::SIG_IGN) == libc::SIG_ERR {
                 return Err(std::io::Error::last_os_error());
             }
+            // The signals the supervisor reads from a signalfd are blocked in each of its
+            // threads (signals.rs), and a child inherits its thread's mask.
+            crate::signals::let_in()?;
             if token_fd == TOKEN_FD {
                 // dup2 onto itself keeps close-on-exec: clear it instead.
                 if libc::fcntl(TOKEN_FD, libc::F_SETFD, 0) != 0 {

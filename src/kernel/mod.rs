@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use futures::StreamExt;
+use nix::sys::signal::Signal;
 use serde_json::Value;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admission::Admission;
 use crate::backend::Backend;
@@ -43,6 +43,7 @@ use crate::iopub::Iopub;
 use crate::kernel_info;
 use crate::outbox::Outbox;
 use crate::pool::{Pool, PoolPolicy};
+use crate::signals::Signals;
 use crate::signer::Signer;
 use crate::snapshot::SnapshotConfig;
 use crate::sockets::{self, ClientSockets};
@@ -126,7 +127,7 @@ const HEARTBEAT_WAIT: Duration = Duration::from_millis(200);
 /// Runs the kernel until a shutdown request or SIGTERM, then stops everything it started
 /// (shutdown.rs) and returns.
 pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
-    let signals = Signals::install()?;
+    let signals = Signals::open().context("cannot read the kernel's signals (signalfd)")?;
     let conn = &cfg.connection;
     let ctx = zmq::Context::new();
     let tasks = Tasks::new();
@@ -278,30 +279,6 @@ fn terminate_context(ctx: zmq::Context, tasks: &Tasks) {
     }
 }
 
-/// The signals the kernel handles. Their handlers are installed first thing in [`run`];
-/// SIGINT, held back since `main` began (so that one sent while the kernel starts cannot
-/// kill it), is let in only then.
-struct Signals {
-    sigint: tokio::signal::unix::Signal,
-    sigterm: tokio::signal::unix::Signal,
-    /// Orphans of dead workers become our children (we are a child subreaper).
-    sigchld: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> anyhow::Result<Self> {
-        let signals = Signals {
-            sigint: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-            sigterm: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-            sigchld: signal(SignalKind::child()).context("cannot handle SIGCHLD")?,
-        };
-        // A SIGINT that came while it was held is delivered now, to the handler: an
-        // interrupt with no cell to interrupt.
-        crate::sigint::let_in()?;
-        Ok(signals)
-    }
-}
-
 /// The workers' socket directory: private (0700) whatever the umask, removed at exit.
 fn private_socket_dir() -> anyhow::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
@@ -396,11 +373,7 @@ struct Kernel {
 
 impl Kernel {
     async fn serve(&mut self, signals: Signals) {
-        let Signals {
-            mut sigint,
-            mut sigterm,
-            mut sigchld,
-        } = signals;
+        let mut signals = signals;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.exiting {
@@ -420,12 +393,20 @@ impl Kernel {
                     self.watchdog().await;
                     self.send_refusals().await;
                 }
-                _ = sigint.recv() => self.interrupt("SIGINT"),
-                _ = sigchld.recv() => self.reap_strays(),
-                _ = sigterm.recv() => {
-                    info!("SIGTERM: shutting down");
-                    self.exiting = true;
-                }
+                sig = signals.recv() => match sig {
+                    Ok(Signal::SIGINT) => self.interrupt("SIGINT"),
+                    Ok(Signal::SIGCHLD) => self.reap_strays(),
+                    Ok(Signal::SIGTERM) => {
+                        info!("SIGTERM: shutting down");
+                        self.exiting = true;
+                    }
+                    Ok(other) => debug!(signal = ?other, "an unexpected signal; ignored"),
+                    Err(e) => {
+                        // Not expected of a signalfd; shut down rather than spin on it.
+                        error!(error = %e, "cannot read signals: shutting down");
+                        self.exiting = true;
+                    }
+                },
             }
         }
     }

@@ -56,7 +56,8 @@ def rendezvous_names() -> set[str]:
 
 
 def test_a_restart_hands_the_template_over_and_starts_a_new_namespace() -> None:
-    with kv_kernel() as kernel:
+    # A spare too: the old supervisor's workers, all of them, end.
+    with kv_kernel(warm_workers=1) as kernel:
         kc = kernel.kc
         execute(kc, "survivor = 1")
         wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")

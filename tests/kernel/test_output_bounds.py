@@ -154,8 +154,8 @@ def own_client(kernel: Kernel, rcvhwm: int | None = None) -> Iterator[BlockingKe
 
 
 def baseline(kernel: Kernel, kc: BlockingKernelClient) -> int:
-    """The tree's PSS once the pool has settled (main worker + a warm spare)."""
-    wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+    """The tree's PSS once the pool has settled (the main worker, no spare)."""
+    wait_pool(kc, lambda p: settled(p, 0), "a main worker")
     time.sleep(0.5)
     return tree_pss(supervisor_pid(kernel))
 

@@ -46,29 +46,49 @@ EXIT_3 = "import os; os._exit(3)"
 SLEEP_MARKED = 'import time\nprint("sleeping", flush=True)\ntime.sleep(30)'
 
 
-def test_default_pool_keeps_one_warm_worker(kernel: Kernel) -> None:
+def test_default_pool_keeps_no_spare_beside_the_template(kernel: Kernel) -> None:
+    """The template forks a worker when one is needed: no warm spare is kept by default."""
     kc = kernel.kc
     sup = supervisor_pid(kernel)
     assert_healthy(kc)
-    pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
-    assert pool["warm"] == 1
+    pool = wait_pool(kc, lambda p: settled(p, 0), "a main worker")
+    assert pool["warm"] == 0
     assert pool["max_idle"] == 2
     assert pool["idle_shutdown_seconds"] == 60
-    (idle_id, idle_pid), (main_id, main_pid) = idle_workers(pool)[0], main_worker(kc)
-    assert idle_id != main_id and idle_pid != main_pid
-    for pid in (main_pid, idle_pid):
-        proc = psutil.Process(pid)
-        assert proc.ppid() == sup, f"worker {pid} is not the supervisor's child"
-        # Each worker leads its own process group: the client's group-wide SIGINT misses it.
-        assert os.getpgid(pid) == pid
-    # And the template they were forked from (test_template.py).
+    assert_stays(kc, idle=0)
+    _, main_pid = main_worker(kc)
+    assert_own_child_and_group(main_pid, sup)
+    # And the template it was forked from (test_template.py).
     template_pid = pool["template"]["pid"]
-    assert {c.pid for c in psutil.Process(sup).children()} == {main_pid, idle_pid, template_pid}
+    assert {c.pid for c in psutil.Process(sup).children()} == {main_pid, template_pid}
+
+
+def test_one_warm_worker_is_kept_when_asked_for() -> None:
+    with kv_kernel(warm_workers=1) as kernel:
+        kc = kernel.kc
+        pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+        assert pool["warm"] == 1
+        (idle_id, idle_pid), (main_id, main_pid) = idle_workers(pool)[0], main_worker(kc)
+        assert idle_id != main_id and idle_pid != main_pid
+        for pid in (main_pid, idle_pid):
+            assert_own_child_and_group(pid, supervisor_pid(kernel))
+
+
+def assert_own_child_and_group(pid: int, sup: int) -> None:
+    """The worker is the supervisor's child, and leads its own process group (the client's
+    group-wide SIGINT misses it). It does not inherit the supervisor's blocked signals
+    (signals.rs): SIGINT interrupts its cells, SIGTERM and SIGCHLD work as usual."""
+    assert psutil.Process(pid).ppid() == sup, f"worker {pid} is not the supervisor's child"
+    assert os.getpgid(pid) == pid
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        assert not mask & (1 << (sig - 1)), f"worker {pid} blocks {sig.name}"
 
 
 def test_crash_swaps_in_the_warm_worker_and_refills() -> None:
     """Without a snapshot to promote (snapshots off), the warm spare takes over."""
-    with kv_kernel(snapshots="off") as kernel:
+    with kv_kernel(snapshots="off", warm_workers=1) as kernel:
         crash_swaps_in_the_warm_worker(kernel)
 
 
@@ -95,27 +115,28 @@ def crash_swaps_in_the_warm_worker(kernel: Kernel) -> None:
     assert main_worker(kc) == (spare_id, spare_pid)
 
 
-def test_killed_idle_worker_is_replaced_silently(kernel: Kernel) -> None:
-    kc = kernel.kc
-    execute(kc, "survivor = 8")
-    pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
-    main = main_worker(kc)
-    [(spare_id, spare_pid)] = idle_workers(pool)
+def test_killed_idle_worker_is_replaced_silently() -> None:
+    with kv_kernel(warm_workers=1) as kernel:
+        kc = kernel.kc
+        execute(kc, "survivor = 8")
+        pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+        main = main_worker(kc)
+        [(spare_id, spare_pid)] = idle_workers(pool)
 
-    kill_pid(spare_pid, signal.SIGKILL)
+        kill_pid(spare_pid, signal.SIGKILL)
 
-    pool = wait_pool(
-        kc,
-        lambda p: settled(p, 1) and p["idle"][0]["id"] != spare_id,
-        "a new idle worker in place of the killed one",
-    )
-    assert main_worker(kc) == main
-    assert not is_running(spare_pid)
-    assert zombie_children(supervisor_pid(kernel)) == []
-    # The main worker never noticed: no error, namespace intact.
-    reply, iopub = execute(kc, "survivor")
-    assert reply["content"]["status"] == "ok", describe(iopub)
-    assert result_text(iopub) == "8"
+        pool = wait_pool(
+            kc,
+            lambda p: settled(p, 1) and p["idle"][0]["id"] != spare_id,
+            "a new idle worker in place of the killed one",
+        )
+        assert main_worker(kc) == main
+        assert not is_running(spare_pid)
+        assert zombie_children(supervisor_pid(kernel)) == []
+        # The main worker never noticed: no error, namespace intact.
+        reply, iopub = execute(kc, "survivor")
+        assert reply["content"]["status"] == "ok", describe(iopub)
+        assert result_text(iopub) == "8"
 
 
 def assert_stays(kc: BlockingKernelClient, idle: int, checks: int = 10) -> None:
@@ -149,7 +170,7 @@ def test_max_idle_zero_keeps_no_spare() -> None:
 def test_warm_workers_are_kept_past_the_idle_duration() -> None:
     """IDLE_WORKER_SHUTDOWN_DURATION retires idle workers only down to --warm-workers: the one
     warm spare outlives the duration many times over."""
-    with kv_kernel(idle_worker_shutdown_duration=1) as k:
+    with kv_kernel(idle_worker_shutdown_duration=1, warm_workers=1) as k:
         kc = k.kc
         assert_healthy(kc)
         pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
@@ -166,7 +187,7 @@ def test_warm_workers_are_kept_past_the_idle_duration() -> None:
 
 
 def test_zero_warm_workers_keeps_no_idle_worker() -> None:
-    """With --warm-workers 0 no spare is started; a crash costs a cold start, nothing more."""
+    """With --warm-workers 0 no spare is started; a crash costs a fork, nothing more."""
     with kv_kernel(warm_workers=0, idle_worker_shutdown_duration=1) as k:
         kc = k.kc
         execute(kc, "survivor = 1")
@@ -185,7 +206,7 @@ def test_zero_warm_workers_keeps_no_idle_worker() -> None:
 
 
 def test_restart_replaces_supervisor_and_workers() -> None:
-    with kv_kernel() as k:
+    with kv_kernel(warm_workers=1) as k:
         km, kc = k.km, k.kc
         execute(kc, "survivor = 1")
         execute(kc, "2")
@@ -311,11 +332,11 @@ def direct_kernel(
 
 
 def collect_workers(kc: BlockingKernelClient, sup: int) -> set[int]:
-    """Runs a cell, waits for the warm spare, and returns every worker pid."""
+    """Runs a cell, waits for the pool to settle, and returns every worker pid."""
     msg_id = kc.execute("1+1")
     assert get_reply(kc, msg_id)["content"]["status"] == "ok"
     collect_iopub(kc, msg_id)
-    pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")
+    pool = wait_pool(kc, lambda p: settled(p, 0), "a main worker")
     assert kv_snapshot_pid(kc) is not None, "the snapshot before the first cell"
 
     def expected() -> set[int]:
@@ -327,8 +348,8 @@ def collect_workers(kc: BlockingKernelClient, sup: int) -> set[int]:
         "the process tree to be the workers and their snapshots",
     )
     pids = expected()
-    # Main, spare, the template and one or two snapshots.
-    assert len(pids) in (4, 5), pids
+    # Main, the template and one or two snapshots.
+    assert len(pids) in (3, 4), pids
     return pids
 
 

@@ -381,7 +381,7 @@ def test_the_snapshot_takes_over_and_the_spare_stays_warm() -> None:
         wait_pool,
     )
 
-    with kv_kernel() as k:
+    with kv_kernel(warm_workers=1) as k:
         kc = k.kc
         execute(kc, "a = 1")
         pool = wait_pool(kc, lambda p: settled(p, 1), "a main and one idle worker")

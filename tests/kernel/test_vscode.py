@@ -20,6 +20,7 @@ from dap_client import Dap
 from isolation_support import (
     STUBBORN,
     idle_workers,
+    kv_kernel,
     main_worker,
     settled,
     start_cell_marked,
@@ -74,21 +75,23 @@ def signal_tree(pid: int) -> None:
     os.kill(pid, signal.SIGINT)
 
 
-def test_one_click_is_one_interrupt_and_the_clean_up_runs_to_its_end(kernel: Kernel) -> None:
-    kc = kernel.kc
-    idle_before = idle_workers(wait_pool(kc, lambda pool: len(pool["idle"]) >= 1, "a spare"))
-    before = main_worker(kc)
-    for _ in range(2):  # a later click is a new interrupt
-        msg_id, seen = start_cell_marked(kc, CLEAN_UP, "working")
-        vscode_interrupt(kernel)
-        reply = get_reply(kc, msg_id)
-        # The cell caught the one KeyboardInterrupt and finished its clean-up.
-        assert reply["content"]["status"] == "ok", reply["content"]
-        out = stream_text(seen + collect_iopub(kc, msg_id))
-        assert out == "working\nclean-up starts\nclean-up ends\n", out
-    assert main_worker(kc) == before
-    # Idle workers got the signal too, and ignored it.
-    assert idle_workers(wait_pool(kc, lambda pool: True, "the pool")) == idle_before
+def test_one_click_is_one_interrupt_and_the_clean_up_runs_to_its_end() -> None:
+    # A warm spare, so that an idle worker gets the clicks too.
+    with kv_kernel(warm_workers=1) as kernel:
+        kc = kernel.kc
+        idle_before = idle_workers(wait_pool(kc, lambda pool: len(pool["idle"]) >= 1, "a spare"))
+        before = main_worker(kc)
+        for _ in range(2):  # a later click is a new interrupt
+            msg_id, seen = start_cell_marked(kc, CLEAN_UP, "working")
+            vscode_interrupt(kernel)
+            reply = get_reply(kc, msg_id)
+            # The cell caught the one KeyboardInterrupt and finished its clean-up.
+            assert reply["content"]["status"] == "ok", reply["content"]
+            out = stream_text(seen + collect_iopub(kc, msg_id))
+            assert out == "working\nclean-up starts\nclean-up ends\n", out
+        assert main_worker(kc) == before
+        # Idle workers got the signal too, and ignored it.
+        assert idle_workers(wait_pool(kc, lambda pool: True, "the pool")) == idle_before
 
 
 def test_a_second_click_still_escalates(kernel: Kernel) -> None:
@@ -119,7 +122,8 @@ def test_a_second_click_still_escalates(kernel: Kernel) -> None:
 def test_clicks_while_the_workers_start_harm_none() -> None:
     """A worker still starting (IPython not imported yet) ignores SIGINT too."""
     km = KernelManager(kernel_name=KERNELVISOR)
-    km.start_kernel()
+    # A spare too: more workers starting while the clicks come.
+    km.start_kernel(env={**os.environ, "KERNELVISOR_WARM_WORKERS": "1"})
     kc = km.client()
     try:
         proc = kernel_process(km)
@@ -208,7 +212,7 @@ def test_restart_by_killing_the_processes_leaves_nothing_behind() -> None:
     shutdown_request. Nothing of it is left (workers, debugpy's adapter), and the next kernel
     starts clean."""
     tag = uuid.uuid4().hex
-    env = {**os.environ, "KV_VSCODE_TEST_TAG": tag}
+    env = {**os.environ, "KV_VSCODE_TEST_TAG": tag, "KERNELVISOR_WARM_WORKERS": "1"}
     km = KernelManager(kernel_name=KERNELVISOR)
     km.start_kernel(env=env)
     kc = km.client()
