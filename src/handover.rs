@@ -133,7 +133,7 @@ fn try_offer(name: &str, offer: &Offer, stderr: BorrowedFd) -> std::io::Result<F
     let bytes = crate::ipc::encode(&[body])?;
     let mut sent = 0;
     while sent < bytes.len() {
-        sent += crate::ipc::send_with_fd(stream.as_fd(), &bytes, sent, stderr)?;
+        sent += crate::worker::send_with_fd(stream.as_fd(), &bytes, sent, stderr)?;
     }
     let mut len = [0u8; 4];
     stream.read_exact(&mut len)?;

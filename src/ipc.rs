@@ -187,30 +187,6 @@ pub fn owned(frame: Bytes) -> Vec<u8> {
     }
 }
 
-/// One `sendmsg` of what is left of an encoded message (`bytes[sent..]`), with `fd` attached
-/// to the message's first bytes (only when `sent` is 0): the reader collects descriptors
-/// in order, one per message. Returns how many bytes went; the caller loops until all did.
-pub fn send_with_fd(
-    socket: std::os::fd::BorrowedFd,
-    bytes: &[u8],
-    sent: usize,
-    fd: std::os::fd::BorrowedFd,
-) -> io::Result<usize> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-    use std::os::fd::AsRawFd;
-    let fds = [fd.as_raw_fd()];
-    let rights = [ControlMessage::ScmRights(&fds)];
-    let cmsgs: &[ControlMessage] = if sent == 0 { &rights } else { &[] };
-    let iov = [IoSlice::new(&bytes[sent..])];
-    Ok(sendmsg::<UnixAddr>(
-        socket.as_raw_fd(),
-        &iov,
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )?)
-}
-
 /// Writes one message: a small one as one buffer, a larger one with its large frames
 /// written from where they lie (vectored writes), not copied into a buffer first.
 pub async fn write_message<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(

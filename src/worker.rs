@@ -699,7 +699,7 @@ async fn write_with_fds(
                 return;
             }
             let result = stream.try_io(tokio::io::Interest::WRITABLE, || {
-                ipc::send_with_fd(stream.as_fd(), &bytes, sent, fd.as_fd())
+                send_with_fd(stream.as_fd(), &bytes, sent, fd.as_fd())
             });
             match result {
                 Ok(n) => sent += n,
@@ -712,6 +712,30 @@ async fn write_with_fds(
         }
         // Our copy of the descriptor closes here: the template holds its own.
     }
+}
+
+/// One `sendmsg` of what is left of an encoded message (`bytes[sent..]`), with `fd` attached
+/// to the message's first bytes (only when `sent` is 0): the reader collects descriptors
+/// in order, one per message. Returns how many bytes went; the caller loops until all did.
+pub(crate) fn send_with_fd(
+    socket: std::os::fd::BorrowedFd,
+    bytes: &[u8],
+    sent: usize,
+    fd: std::os::fd::BorrowedFd,
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if sent == 0 { &rights } else { &[] };
+    let iov = [std::io::IoSlice::new(&bytes[sent..])];
+    Ok(sendmsg::<UnixAddr>(
+        socket.as_raw_fd(),
+        &iov,
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?)
 }
 
 /// A hello: the `hello` op with its fields.
