@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
-use crate::ipc_ops::ToWorker;
+use crate::ipc_ops::{Hello, ToWorker};
 use crate::snapshot::SnapshotState;
 use crate::worker::{Frames, Proc, Stderr, TemplateLink, WorkerId};
 
@@ -93,6 +93,10 @@ pub struct WorkerSlot {
     template: Option<TemplateLink>,
     /// Output credit of its requests (flow.rs).
     pub flows: std::sync::Arc<crate::flow::Flows>,
+    /// Its `main` hello, with the connection, when it came before the `aux` one: the two
+    /// connections are read by tasks of their own, so either hello may be handled first.
+    /// The worker is placed once `aux` is there too.
+    pub early_main: Option<(Hello, mpsc::UnboundedSender<Frames>)>,
 }
 
 /// Why the supervisor killed a worker.
@@ -105,6 +109,11 @@ pub enum KillReason {
 }
 
 impl WorkerSlot {
+    /// Starting, and its `aux` connection has not said hello yet.
+    pub fn awaiting_aux(&self) -> bool {
+        matches!(self.role, WorkerRole::Starting { .. }) && self.aux.is_none()
+    }
+
     /// Sends on `main`. A closed channel means the worker is gone; its exit event cleans up.
     pub fn send_main(&self, frames: Frames) {
         if let Some(tx) = &self.main {
@@ -239,6 +248,7 @@ impl Pool {
             snapshots: SnapshotState::default(),
             template: None,
             flows: crate::flow::Flows::new(),
+            early_main: None,
         };
         self.slots.insert(id, slot);
     }
@@ -574,6 +584,18 @@ mod tests {
         assert_eq!(pool.ready(9, chan()), Placement::Unknown);
         start(&mut pool, 1, false);
         assert_eq!(pool.ready(1, chan()), Placement::Unknown, "no aux yet");
+    }
+
+    /// The kernel parks a `main` hello that comes first (workers.rs) while this says so.
+    #[test]
+    fn a_starting_worker_awaits_aux_until_it_connects() {
+        let mut pool = Pool::new(policy(2, 0, 1));
+        start(&mut pool, 1, false);
+        assert!(pool.get(1).unwrap().awaiting_aux());
+        assert!(pool.aux_connected(1, chan()));
+        assert!(!pool.get(1).unwrap().awaiting_aux());
+        assert_eq!(pool.ready(1, chan()), Placement::Main);
+        assert!(!pool.get(1).unwrap().awaiting_aux(), "placed: not starting");
     }
 
     #[test]

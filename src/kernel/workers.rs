@@ -107,18 +107,41 @@ impl Kernel {
                         worker = id,
                         pid, "aux connection from a worker not starting; ignored"
                     );
+                    return;
+                }
+                if let Some((hello, main)) = self.pool.get_mut(id).and_then(|w| w.early_main.take())
+                {
+                    self.main_connected(hello, pid, main).await;
                 }
                 return;
             }
             Link::Main => {}
         }
+        if let Some(w) = self.pool.get_mut(id).filter(|w| w.awaiting_aux()) {
+            debug!(
+                worker = id,
+                pid, "main hello before aux: placed once aux is there"
+            );
+            w.early_main = Some((hello, tx));
+            return;
+        }
+        self.main_connected(hello, pid, tx).await;
+    }
+
+    /// A worker's `main` link said hello, its `aux` link too: it becomes the main worker
+    /// or joins the idle pool.
+    async fn main_connected(&mut self, hello: Hello, pid: u32, tx: mpsc::UnboundedSender<Frames>) {
+        let id = hello.worker_id;
         let placement = self.pool.ready(id, tx);
         info!(worker = id, pid, ?placement, "worker ready");
         self.spawn_failures = 0;
         self.start_failure = None;
         match placement {
             Placement::Unknown => {
-                warn!(worker = id, "main hello from a worker without aux; ignored");
+                warn!(
+                    worker = id,
+                    "main hello from a worker not starting; ignored"
+                );
                 return;
             }
             Placement::Main => self.main_ready().await,
