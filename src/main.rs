@@ -317,21 +317,20 @@ fn become_subreaper() -> anyhow::Result<()> {
 /// Asks Linux for SIGTERM when the process that launched us dies, so an orphaned kernel
 /// shuts down (and takes its workers with it) instead of lingering. `parent` is the parent
 /// read first thing in `main`: if it is gone already (it died while we started, before the
-/// request took effect), the SIGTERM is raised now.
+/// request took effect), this fails and the kernel stops at once.
 fn die_with_parent(parent: nix::unistd::Pid) -> anyhow::Result<()> {
     #[cfg(target_os = "linux")]
     {
         use anyhow::Context as _;
-        use nix::sys::signal::{raise, Signal};
+        use nix::sys::signal::Signal;
         nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
             .context("cannot ask for a signal at the parent's death (PR_SET_PDEATHSIG)")?;
-        if nix::unistd::getppid() != parent {
-            tracing::warn!(
-                parent = parent.as_raw(),
-                "the process that started the kernel has exited: stopping"
-            );
-            raise(Signal::SIGTERM).context("cannot raise SIGTERM")?;
-        }
+        // Gone before that: nobody will send the signal. (Raising it would not stop us
+        // either: SIGTERM is blocked until the kernel reads it, signals.rs.)
+        anyhow::ensure!(
+            nix::unistd::getppid() == parent,
+            "the process that started the kernel (pid {parent}) has exited: stopping"
+        );
     }
     #[cfg(not(target_os = "linux"))]
     let _ = parent;

@@ -145,9 +145,11 @@ impl Kernel {
                 return;
             }
             Placement::Main => self.main_ready().await,
-            Placement::Idle => self.dispatch_process(),
-            Placement::Retired => {}
+            Placement::Idle | Placement::Retired => {}
         }
+        // An idle worker takes a waiting `# process` cell; with none (this one became
+        // the main worker), one is started for it now that no other is starting.
+        self.dispatch_process();
         if !hello.language_info.is_null() {
             self.language_info = Some(hello.language_info);
         }
