@@ -59,23 +59,51 @@ impl Signals {
         Ok(Signals { fd })
     }
 
-    /// The next signal (several of one kind may come as one, as with handlers).
-    pub async fn recv(&mut self) -> std::io::Result<Signal> {
+    /// The signals that came since the last call, each kind once (as with handlers, several
+    /// of one kind are one), waiting for at least one. At most [`DRAIN`] are read per call,
+    /// so that a storm of them cannot keep the caller here.
+    pub async fn recv(&mut self) -> std::io::Result<Received> {
         loop {
             let mut ready = self.fd.readable().await?;
-            let read = ready.try_io(|fd| match fd.get_ref().read_signal() {
-                Ok(Some(info)) => Ok(info.ssi_signo),
-                Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
-                Err(e) => Err(e.into()),
-            });
-            match read {
-                Ok(Ok(signo)) => match Signal::try_from(signo as i32) {
-                    Ok(sig) => return Ok(sig),
-                    Err(_) => tracing::warn!(signo, "an unexpected signal number; ignored"),
-                },
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
+            let mut got = Received::default();
+            for _ in 0..DRAIN {
+                match ready.get_inner().read_signal() {
+                    Ok(Some(info)) => got.add(info.ssi_signo),
+                    Ok(None) => {
+                        ready.clear_ready();
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
+            if got != Received::default() {
+                return Ok(got);
+            }
+        }
+    }
+}
+
+/// How many signals one [`Signals::recv`] reads at most.
+const DRAIN: usize = 32;
+
+/// The kinds of signal one [`Signals::recv`] read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// SIGINT: interrupt the running cells.
+    pub interrupt: bool,
+    /// SIGTERM: shut down.
+    pub terminate: bool,
+    /// SIGCHLD: a child (an orphan of a worker, since we are a subreaper) may be waiting.
+    pub child: bool,
+}
+
+impl Received {
+    fn add(&mut self, signo: u32) {
+        match Signal::try_from(signo as i32) {
+            Ok(Signal::SIGINT) => self.interrupt = true,
+            Ok(Signal::SIGTERM) => self.terminate = true,
+            Ok(Signal::SIGCHLD) => self.child = true,
+            _ => tracing::warn!(signo, "an unexpected signal; ignored"),
         }
     }
 }
@@ -110,8 +138,26 @@ mod tests {
                             .await
                             .expect("the signal within 5 s")
                             .unwrap();
-                    assert_eq!(got, sig);
+                    let want = Received {
+                        interrupt: sig == Signal::SIGINT,
+                        terminate: sig == Signal::SIGTERM,
+                        child: false,
+                    };
+                    assert_eq!(got, want);
                 }
+                // Several at once are read in one call, each kind once.
+                for sig in [Signal::SIGCHLD, Signal::SIGINT] {
+                    nix::sys::pthread::pthread_kill(me, sig).unwrap();
+                }
+                let got = signals.recv().await.unwrap();
+                assert_eq!(
+                    got,
+                    Received {
+                        interrupt: true,
+                        terminate: false,
+                        child: true
+                    }
+                );
             });
             let_in().unwrap();
             assert!(!SigSet::thread_get_mask().unwrap().contains(Signal::SIGINT));

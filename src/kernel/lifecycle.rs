@@ -363,6 +363,7 @@ impl Kernel {
     /// a cell started). Workers are reaped by their own tasks; only the rest is waited
     /// for here, and only once exited (never blocking).
     pub(super) fn reap_strays(&mut self) {
+        self.strays_reaped_at = Some(Instant::now());
         let ours: std::collections::HashSet<u32> = self.pool.all().map(|w| w.pid()).collect();
         for pid in crate::proctree::children(std::process::id()) {
             if ours.contains(&pid) {

@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use futures::StreamExt;
-use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
@@ -106,6 +105,9 @@ impl Channel {
 
 /// How often the watchdog checks memory, liveness, grace periods and the idle pool.
 const TICK: Duration = Duration::from_millis(100);
+
+/// A SIGCHLD looks for orphans to reap at most this often (the watchdog looks at each tick).
+const STRAYS_GAP: Duration = Duration::from_millis(10);
 
 /// How long a dead worker's exit waits for its `main` connection to be drained.
 const DRAIN_WAIT: Duration = Duration::from_millis(500);
@@ -209,6 +211,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         heir_deadline: None,
         late_heir: None,
         spawn_failures: 0,
+        strays_reaped_at: None,
         next_spawn_at: None,
         start_failure: None,
         refusals: Vec::new(),
@@ -327,6 +330,9 @@ struct Kernel {
     lanes: Lanes<Queued>,
     /// `# process` cells waiting for a worker to borrow.
     process_queue: VecDeque<Queued>,
+    /// When orphans were last looked for (SIGCHLD, the watchdog): a look reads /proc, and a
+    /// flood of SIGCHLD must not make the kernel do nothing else.
+    strays_reaped_at: Option<Instant>,
     /// Shell and control requests that arrived while no main worker was up.
     waiting_for_worker: VecDeque<(Channel, Incoming)>,
     /// `kernel_info` requests that arrived before the Python version was known.
@@ -393,14 +399,23 @@ impl Kernel {
                     self.watchdog().await;
                     self.send_refusals().await;
                 }
-                sig = signals.recv() => match sig {
-                    Ok(Signal::SIGINT) => self.interrupt("SIGINT"),
-                    Ok(Signal::SIGCHLD) => self.reap_strays(),
-                    Ok(Signal::SIGTERM) => {
-                        info!("SIGTERM: shutting down");
-                        self.exiting = true;
+                got = signals.recv() => match got {
+                    Ok(got) => {
+                        if got.interrupt {
+                            self.interrupt("SIGINT");
+                        }
+                        // Else the watchdog's next tick looks for them.
+                        let recent = self
+                            .strays_reaped_at
+                            .is_some_and(|at| at.elapsed() < STRAYS_GAP);
+                        if got.child && !recent {
+                            self.reap_strays();
+                        }
+                        if got.terminate {
+                            info!("SIGTERM: shutting down");
+                            self.exiting = true;
+                        }
                     }
-                    Ok(other) => debug!(signal = ?other, "an unexpected signal; ignored"),
                     Err(e) => {
                         // Not expected of a signalfd; shut down rather than spin on it.
                         error!(error = %e, "cannot read signals: shutting down");

@@ -14,16 +14,19 @@ from isolation_support import supervisor_pid
 from jupyter_client.blocking.client import BlockingKernelClient
 from kvharness import Kernel, is_idle, parent_id
 
-# Sends SIGCHLD (harmless: the supervisor reaps strays) to a pid until its stdin closes, then
-# prints how many it sent.
+# Sends SIGCHLD (harmless: the supervisor looks for strays to reap) to a pid until its stdin
+# closes, then prints how many it sent.
+# Bursts of 100 with a pause between them (at most ~100,000 a second): a storm that keeps a
+# SIGCHLD pending most of the time, without taking a whole core from the kernel.
 STORM = """
-import os, signal, sys, threading
+import os, signal, sys, threading, time
 pid, done, sent = int(sys.argv[1]), threading.Event(), 0
 threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
 while not done.is_set():
     for _ in range(100):
         os.kill(pid, signal.SIGCHLD)
     sent += 100
+    time.sleep(0.001)
 print(sent, flush=True)
 """
 
@@ -68,10 +71,11 @@ def test_a_signal_storm_loses_no_request(kernel: Kernel) -> None:
         text=True,
     )
     try:
-        # Each cell's result names it: a request mangled into another would show.
-        ids = [kc.execute(f"{i} * 3") for i in range(CELLS)]
+        # Each cell's result names it: a request mangled into another would show. Not stored
+        # in the history database, which other tests (and the user) read.
+        ids = [kc.execute(f"{i} * 3", store_history=False) for i in range(CELLS)]
         done = results(kc, ids)
     finally:
         out, _ = storm.communicate(timeout=30)
-    assert int(out) > 10_000, f"only {out.strip()} signals sent: no storm"
+    assert int(out) > 5_000, f"only {out.strip()} signals sent: no storm"
     assert [done[m] for m in ids] == [{"status": "ok", "result": str(i * 3)} for i in range(CELLS)]
