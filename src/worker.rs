@@ -16,7 +16,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 
 use bytes::Bytes;
@@ -718,13 +718,12 @@ async fn write_with_fds(
 /// to the message's first bytes (only when `sent` is 0): the reader collects descriptors
 /// in order, one per message. Returns how many bytes went; the caller loops until all did.
 pub(crate) fn send_with_fd(
-    socket: std::os::fd::BorrowedFd,
+    socket: BorrowedFd,
     bytes: &[u8],
     sent: usize,
-    fd: std::os::fd::BorrowedFd,
+    fd: BorrowedFd,
 ) -> std::io::Result<usize> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-    use std::os::fd::AsRawFd;
     let fds = [fd.as_raw_fd()];
     let rights = [ControlMessage::ScmRights(&fds)];
     let cmsgs: &[ControlMessage] = if sent == 0 { &rights } else { &[] };

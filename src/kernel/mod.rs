@@ -378,8 +378,7 @@ struct Kernel {
 }
 
 impl Kernel {
-    async fn serve(&mut self, signals: Signals) {
-        let mut signals = signals;
+    async fn serve(&mut self, mut signals: Signals) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.exiting {
