@@ -3,7 +3,7 @@
 //! **Credit per request** (IPC.md "Flow control"). The worker tags each IOPub message
 //! with a *flow* (one per parent request) and sends a flow's messages only while less
 //! than its window is outstanding, i.e. sent and not yet given back. The supervisor
-//! charges each such message to its flow in [`Flows`]; once the IOPub thread has put
+//! charges each such message to its flow in [`Flows`]; once the IOPub task has put
 //! the message into the XPUB socket (the [`Credit`] is dropped), its bytes are returned
 //! to the worker in a `credit` op on `aux` (read by a worker thread, so it arrives while
 //! a cell blocks the main thread). So a request whose output IOPub cannot take waits
@@ -182,7 +182,7 @@ impl Flows {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `bytes` of flow `id` were published (on the IOPub thread).
+    /// `bytes` of flow `id` were published (by the IOPub task).
     fn published(&self, id: u64, bytes: usize) {
         let due = {
             let mut counts = self.lock();

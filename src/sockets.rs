@@ -13,7 +13,7 @@ use crate::heartbeat;
 use crate::iopub::{Iopub, WelcomeFn};
 use crate::tasks::{Tasks, Thread};
 
-/// The client-facing sockets, bound; the heartbeat and IOPub threads are running.
+/// The client-facing sockets, bound; the heartbeat thread and the IOPub task are running.
 pub struct ClientSockets {
     /// The shell ROUTER.
     pub shell: tmq::router::Router,
@@ -27,7 +27,7 @@ pub struct ClientSockets {
     pub heartbeat: Thread,
 }
 
-/// Binds all five sockets, starts the heartbeat and IOPub threads, and writes the ports
+/// Binds all five sockets, starts the heartbeat thread and the IOPub task, and writes the ports
 /// the system chose back to the connection file.
 pub fn bind(
     ctx: &zmq::Context,

@@ -243,20 +243,13 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         tasks,
         ..
     } = kernel;
-    // What was queued for IOPub before the shutdown is published (bounded).
-    let iopub_closed = iopub.shutdown();
-    drop((shell, control, stdin));
+    drop((iopub, shell, control, stdin));
     if let Err(e) = ipc_dir.close() {
         warn!(error = %e, "cannot remove the worker socket's directory");
     }
     debug::remove_cell_dir();
-    if iopub_closed {
-        terminate_context(ctx, &tasks);
-        heartbeat.join(HEARTBEAT_WAIT);
-    } else {
-        // Its socket is still open: terminating the context would wait for it forever.
-        warn!("IOPub did not stop: the ZeroMQ context is left to end with the process");
-    }
+    terminate_context(ctx, &tasks);
+    heartbeat.join(HEARTBEAT_WAIT);
     let left = tasks.still_running();
     if !left.is_empty() {
         warn!(tasks = ?left, "not finished at exit");

@@ -7,11 +7,12 @@
 //!    are their snapshots; then the processes their cells started and left running in
 //!    their process groups end, as ipykernel ends its own group's at shutdown;
 //! 2. every request still waiting gets its reply;
-//! 3. the stop signal: the worker-socket acceptor, connection readers and writers and
+//! 3. what is queued for IOPub is published (bounded), and its socket closed;
+//! 4. the stop signal: the worker-socket acceptor, connection readers and writers and
 //!    timers end, and the kernel waits for them.
 //!
-//! `run` then flushes IOPub, closes the client sockets, removes the worker socket's
-//! directory and terminates the ZeroMQ context (which ends the heartbeat thread).
+//! `run` then closes the client sockets, removes the worker socket's directory and
+//! terminates the ZeroMQ context (which ends the heartbeat thread).
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -47,12 +48,14 @@ const OUTLIVE_WAIT: Duration = Duration::from_millis(300);
 const TASKS_WAIT: Duration = Duration::from_millis(500);
 
 impl Kernel {
-    /// Steps 1–3 above.
+    /// Steps 1–4 above.
     pub(super) async fn shut_down(&mut self) {
         let started = Instant::now();
         self.stop_workers().await;
         debug!(elapsed = ?started.elapsed(), "shutdown: workers stopped");
         self.answer_unfinished().await;
+        self.iopub.shutdown().await;
+        debug!(elapsed = ?started.elapsed(), "shutdown: IOPub flushed");
         self.tasks.stop();
         let left = self.tasks.wait(TASKS_WAIT).await;
         if !left.is_empty() {
