@@ -1,7 +1,7 @@
 //! How an `execute_request` is to run, decided by the supervisor when it arrives: its run
 //! mode (async-kernel's first-line comments, `silent`, cell tags), and what an error in it
 //! does to the queue (`stop_on_error`, the `raises-exception` / `stop-on-error` tags), and
-//! its `timeout=` and `snapshot` tags.
+//! its `timeout=` and `snapshot` tags; and whether it takes an execution count.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -56,6 +56,9 @@ pub struct CellPlan {
     /// Its first line is `%undo`: no snapshot is taken before it (it rolls back to the
     /// one before).
     pub undo: bool,
+    /// It takes the next execution count: stored in history (`store_history`, default
+    /// `!silent`), not `silent`, and not blank (IPython counts no blank cell).
+    pub takes_count: bool,
 }
 
 impl CellPlan {
@@ -70,6 +73,7 @@ impl CellPlan {
             silent: bool,
             #[serde(default = "yes")]
             stop_on_error: bool,
+            store_history: Option<bool>,
         }
         fn yes() -> bool {
             true
@@ -78,6 +82,7 @@ impl CellPlan {
             code: Cow::Borrowed(""),
             silent: false,
             stop_on_error: true,
+            store_history: None,
         });
         let tag_list = tag_list(metadata);
         let tags = parse_tags(&tag_list);
@@ -91,12 +96,14 @@ impl CellPlan {
             .lines()
             .next()
             .is_some_and(|l| l.split_whitespace().next() == Some("%undo"));
+        let stored = content.store_history.unwrap_or(!content.silent);
         CellPlan {
             mode,
             silent: content.silent,
             stop_on_error: content.stop_on_error,
             tags,
             undo,
+            takes_count: stored && !content.silent && !is_blank(&content.code),
         }
     }
 
@@ -108,6 +115,33 @@ impl CellPlan {
                 .stop_on_error
                 .unwrap_or(!self.tags.raises_exception && self.stop_on_error)
     }
+}
+
+/// Blank as IPython sees a cell (`not cell or cell.isspace()`): Python's whitespace is
+/// Unicode's plus the four separators U+001C..U+001F.
+fn is_blank(code: &str) -> bool {
+    code.chars()
+        .all(|c| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+}
+
+/// The content of the `execute_input` for an `execute_request` whose content is
+/// `content`: its `code` as the client sent it (not re-encoded) and `count`. `None` if the
+/// content has no string `code` (the worker then reports the cell's error).
+pub fn execute_input(content: &[u8], count: u64) -> Option<Vec<u8>> {
+    #[derive(Deserialize)]
+    struct Content<'a> {
+        #[serde(borrow)]
+        code: &'a serde_json::value::RawValue,
+    }
+    let code = serde_json::from_slice::<Content>(content).ok()?.code.get();
+    if !code.starts_with('"') {
+        return None;
+    }
+    let mut out = Vec::with_capacity(code.len() + 40);
+    out.extend_from_slice(b"{\"code\":");
+    out.extend_from_slice(code.as_bytes());
+    out.extend_from_slice(format!(",\"execution_count\":{count}}}").as_bytes());
+    Some(out)
 }
 
 /// The `tags` of a request's metadata (`{}`, the common case, is not parsed).
@@ -364,5 +398,37 @@ mod tests {
             &["stop-on-error=true"]
         ));
         assert!(CellPlan::parse(br#"{"code":"1"}"#, b"{}").abort_on_error());
+    }
+    #[test]
+    fn which_cells_take_a_count() {
+        let takes = |content: &str| CellPlan::parse(content.as_bytes(), b"{}").takes_count;
+        assert!(takes(r#"{"code":"1"}"#));
+        assert!(!takes(r#"{"code":"1","store_history":false}"#));
+        assert!(!takes(r#"{"code":"1","silent":true}"#));
+        assert!(!takes(r#"{"code":"1","silent":true,"store_history":true}"#));
+        assert!(!takes(r#"{"code":""}"#));
+        assert!(
+            !takes(r#"{"code":" \n\t\u001c\u3000"}"#),
+            "Python's isspace"
+        );
+        assert!(
+            takes(r#"{"code":" \u200b"}"#),
+            "a zero-width space is not a space"
+        );
+        assert!(!takes("not json"));
+    }
+
+    #[test]
+    fn execute_input_keeps_the_code_as_sent() {
+        let content = br#"{"silent":false,"code":"print(\"\u00e9\")\n","store_history":true}"#;
+        let input = execute_input(content, 7).unwrap();
+        assert_eq!(
+            input,
+            br#"{"code":"print(\"\u00e9\")\n","execution_count":7}"#.to_vec()
+        );
+        let value: serde_json::Value = serde_json::from_slice(&input).unwrap();
+        assert_eq!(value["code"], "print(\"é\")\n");
+        assert_eq!(execute_input(br#"{"code":5}"#, 1), None);
+        assert_eq!(execute_input(b"{}", 1), None);
     }
 }

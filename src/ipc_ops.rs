@@ -34,6 +34,17 @@ pub enum RunMode {
     Thread,
 }
 
+/// The execution count the supervisor gives an `execute_request` (IPC.md, "Execution
+/// counts"): flattened into the request's control frame.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Count {
+    /// The cell's number: the one it takes, or (if it takes none) the next cell's.
+    #[serde(rename = "count")]
+    pub number: u64,
+    /// Whether the cell takes the number (stored in history, not silent, not blank).
+    pub takes_count: bool,
+}
+
 /// Supervisor → worker.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -55,6 +66,11 @@ pub enum ToWorker<'a> {
         /// With `mode: thread`: the event loop of a thread created for it.
         #[serde(skip_serializing_if = "Option::is_none")]
         backend: Option<Backend>,
+        /// Of an `execute_request`: the cell's execution count (the supervisor numbers
+        /// cells, and has published its `execute_input`), and whether the cell takes it
+        /// (if not, the next cell gets the same number).
+        #[serde(flatten)]
+        count: Option<Count>,
     },
     /// Finish, flush and exit 0.
     Shutdown,
@@ -268,11 +284,16 @@ mod tests {
             mode: Some(RunMode::Thread),
             thread: Some("w"),
             backend: Some(Backend::Trio),
+            count: Some(Count {
+                number: 4,
+                takes_count: true,
+            }),
         };
         assert_eq!(
             serde_json::to_value(&req).unwrap(),
             serde_json::json!({"op": "request", "id": 7, "channel": "shell",
-                "msg_type": "execute_request", "mode": "thread", "thread": "w", "backend": "trio"})
+                "msg_type": "execute_request", "mode": "thread", "thread": "w", "backend": "trio",
+                "count": 4, "takes_count": true})
         );
         let plain = ToWorker::Request {
             id: 1,
@@ -281,6 +302,7 @@ mod tests {
             mode: None,
             thread: None,
             backend: None,
+            count: None,
         };
         assert_eq!(
             serde_json::to_value(&plain).unwrap(),

@@ -79,7 +79,7 @@ pub struct WorkerSlot {
     aux: Option<mpsc::UnboundedSender<Frames>>,
     /// Why the supervisor killed it, for its crash report.
     pub kill_reason: Option<KillReason>,
-    /// The execution count it announced last (`execute_input`).
+    /// The execution count of the last non-silent cell it was given (`execute_input`).
     pub execution_count: Option<u64>,
     /// Its `main` connection has ended (everything it sent is handled).
     pub drained: bool,

@@ -4,11 +4,10 @@ the worker write per-cell timestamps on CLOCK_MONOTONIC, the clock of the client
 perf_counter(), so each cell's round trip splits into
 
 - client ↔ supervisor: jupyter_client and ZeroMQ both ways (the request in, the reply and the
-  idle status out, with the supervisor's ZeroMQ I/O and IOPub threads);
+  idle status out, with the supervisor's ZeroMQ I/O thread);
 - supervisor: its own work on the request (parse, verify, plan, sign) and on the reply;
 - IPC: the Unix socket both ways (sends, wake-ups, reads; the reply's encoding included);
-- worker: the executor around IPython (reading the request, execute_input, the reply's
-  content);
+- worker: the executor around IPython (reading the request, the reply's content);
 - IPython: transform_cell, run_cell and the post-run events, for `pass`.
 
 Medians of each part over the cells (they need not add up to the median round trip). Also the
@@ -32,7 +31,7 @@ PARTS = [
     ("split_client", "client ↔ supervisor: jupyter_client + ZeroMQ, both ways"),
     ("split_supervisor", "supervisor's own work (request + reply)"),
     ("split_ipc", "IPC: Unix socket both ways, wake-ups included"),
-    ("split_worker", "worker around IPython (read, execute_input, reply)"),
+    ("split_worker", "worker around IPython (read, reply)"),
     ("split_ipython", "IPython: transform_cell + run_cell + events"),
 ]
 

@@ -185,6 +185,7 @@ impl Kernel {
             mode: None,
             thread: None,
             backend: None,
+            count: None,
         };
         w.send_aux(request_frames(ctrl.frame(), &msg));
         for p in self.pending.values_mut().filter(|p| p.worker == w.id) {
@@ -213,6 +214,7 @@ impl Kernel {
             mode: None,
             thread: None,
             backend: None,
+            count: None,
         };
         let frames = request_frames(ctrl.frame(), &msg);
         if let Some(w) = self.pool.main_mut() {

@@ -369,6 +369,7 @@ fn debug_op(id: u64) -> ToWorker<'static> {
         mode: None,
         thread: None,
         backend: None,
+        count: None,
     }
 }
 

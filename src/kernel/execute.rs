@@ -6,7 +6,7 @@ use tracing::{debug, info, warn};
 
 use super::*;
 use crate::cell_plan::{CellPlan, Mode};
-use crate::ipc_ops::{RunMode, ToWorker};
+use crate::ipc_ops::{Count, RunMode, ToWorker};
 use crate::msg_type::MsgType;
 use lanes::{Kind, LaneId};
 
@@ -170,7 +170,7 @@ impl Kernel {
             }
         }
         let id = self.register(Channel::Shell, &msg, wid, Some(exec));
-        self.publish_status(&msg.header_bytes, "busy");
+        let count = self.begin_cell(&msg, &plan);
         let subshell_thread;
         let (mode, thread, backend) = match (&plan.mode, &lane) {
             (Mode::Task, _) => (Some(RunMode::Task), None, None),
@@ -190,20 +190,13 @@ impl Kernel {
             mode,
             thread,
             backend,
+            count: Some(count),
         };
         let frames = request_frames(ctrl.frame(), &msg);
-        let last_count = self.last_count;
         if let Some(w) = self.pool.main_mut() {
             w.snapshots.touch();
-            // `# process` cells took numbers since this worker's last cell: go on after them.
-            if let Some(n) = last_count.filter(|n| w.execution_count.is_none_or(|c| c < *n)) {
-                w.execution_count = Some(n);
-                w.send_main(
-                    ToWorker::SetCount {
-                        execution_count: n + 1,
-                    }
-                    .message(),
-                );
+            if !plan.silent {
+                w.execution_count = Some(count.number);
             }
             if mode == Some(RunMode::Thread) {
                 // `aux` is read by a worker thread: a cell blocking the main thread (which
@@ -218,6 +211,29 @@ impl Kernel {
             crate::timings::record("exec", &[&id, &msg.header.msg_id, &msg.received, &sent]);
         }
         id
+    }
+
+    /// A cell starts: it gets its execution count (the supervisor alone numbers cells, in
+    /// the order they start, whichever worker runs them), and `busy` and its
+    /// `execute_input` are published, before anything the worker sends for it.
+    fn begin_cell(&mut self, msg: &Incoming, plan: &CellPlan) -> Count {
+        let number = self.last_count.map_or(1, |n| n + 1);
+        if plan.takes_count {
+            self.last_count = Some(number);
+        }
+        self.publish_status(&msg.header_bytes, "busy");
+        if !plan.silent {
+            if let Some(content) = crate::cell_plan::execute_input(&msg.content, number) {
+                let input =
+                    self.outbox
+                        .iopub("execute_input", &msg.header_bytes, b"{}", &content, &[]);
+                self.iopub.send(input);
+            }
+        }
+        Count {
+            number,
+            takes_count: plan.takes_count,
+        }
     }
 
     /// Runs waiting `# process` cells, each in a worker borrowed from the idle pool; starts
@@ -237,17 +253,14 @@ impl Kernel {
                 worker = wid,
                 "running a `# process` cell in a borrowed worker"
             );
-            self.publish_status(&msg.header_bytes, "busy");
-            if let Some(w) = self.pool.borrowed(wid) {
-                // It shares the main namespace's numbering.
-                if let Some(n) = self.last_count {
-                    w.send_main(
-                        ToWorker::SetCount {
-                            execution_count: n + 1,
-                        }
-                        .message(),
-                    );
+            // It shares the main namespace's numbering.
+            let count = self.begin_cell(&msg, &plan);
+            if !plan.silent {
+                if let Some(w) = self.pool.get_mut(wid) {
+                    w.execution_count = Some(count.number);
                 }
+            }
+            if let Some(w) = self.pool.borrowed(wid) {
                 let ctrl = ToWorker::Request {
                     id,
                     channel: Channel::Shell.name(),
@@ -255,6 +268,7 @@ impl Kernel {
                     mode: None,
                     thread: None,
                     backend: None,
+                    count: Some(count),
                 };
                 w.send_main(request_frames(ctrl.frame(), &msg));
             }

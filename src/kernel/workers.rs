@@ -243,15 +243,6 @@ impl Kernel {
                 if msg_type == "debug_event" {
                     self.debug.observe_event(&rest[2]);
                 }
-                if msg_type == "execute_input" {
-                    // Remembered for a crash reply: the spec wants the cell's count there.
-                    // The numbering is the namespace's: main-worker and `# process` cells
-                    // alike take the next number.
-                    if let Some(n) = execution_count(&rest[2]) {
-                        w.execution_count = Some(n);
-                        self.last_count = Some(self.last_count.map_or(n, |l| l.max(n)));
-                    }
-                }
                 let mut parts = rest.into_iter().map(Part::Shared);
                 let json = [(); 3].map(|()| parts.next().expect("three JSON frames"));
                 let msg = self.outbox.iopub_parts(msg_type, json, parts);
@@ -351,17 +342,6 @@ impl Kernel {
             .all()
             .any(|w| w.role == WorkerRole::Starting { heir: true })
     }
-}
-
-/// The `execution_count` of an `execute_input` content.
-fn execution_count(content: &[u8]) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Input {
-        execution_count: u64,
-    }
-    serde_json::from_slice::<Input>(content)
-        .ok()
-        .map(|i| i.execution_count)
 }
 
 use crate::ipc_ops::is_identifier;

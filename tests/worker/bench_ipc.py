@@ -126,7 +126,14 @@ class Bench:
             "date": "2024-01-01T00:00:00.000000Z",
             "version": "5.3",
         }
-        control = {"op": "request", "id": req_id, "channel": "shell", "msg_type": "execute_request"}
+        control = {
+            "op": "request",
+            "id": req_id,
+            "channel": "shell",
+            "msg_type": "execute_request",
+            "count": req_id,
+            "takes_count": True,
+        }
         self.main.send(
             [
                 json.dumps(control).encode(),

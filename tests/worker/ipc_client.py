@@ -151,6 +151,10 @@ class WorkerProcess:
         self._next_id = 1
         # The msg_id in each request's header, by request id.
         self.msg_ids: dict[int, str] = {}
+        # Execution counts, numbered here as the supervisor numbers them (IPC.md,
+        # "Execution counts"): the next one, and each execute_request's.
+        self.next_count = 1
+        self.counts: dict[int, int] = {}
 
     @staticmethod
     def _accept(listener: socket.socket) -> Connection:
@@ -258,7 +262,15 @@ class WorkerProcess:
             "version": "5.3",
         }
         self.msg_ids[req_id] = header["msg_id"]
-        control = {"op": "request", "id": req_id, "channel": channel, "msg_type": msg_type}
+        control: dict[str, Any] = {
+            "op": "request",
+            "id": req_id,
+            "channel": channel,
+            "msg_type": msg_type,
+        }
+        if msg_type == "execute_request":
+            control.update(self._number(content))
+            self.counts[req_id] = control["count"]
         control.update(control_extra or {})
         if via is None:
             via = "aux" if msg_type in AUX_REQUESTS or channel == "stdin" else "main"
@@ -273,6 +285,23 @@ class WorkerProcess:
             ]
         )
         return req_id
+
+    def _number(self, content: dict[str, Any]) -> dict[str, Any]:
+        """An execute_request's count, as the supervisor gives it: the next number, taken
+        by a cell stored in history, not silent and not blank."""
+        silent = bool(content.get("silent", False))
+        code = content.get("code", "")
+        takes = (
+            bool(content.get("store_history", not silent))
+            and not silent
+            and isinstance(code, str)
+            and not code.isspace()
+            and code != ""
+        )
+        number = self.next_count
+        if takes:
+            self.next_count += 1
+        return {"count": number, "takes_count": takes}
 
     def collect(self, req_id: int) -> Exchange:
         """Messages up to and including the reply (or done) of req_id."""

@@ -24,13 +24,11 @@ def _run_until_death(worker: WorkerProcess, code: str) -> tuple[list[Message], i
 
 def _cell_streams(messages: list[Message], name: str = "stdout") -> str:
     """The text of the cell's streams, checking every message belongs to the cell."""
-    (execute_input,) = [m for m in messages if m.msg_type == "execute_input"]
-    parent = execute_input.parent
-    assert parent["msg_type"] == "execute_request"
     streams = [m for m in messages if m.msg_type == "stream"]
     for msg in streams:
         assert msg.via == "main"
-        assert msg.parent == parent
+        assert msg.parent == streams[0].parent  # the one cell's
+        assert msg.parent["msg_type"] == "execute_request"
     return "".join(m.content["text"] for m in streams if m.content["name"] == name)
 
 

@@ -41,19 +41,49 @@ def test_hello(worker: WorkerProcess) -> None:
     assert "IPython" in hello["banner"]
 
 
-def test_execute_input_then_streams_in_order(worker: WorkerProcess) -> None:
+def test_streams_in_order_under_the_given_count(worker: WorkerProcess) -> None:
     code = "import sys\nprint('a')\nprint('b', file=sys.stderr)\nprint('c')"
-    ex = worker.execute(code)
+    req = worker.send_request("execute_request", {"code": code})
+    ex = worker.collect(req)
     _ok(ex)
-    assert ex.messages[0].msg_type == "execute_input"
-    assert ex.messages[0].content["code"] == code
-    count = ex.messages[0].content["execution_count"]
-    assert ex.reply.content["execution_count"] == count
+    # The supervisor numbers the cell and publishes its execute_input, not the worker.
+    assert ex.iopub("execute_input") == []
+    assert ex.reply.content["execution_count"] == worker.counts[req]
     streams = [(m.content["name"], m.content["text"]) for m in ex.iopub("stream")]
     assert streams == [("stdout", "a\n"), ("stderr", "b\n"), ("stdout", "c\n")]
     for msg in ex.iopub():
         assert msg.parent["msg_type"] == "execute_request"
     assert {m.via for m in ex.messages} == {"main"}  # everything of a cell, in order
+
+
+def test_an_execute_request_without_its_count_is_an_error(worker: WorkerProcess) -> None:
+    req = worker.send_request(
+        "execute_request", {"code": "x = 1"}, control_extra={"count": None, "takes_count": None}
+    )
+    ex = worker.collect(req)
+    assert ex.reply.content["status"] == "error"
+    assert ex.reply.content["ename"] == "ProtocolError"
+    assert "execution count" in ex.reply.content["evalue"]
+    assert worker.execute("'x' in globals()").iopub("execute_result")[0].content["data"] == {
+        "text/plain": "False"
+    }
+
+
+def test_counts_are_the_supervisors(worker: WorkerProcess) -> None:
+    """Numbers taken elsewhere (a `# process` cell's) are skipped, In and Out included;
+    a cell that takes no number shows the last one."""
+    worker.execute("a = 'first'")
+    worker.next_count += 3  # three numbers taken by other workers
+    ex = worker.execute("'jumped'")
+    n = ex.reply.content["execution_count"]
+    assert (
+        n == worker.next_count - 1 and ex.iopub("execute_result")[0].content["execution_count"] == n
+    )
+    quiet = worker.execute("y = 1", store_history=False)
+    assert quiet.reply.content["execution_count"] == n
+    ex = worker.execute(f"len(In), In[{n}], Out[{n}], In[{n - 1}]")
+    (res,) = ex.iopub("execute_result")
+    assert res.content["data"]["text/plain"] == f"({n + 2}, \"'jumped'\", 'jumped', '')"
 
 
 def test_reply_control_and_metadata(worker: WorkerProcess) -> None:
@@ -86,9 +116,9 @@ def test_display_update_and_clear(worker: WorkerProcess) -> None:
         "clear_output(wait=True)"
     )
     _ok(ex)
-    kinds = [m.msg_type for m in ex.iopub()][1:]
+    kinds = [m.msg_type for m in ex.iopub()]
     assert kinds == ["display_data", "update_display_data", "clear_output"]
-    display, update, clear = ex.iopub()[1:]
+    display, update, clear = ex.iopub()
     assert display.content["data"]["text/html"] == "<b>x</b>"
     assert display.content["transient"] == {"display_id": "d1"}
     assert update.content["data"] == {"text/plain": "'y'"}
@@ -97,7 +127,7 @@ def test_display_update_and_clear(worker: WorkerProcess) -> None:
 
 def test_output_before_display_keeps_order(worker: WorkerProcess) -> None:
     ex = worker.execute("print('before'); display('mid'); print('after')")
-    kinds = [(m.msg_type, m.content.get("text")) for m in ex.iopub()][1:]
+    kinds = [(m.msg_type, m.content.get("text")) for m in ex.iopub()]
     assert kinds == [("stream", "before\n"), ("display_data", None), ("stream", "after\n")]
 
 
@@ -152,7 +182,7 @@ def test_thread_output_after_the_cell_goes_to_its_execute(worker: WorkerProcess)
     _ok(ex)
     msg = worker.recv()
     assert msg.msg_type == "stream" and msg.content["text"] == "late\n"
-    assert msg.parent == ex.messages[0].parent
+    assert msg.parent["msg_id"] == worker.msg_ids[ex.reply.control["id"]]
 
 
 def test_200k_lines_exact(worker: WorkerProcess) -> None:

@@ -25,7 +25,8 @@ from kernelvisor import timings
 from kernelvisor.capture import CStdio
 from kernelvisor.cells import Cell, current_cell
 from kernelvisor.interrupts import SigintGate
-from kernelvisor.messages import Request
+from kernelvisor.ipc import ProtocolError
+from kernelvisor.messages import Count, Request
 from kernelvisor.outbox import Outbox
 from kernelvisor.shell import ZMQInteractiveShell
 from kernelvisor.streams import OutputBuffer
@@ -155,8 +156,10 @@ class Executor:
             # Output of this cell (and of tasks and threads it starts) belongs to req.
             self._buffer.parent_var.set(req.header)
             self._buffer.fallback_parent = req.header
+            if req.count is None:
+                raise ProtocolError("execute_request without its execution count")
             with self._gate.running(cell):
-                content = await self._run(cell, opts)
+                content = await self._run(cell, opts, req.count)
         except BaseException as exc:  # a bug of ours, or an interrupt between the lines
             log.exception("execute_request %s failed in the worker", req.id)
             content = {
@@ -208,18 +211,11 @@ class Executor:
         if save_flag is not None:  # None: history disabled, or no saving thread
             save_flag.set()
 
-    async def _run(self, cell: Cell, opts: _Options) -> dict[str, Any]:
+    async def _run(self, cell: Cell, opts: _Options, count: Count) -> dict[str, Any]:
         shell = self._shell
         with self._count_lock:
-            # A blank cell is not counted (IPython returns before counting it).
-            counts = opts.store_history and not opts.silent and bool(opts.code.strip())
-            shell.reserve_count(cell, counts=counts)
-        if not opts.silent:
-            self._outbox.iopub(
-                "execute_input",
-                cell.header,
-                {"code": opts.code, "execution_count": shell.execution_count},
-            )
+            # The supervisor numbered the cell and published its execute_input.
+            shell.reserve_count(cell, count.number, count.takes_count)
         result, interrupt = await self._run_cell(cell, opts)
 
         err = interrupt

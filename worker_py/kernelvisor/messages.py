@@ -23,6 +23,25 @@ def _optional_str(value: Any) -> str | None:
 
 
 @dataclass(frozen=True)
+class Count:
+    """The execution count the supervisor gave an execute_request (IPC.md, "Execution
+    counts"): the cell's number, and whether the cell takes it."""
+
+    number: int
+    takes_count: bool
+
+    @classmethod
+    def from_control(cls, control: dict[str, Any]) -> Count | None:
+        number = control.get("count")
+        if number is None:
+            return None
+        takes = control.get("takes_count")
+        if not isinstance(number, int) or number < 1 or not isinstance(takes, bool):
+            raise ProtocolError(f"bad execution count {number!r} / {takes!r}")
+        return cls(number, takes)
+
+
+@dataclass(frozen=True)
 class Request:
     """One Jupyter request. Header bytes are kept verbatim: they become the parent
     header of every iopub message the request causes."""
@@ -40,6 +59,8 @@ class Request:
     mode: str = "queue"
     thread: str | None = None
     backend: str | None = None
+    # An execute_request's number, given by the supervisor.
+    count: Count | None = None
 
     @classmethod
     def from_frames(cls, control: dict[str, Any], frames: list[bytes]) -> Request:
@@ -61,6 +82,7 @@ class Request:
             mode=str(control.get("mode") or "queue"),
             thread=_optional_str(control.get("thread")),
             backend=_optional_str(control.get("backend")),
+            count=Count.from_control(control),
         )
 
     def content_json(self) -> dict[str, Any]:

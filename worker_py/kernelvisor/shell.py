@@ -190,15 +190,28 @@ class ZMQInteractiveShell(InteractiveShell):
             return
         self._count = value
 
-    def reserve_count(self, cell: Cell, counts: bool) -> None:
-        """Gives ``cell`` the next execution count (and takes it, if the cell ``counts``:
-        stored in history). Called by the thread that starts the cell, one at a time."""
-        cell.count = self._count
-        if counts:
-            self._count += 1
+    def reserve_count(self, cell: Cell, number: int, takes_count: bool) -> None:
+        """Gives ``cell`` the execution count the supervisor chose for it (and takes it, if
+        the cell takes one: stored in history). Called by the thread that starts the cell,
+        one at a time. Numbers that other workers' cells took (``# process``) are skipped
+        in ``In`` too."""
+        if number > self._count:
+            self.pad_history(number)
+            self._count = number
+        cell.count = number
+        if takes_count:
+            self._count = max(self._count, number + 1)
         else:
             cell.counted = True  # IPython will not increment: the count stays as it is
-            cell.count = self._count - 1 if self._count > 1 else 0
+            cell.count = number - 1 if number > 1 else 0
+
+    def pad_history(self, count: int) -> None:
+        """``In`` keeps one entry per number: empty ones up to ``count``."""
+        hm = getattr(self, "history_manager", None)
+        if hm is not None:
+            for hist in (hm.input_hist_parsed, hm.input_hist_raw):
+                while len(hist) < count:
+                    hist.append("")
 
     def showtraceback(self, exc_tuple: Any = None, *args: Any, **kwargs: Any) -> None:
         install_fast_tracebacks()

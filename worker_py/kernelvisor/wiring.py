@@ -317,13 +317,8 @@ class Worker:
     def set_count(self, execution_count: int) -> None:
         """Number the next cell ``execution_count`` (the namespace's numbering goes on
         across a crash); ``In`` keeps one entry per number."""
-        shell = self.shell
-        shell.execution_count = execution_count
-        hm = getattr(shell, "history_manager", None)
-        if hm is not None:
-            for hist in (hm.input_hist_parsed, hm.input_hist_raw):
-                while len(hist) < execution_count:
-                    hist.append("")
+        self.shell.execution_count = execution_count
+        self.shell.pad_history(execution_count)
 
     def snapshot_info(self, timeout: float = 2.0) -> dict[str, Any]:
         """The supervisor's view of the snapshot (for %snapshot), asked on ``aux``."""
