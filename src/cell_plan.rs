@@ -78,12 +78,15 @@ impl CellPlan {
         fn yes() -> bool {
             true
         }
-        let content = serde_json::from_slice::<Content>(content).unwrap_or(Content {
-            code: Cow::Borrowed(""),
-            silent: false,
-            stop_on_error: true,
-            store_history: None,
-        });
+        let content = is_object(content)
+            .then(|| serde_json::from_slice::<Content>(content).ok())
+            .flatten()
+            .unwrap_or(Content {
+                code: Cow::Borrowed(""),
+                silent: false,
+                stop_on_error: true,
+                store_history: None,
+            });
         let tag_list = tag_list(metadata);
         let tags = parse_tags(&tag_list);
         let mode = first_line_mode(&content.code)
@@ -124,6 +127,12 @@ fn is_blank(code: &str) -> bool {
         .all(|c| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }
 
+/// Whether `content` is (at least starts as) a JSON object: serde would also read a struct
+/// from an array (`["x"]`), which the worker reads as no content at all.
+fn is_object(content: &[u8]) -> bool {
+    content.trim_ascii_start().first() == Some(&b'{')
+}
+
 /// The content of the `execute_input` for an `execute_request` whose content is
 /// `content`: its `code` as the client sent it (not re-encoded) and `count`. `None` if the
 /// content has no string `code` (the worker then reports the cell's error).
@@ -132,6 +141,9 @@ pub fn execute_input(content: &[u8], count: u64) -> Option<Vec<u8>> {
     struct Content<'a> {
         #[serde(borrow)]
         code: &'a serde_json::value::RawValue,
+    }
+    if !is_object(content) {
+        return None;
     }
     let code = serde_json::from_slice::<Content>(content).ok()?.code.get();
     if !code.starts_with('"') {
@@ -416,6 +428,7 @@ mod tests {
             "a zero-width space is not a space"
         );
         assert!(!takes("not json"));
+        assert!(!takes(r#"["1"]"#), "an array is no content");
     }
 
     #[test]
@@ -430,5 +443,6 @@ mod tests {
         assert_eq!(value["code"], "print(\"é\")\n");
         assert_eq!(execute_input(br#"{"code":5}"#, 1), None);
         assert_eq!(execute_input(b"{}", 1), None);
+        assert_eq!(execute_input(br#"["x"]"#, 1), None, "not an object");
     }
 }
