@@ -45,6 +45,22 @@ pub struct Count {
     pub takes_count: bool,
 }
 
+/// What a queue cell sent ahead waits for (IPC.md, "Cells sent ahead"): flattened into
+/// the request's control frame.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct After {
+    /// The request (the running queue cell) it waits for.
+    #[serde(rename = "after")]
+    pub id: u64,
+    /// An error reply of that request aborts this one: the worker then drops it, and the
+    /// supervisor answers it `aborted`.
+    pub unless_error: bool,
+    /// If that request ran this long (ms) or longer, the worker does not start this one
+    /// but says `held` and waits for `go` (a snapshot goes between them). Absent: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub within: Option<f64>,
+}
+
 /// Supervisor → worker.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -71,6 +87,10 @@ pub enum ToWorker<'a> {
         /// (if not, the next cell gets the same number).
         #[serde(flatten)]
         count: Option<Count>,
+        /// Of a queue cell sent ahead (kernel/ahead.rs): the request it waits for; it
+        /// starts once that one's reply is sent.
+        #[serde(flatten)]
+        after: Option<After>,
     },
     /// Finish, flush and exit 0.
     Shutdown,
@@ -98,6 +118,11 @@ pub enum ToWorker<'a> {
     SetCount {
         /// The next cell's number.
         execution_count: u64,
+    },
+    /// Start the cell sent ahead that the worker holds (it said `held`; on `main`).
+    Go {
+        /// Its request id.
+        id: u64,
     },
     /// Fork a paused snapshot now (on `main`: between cells).
     Snapshot {
@@ -232,6 +257,12 @@ pub enum FromWorker<'a> {
     /// `%undo`: kill this worker and promote its snapshot (if there is none, the worker
     /// says so itself and never sends this).
     Undo,
+    /// The cell sent ahead `id` waits for `go`: the cell before it ran `within` or longer
+    /// (on `main`).
+    Held {
+        /// Its request id.
+        id: u64,
+    },
     /// No snapshot could be taken (from the live worker, on `main`).
     SnapshotRefused {
         /// The `snapshot` op's.
@@ -288,12 +319,18 @@ mod tests {
                 number: 4,
                 takes_count: true,
             }),
+            after: Some(After {
+                id: 6,
+                unless_error: true,
+                within: Some(10.0),
+            }),
         };
         assert_eq!(
             serde_json::to_value(&req).unwrap(),
             serde_json::json!({"op": "request", "id": 7, "channel": "shell",
                 "msg_type": "execute_request", "mode": "thread", "thread": "w", "backend": "trio",
-                "count": 4, "takes_count": true})
+                "count": 4, "takes_count": true, "after": 6, "unless_error": true,
+                "within": 10.0})
         );
         let plain = ToWorker::Request {
             id: 1,
@@ -303,6 +340,7 @@ mod tests {
             thread: None,
             backend: None,
             count: None,
+            after: None,
         };
         assert_eq!(
             serde_json::to_value(&plain).unwrap(),

@@ -20,6 +20,10 @@
 //!   snapshot is older than [`BURST_INTERVAL`], or 20 times the last fork's duration if
 //!   that is longer, which bounds the fork's share of a burst's time to about 5%.
 //!
+//! A cell sent ahead (kernel/ahead.rs) is not sent when a burst's snapshot is due, and
+//! waits in the worker for the supervisor's word after a long cell, so both rules above
+//! hold for it too.
+//!
 //! A cell tagged `snapshot` always gets one right before it (if something ran since the
 //! last one), burst or not. Never before a `%undo` cell. `%undo` promotes the newest snapshot taken before the last
 //! cell ran (see [`SnapshotState::take`]).
@@ -165,6 +169,17 @@ impl SnapshotState {
         if quiet >= IDLE_GAP {
             return true;
         }
+        self.burst_spacing_elapsed(now)
+    }
+
+    /// Whether a cell of a burst starting at `now` would get a snapshot before it (the
+    /// burst rule of [`Self::due`]): a cell is not sent ahead then (kernel/ahead.rs), so
+    /// that the snapshot can come between it and the cell before.
+    pub fn burst_due(&self, now: Instant) -> bool {
+        self.wanted() && self.burst_spacing_elapsed(now)
+    }
+
+    fn burst_spacing_elapsed(&self, now: Instant) -> bool {
         let spacing = BURST_INTERVAL.max(Duration::from_secs_f64(
             self.last_fork_ms * BURST_FORK_RATIO / 1000.0,
         ));
@@ -179,13 +194,26 @@ impl SnapshotState {
         if !self.dirty || self.requested.is_some() {
             return None;
         }
-        let fork = MIN_FORK_COST.max(Duration::from_secs_f64(self.last_fork_ms / 1000.0));
-        let gap = if self.last_busy >= fork.mul_f64(LONG_CELL_FORKS) {
+        let gap = if self.last_busy >= self.long_cell() {
             Duration::ZERO
         } else {
             IDLE_GAP
         };
         quiet_since.map(|since| since + gap)
+    }
+
+    /// How long a cell runs at least to get its snapshot right after it (see
+    /// [`LONG_CELL_FORKS`]): a cell sent ahead waits for it then (kernel/ahead.rs).
+    pub fn long_cell(&self) -> Duration {
+        MIN_FORK_COST
+            .max(Duration::from_secs_f64(self.last_fork_ms / 1000.0))
+            .mul_f64(LONG_CELL_FORKS)
+    }
+
+    /// Whether a snapshot may be asked for now: something reached the worker since the
+    /// last one, and none is on its way.
+    pub fn wanted(&self) -> bool {
+        self.dirty && self.requested.is_none()
     }
 
     /// The worker was busy for `busy` (cells running back to back) and is quiet now.

@@ -92,6 +92,7 @@ impl Kernel {
                     "status": "ok",
                     "pool": self.pool.describe(Instant::now()),
                     "snapshot": self.snapshot_info(),
+                    "sent_ahead": self.sent_ahead,
                 });
                 self.answer(channel, &msg, content.to_string().as_bytes())
                     .await;
@@ -186,6 +187,7 @@ impl Kernel {
             thread: None,
             backend: None,
             count: None,
+            after: None,
         };
         w.send_aux(request_frames(ctrl.frame(), &msg));
         for p in self.pending.values_mut().filter(|p| p.worker == w.id) {
@@ -215,6 +217,7 @@ impl Kernel {
             thread: None,
             backend: None,
             count: None,
+            after: None,
         };
         let frames = request_frames(ctrl.frame(), &msg);
         if let Some(w) = self.pool.main_mut() {

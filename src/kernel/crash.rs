@@ -115,6 +115,8 @@ impl Kernel {
         let snapshot = self.promote_snapshot(&mut slot, undo);
         let snapshot_count = snapshot.as_ref().and_then(|s| s.count);
         let count = slot.execution_count;
+        // A cell sent ahead did not start: it is not owed, it waits (or is aborted) again.
+        self.forget_ahead_request();
         let owed = self.take_owed(id);
         // As after any error: the queued cells are aborted, unless the crashed cells' plans
         // say errors do not stop the queue (`raises-exception`, `stop_on_error: false`).
@@ -137,6 +139,9 @@ impl Kernel {
         // Aborted after the crashed cell's own reply (subshells stay).
         if abort {
             let queued = self.lanes.reset_all();
+            for count in queued.iter().rev().filter_map(|q| q.count) {
+                self.give_back_count(count);
+            }
             self.abort_after_owed.extend(queued);
         } else {
             self.lanes.release_running();

@@ -136,6 +136,12 @@ impl DebugState {
         }
     }
 
+    /// Whether a debugger session is on (a frontend initialized one and has not
+    /// disconnected): cells may stop at breakpoints, and none is sent ahead.
+    pub(super) fn is_on(&self) -> bool {
+        self.initialize.is_some() || self.replay.is_some()
+    }
+
     /// Follows the stopped threads the frontends were told about.
     pub(super) fn observe_event(&mut self, content: &[u8]) {
         let Ok(event) = serde_json::from_slice::<Value>(content) else {
@@ -370,6 +376,7 @@ fn debug_op(id: u64) -> ToWorker<'static> {
         thread: None,
         backend: None,
         count: None,
+        after: None,
     }
 }
 

@@ -43,10 +43,12 @@ pub(super) struct Execution {
     pub interrupted: Option<Instant>,
     /// When its `timeout=` tag made us send it the `interrupt` op.
     pub timed_out: Option<Instant>,
+    /// The execution count it was given.
+    pub count: Option<u64>,
 }
 
 impl Execution {
-    fn new(lane: Option<LaneId>, holds_lane: bool, plan: &CellPlan) -> Self {
+    pub(super) fn new(lane: Option<LaneId>, holds_lane: bool, plan: &CellPlan) -> Self {
         Execution {
             abort_on_error: lane.is_some() && plan.abort_on_error(),
             lane,
@@ -55,6 +57,7 @@ impl Execution {
             started: Instant::now(),
             interrupted: None,
             timed_out: None,
+            count: None,
         }
     }
 }
@@ -66,6 +69,9 @@ pub(super) struct Queued {
     pub plan: CellPlan,
     /// Arrival order: what waited for a worker is sent in it.
     pub seq: u64,
+    /// The number it was given when it was sent ahead to a worker that died before
+    /// starting it (kernel/ahead.rs): it keeps it.
+    pub count: Option<Count>,
 }
 
 impl Kernel {
@@ -119,6 +125,7 @@ impl Kernel {
             msg,
             plan,
             seq: self.next_arrival,
+            count: None,
         };
         match queued.plan.mode {
             Mode::Process => {
@@ -154,13 +161,16 @@ impl Kernel {
                 self.lanes.start(&lane, id);
             }
         }
+        self.send_ahead();
     }
 
     /// Hands one execute request to the main worker, with its run mode; returns its id.
     fn start_execute(&mut self, lane: LaneId, queued: Queued, holds_lane: bool) -> u64 {
-        let Queued { msg, plan, .. } = queued;
+        let Queued {
+            msg, plan, count, ..
+        } = queued;
         let wid = self.pool.main().map(|w| w.id).expect("a main worker");
-        let exec = Execution::new(Some(lane.clone()), holds_lane, &plan);
+        let mut exec = Execution::new(Some(lane.clone()), holds_lane, &plan);
         if self.quiet_since.take().is_some() {
             let now = Instant::now();
             self.busy_since = Some(now);
@@ -169,8 +179,10 @@ impl Kernel {
                 w.last_heard = now;
             }
         }
+        let count = count.unwrap_or_else(|| self.take_count(&plan));
+        exec.count = Some(count.number);
         let id = self.register(Channel::Shell, &msg, wid, Some(exec));
-        let count = self.begin_cell(&msg, &plan);
+        self.publish_start(&msg, &plan, count);
         let subshell_thread;
         let (mode, thread, backend) = match (&plan.mode, &lane) {
             (Mode::Task, _) => (Some(RunMode::Task), None, None),
@@ -191,6 +203,7 @@ impl Kernel {
             thread,
             backend,
             count: Some(count),
+            after: None,
         };
         let frames = request_frames(ctrl.frame(), &msg);
         if let Some(w) = self.pool.main_mut() {
@@ -213,26 +226,30 @@ impl Kernel {
         id
     }
 
-    /// A cell starts: it gets its execution count (the supervisor alone numbers cells, in
-    /// the order they start, whichever worker runs them), and `busy` and its
-    /// `execute_input` are published, before anything the worker sends for it.
-    fn begin_cell(&mut self, msg: &Incoming, plan: &CellPlan) -> Count {
+    /// A cell's execution count: the supervisor alone numbers cells, in the order it
+    /// sends them, whichever worker runs them.
+    pub(super) fn take_count(&mut self, plan: &CellPlan) -> Count {
         let number = self.last_count.map_or(1, |n| n + 1);
         if plan.takes_count {
             self.last_count = Some(number);
         }
+        Count {
+            number,
+            takes_count: plan.takes_count,
+        }
+    }
+
+    /// A cell starts: `busy` and its `execute_input` are published, before anything the
+    /// worker sends for it.
+    pub(super) fn publish_start(&mut self, msg: &Incoming, plan: &CellPlan, count: Count) {
         self.publish_status(&msg.header_bytes, "busy");
         if !plan.silent {
-            if let Some(content) = crate::cell_plan::execute_input(&msg.content, number) {
+            if let Some(content) = crate::cell_plan::execute_input(&msg.content, count.number) {
                 let input =
                     self.outbox
                         .iopub("execute_input", &msg.header_bytes, b"{}", &content, &[]);
                 self.iopub.send(input);
             }
-        }
-        Count {
-            number,
-            takes_count: plan.takes_count,
         }
     }
 
@@ -254,7 +271,8 @@ impl Kernel {
                 "running a `# process` cell in a borrowed worker"
             );
             // It shares the main namespace's numbering.
-            let count = self.begin_cell(&msg, &plan);
+            let count = self.take_count(&plan);
+            self.publish_start(&msg, &plan, count);
             if !plan.silent {
                 if let Some(w) = self.pool.get_mut(wid) {
                     w.execution_count = Some(count.number);
@@ -269,6 +287,7 @@ impl Kernel {
                     thread: None,
                     backend: None,
                     count: Some(count),
+                    after: None,
                 };
                 w.send_main(request_frames(ctrl.frame(), &msg));
             }
@@ -278,14 +297,19 @@ impl Kernel {
     /// An execute request of the main worker finished: free its lane, abort the lane's
     /// queue after an error if its plan says so, then run what may run now.
     pub(super) async fn execute_done(&mut self, id: u64, exec: Execution, failed: bool) {
+        let aborts = failed && exec.abort_on_error;
+        let mut dropped_ahead = None;
         if let (true, Some(lane)) = (exec.holds_lane, &exec.lane) {
             if !self.lanes.finish(lane, id) {
                 debug!(id, ?lane, "a cell of a deleted subshell finished");
+            } else if *lane == LaneId::Main {
+                dropped_ahead = self.ahead_after(aborts);
             }
         }
-        if failed && exec.abort_on_error {
+        if aborts {
             if let Some(lane) = &exec.lane {
-                let queued = self.lanes.drain(lane);
+                let mut queued: Vec<Queued> = dropped_ahead.into_iter().collect();
+                queued.extend(self.lanes.drain(lane));
                 self.abort(queued).await;
             }
         }
@@ -317,11 +341,17 @@ impl Kernel {
 
     /// Whether an execute request is running in the main worker.
     pub(super) fn main_busy(&self) -> bool {
+        self.main_busy_besides(0)
+    }
+
+    /// Whether an execute request other than `id` runs in the main worker (request ids
+    /// start at 1: `0` excepts none).
+    pub(super) fn main_busy_besides(&self, id: u64) -> bool {
         let Some(wid) = self.pool.main().map(|w| w.id) else {
             return false;
         };
         self.pending
-            .values()
-            .any(|p| p.worker == wid && !p.borrowed && p.exec.is_some())
+            .iter()
+            .any(|(k, p)| *k != id && p.worker == wid && !p.borrowed && p.exec.is_some())
     }
 }

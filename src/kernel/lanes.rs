@@ -6,6 +6,10 @@
 //! at once, and one of a "Run All" starts beside the queue cell just before it, once the
 //! cells above it have defined what it uses.
 //!
+//! A lane may also hold one queue cell *sent ahead* (kernel/ahead.rs): already in the
+//! worker, it starts there when the running one finishes. Until it starts, it is the front
+//! of its lane: what comes after it waits for it, task and thread cells included.
+//!
 //! Pure bookkeeping, generic over what waits in a lane, so it is tested without a kernel.
 
 use std::collections::VecDeque;
@@ -38,11 +42,12 @@ pub enum Kind {
     Beside,
 }
 
-/// One FIFO and the request id of its running queue cell.
+/// One FIFO, the request id of its running queue cell, and the queue cell sent ahead.
 #[derive(Debug)]
 struct Lane<T> {
     queue: VecDeque<(Kind, T)>,
     running: Option<u64>,
+    ahead: Option<(u64, T)>,
 }
 
 impl<T> Lane<T> {
@@ -50,11 +55,15 @@ impl<T> Lane<T> {
         Lane {
             queue: VecDeque::new(),
             running: None,
+            ahead: None,
         }
     }
 
-    /// The front item, if it may start now.
+    /// The front item, if it may start now (nothing may pass a cell sent ahead).
     fn ready(&self) -> Option<&(Kind, T)> {
+        if self.ahead.is_some() {
+            return None;
+        }
         self.queue
             .front()
             .filter(|(kind, _)| *kind == Kind::Beside || self.running.is_none())
@@ -152,6 +161,55 @@ impl<T> Lanes<T> {
         self.get_mut(lane)?.queue.pop_front()
     }
 
+    /// The queue cell running in `lane`, if any.
+    pub fn running(&self, lane: &LaneId) -> Option<u64> {
+        self.get(lane)?.running
+    }
+
+    /// The front item of `lane`, if it is a queue cell waiting for the running one and
+    /// none is ahead: what may be sent ahead.
+    pub fn next_for_ahead(&self, lane: &LaneId) -> Option<&T> {
+        let l = self.get(lane)?;
+        if l.ahead.is_some() || l.running.is_none() {
+            return None;
+        }
+        match l.queue.front()? {
+            (Kind::Queue, item) => Some(item),
+            (Kind::Beside, _) => None,
+        }
+    }
+
+    /// Sends the front item ahead as request `id` (it must be [`Self::next_for_ahead`]);
+    /// returns it.
+    pub fn send_ahead(&mut self, lane: &LaneId, id: u64) -> Option<&mut T> {
+        let l = self.get_mut(lane)?;
+        let (_, item) = l.queue.pop_front()?;
+        l.ahead = Some((id, item));
+        l.ahead.as_mut().map(|(_, item)| item)
+    }
+
+    /// The cell sent ahead in `lane`: its request id.
+    pub fn ahead_id(&self, lane: &LaneId) -> Option<u64> {
+        self.get(lane)?.ahead.as_ref().map(|(id, _)| *id)
+    }
+
+    /// The cell sent ahead starts: it becomes the running cell. Returns it.
+    pub fn start_ahead(&mut self, lane: &LaneId) -> Option<(u64, T)> {
+        let l = self.get_mut(lane)?;
+        let (id, item) = l.ahead.take()?;
+        debug_assert!(
+            l.running.is_none(),
+            "it starts once the running one finished"
+        );
+        l.running = Some(id);
+        Some((id, item))
+    }
+
+    /// The cell sent ahead will not run (aborted): taken out. Returns it.
+    pub fn take_ahead(&mut self, lane: &LaneId) -> Option<(u64, T)> {
+        self.get_mut(lane)?.ahead.take()
+    }
+
     /// Records that queue cell `id` now runs in `lane`.
     pub fn start(&mut self, lane: &LaneId, id: u64) {
         if let Some(l) = self.get_mut(lane) {
@@ -172,7 +230,7 @@ impl<T> Lanes<T> {
         }
     }
 
-    /// Empties a lane (to abort what waited).
+    /// Empties a lane (to abort what waited; not a cell sent ahead).
     pub fn drain(&mut self, lane: &LaneId) -> Vec<T> {
         self.get_mut(lane)
             .map(|l| l.queue.drain(..).map(|(_, item)| item).collect())
@@ -180,22 +238,27 @@ impl<T> Lanes<T> {
     }
 
     /// Forgets every running cell (their worker died) and empties every lane, main lane
-    /// first; the subshells themselves stay.
+    /// first, each lane's cell sent ahead first; the subshells themselves stay.
     pub fn reset_all(&mut self) -> Vec<T> {
         let mut out: Vec<T> = Vec::new();
         let subs = self.subshells.iter_mut().map(|(_, l)| l);
         for lane in std::iter::once(&mut self.main).chain(subs) {
             lane.running = None;
+            out.extend(lane.ahead.take().map(|(_, item)| item));
             out.extend(lane.queue.drain(..).map(|(_, item)| item));
         }
         out
     }
 
-    /// Forgets every running cell (their worker died); what waits stays queued.
+    /// Forgets every running cell (their worker died); what waits stays queued, a cell
+    /// sent ahead (it did not start) back at the front.
     pub fn release_running(&mut self) {
         let subs = self.subshells.iter_mut().map(|(_, l)| l);
         for lane in std::iter::once(&mut self.main).chain(subs) {
             lane.running = None;
+            if let Some((_, item)) = lane.ahead.take() {
+                lane.queue.push_front((Kind::Queue, item));
+            }
         }
     }
 
@@ -203,7 +266,7 @@ impl<T> Lanes<T> {
     pub fn is_quiet(&self) -> bool {
         std::iter::once(&self.main)
             .chain(self.subshells.iter().map(|(_, l)| l))
-            .all(|l| l.running.is_none() && l.queue.is_empty())
+            .all(|l| l.running.is_none() && l.ahead.is_none() && l.queue.is_empty())
     }
 }
 
@@ -341,5 +404,52 @@ mod tests {
             "nothing runs any more"
         );
         assert_eq!(lanes.drain(&sub), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn a_cell_sent_ahead_holds_the_lane_until_it_starts() {
+        let mut lanes: Lanes<u32> = Lanes::default();
+        let main = LaneId::Main;
+        for (kind, item) in [(Kind::Queue, 1), (Kind::Queue, 2), (Kind::Beside, 3)] {
+            lanes.push(&main, kind, item).unwrap();
+        }
+        assert_eq!(
+            lanes.next_for_ahead(&main),
+            None,
+            "nothing runs: nothing to be ahead of"
+        );
+        assert_eq!(lanes.pop_front(&main), Some((Kind::Queue, 1)));
+        lanes.start(&main, 10);
+        assert_eq!(lanes.next_for_ahead(&main), Some(&2));
+        lanes.send_ahead(&main, 11);
+        assert_eq!(lanes.ahead_id(&main), Some(11));
+        assert_eq!(lanes.next_for_ahead(&main), None, "one ahead at a time");
+        assert_eq!(
+            lanes.pop_ready(),
+            None,
+            "the task cell waits for 2 to start"
+        );
+        assert!(lanes.finish(&main, 10));
+        assert_eq!(lanes.start_ahead(&main), Some((11, 2)));
+        assert_eq!(lanes.running(&main), Some(11));
+        assert_eq!(lanes.pop_ready(), Some((main.clone(), 3)));
+        assert!(!lanes.is_quiet());
+    }
+
+    #[test]
+    fn a_dead_workers_cell_sent_ahead_goes_back_first() {
+        let mut lanes: Lanes<u32> = Lanes::default();
+        let main = LaneId::Main;
+        lanes.push(&main, Kind::Queue, 1).unwrap();
+        lanes.push(&main, Kind::Queue, 2).unwrap();
+        lanes.push(&main, Kind::Queue, 3).unwrap();
+        lanes.pop_front(&main);
+        lanes.start(&main, 10);
+        lanes.send_ahead(&main, 11);
+        lanes.release_running();
+        assert_eq!(lanes.pop_ready(), Some((main.clone(), 2)));
+        lanes.start(&main, 12);
+        lanes.send_ahead(&main, 13);
+        assert_eq!(lanes.reset_all(), vec![3], "3 was ahead: it comes first");
     }
 }

@@ -11,6 +11,7 @@
 //! hears workers, `crash` answers for dead ones, `snapshots` takes and promotes snapshots,
 //! `watchdog` and `lifecycle` keep the pool healthy, `shutdown` stops it all in order.
 
+mod ahead;
 mod client;
 mod crash;
 mod debug;
@@ -197,6 +198,7 @@ pub async fn run(cfg: KernelConfig) -> anyhow::Result<()> {
         next_snapshot: 0,
         pending: HashMap::new(),
         lanes: Lanes::default(),
+        sent_ahead: 0,
         process_queue: VecDeque::new(),
         waiting_for_worker: VecDeque::new(),
         deferred_kernel_info: Vec::new(),
@@ -321,6 +323,8 @@ struct Kernel {
     pending: HashMap<u64, Pending>,
     /// Execute requests waiting for their turn, per lane (main shell, subshells).
     lanes: Lanes<Queued>,
+    /// How many cells were sent ahead (for `kernelvisor_info_request`).
+    sent_ahead: u64,
     /// `# process` cells waiting for a worker to borrow.
     process_queue: VecDeque<Queued>,
     /// When orphans were last looked for (SIGCHLD, the watchdog): a look reads /proc, and a

@@ -196,6 +196,8 @@ impl Kernel {
         if !self.owed_to_heir.is_empty() {
             self.settle_owed(false).await;
         }
+        // A cell sent ahead is pending too: answered `aborted` with the pending requests.
+        let _ = self.lanes.take_ahead(&super::lanes::LaneId::Main);
         let mut pending: Vec<(u64, Pending)> = self.pending.drain().collect();
         pending.sort_unstable_by_key(|(id, _)| *id);
         for (_, p) in pending {

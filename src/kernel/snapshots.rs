@@ -9,10 +9,18 @@ use super::*;
 use crate::ipc_ops::ToWorker;
 use crate::pool::KillReason;
 
-/// When a snapshot may be taken: at idle (the timer), or before a cell with this plan.
+/// When a snapshot may be taken: at idle (the timer), before a cell with this plan, or
+/// before a cell sent ahead that the worker holds after a long cell (with the execution
+/// count of the cell before it).
 pub(super) enum Before<'a> {
     Idle,
     Cell(&'a crate::cell_plan::CellPlan),
+    Held {
+        /// The held cell's request id.
+        id: u64,
+        /// The execution count of the cell before it.
+        count: Option<u64>,
+    },
 }
 
 /// Snapshots holding less than `limit / SMALL_SNAPSHOT_DIVISOR` of their own are not
@@ -42,9 +50,15 @@ impl Kernel {
     /// back to the snapshot before the cell it undoes; always before a cell tagged
     /// `snapshot`).
     pub(super) fn maybe_snapshot(&mut self, before: &Before) {
+        // A held cell counts as running, but has not started: the worker is between cells
+        // unless others (task or thread cells) run.
+        let busy = match before {
+            Before::Held { id, .. } => self.main_busy_besides(*id),
+            _ => self.main_busy(),
+        };
         if !self.snapshots_on
             || matches!(before, Before::Cell(plan) if plan.undo)
-            || self.main_busy()
+            || busy
             || self.cfg.backend != Backend::Asyncio
         {
             return;
@@ -53,7 +67,10 @@ impl Kernel {
         let quiet = self.quiet_since.map_or(Duration::ZERO, |since| {
             now.duration_since(since).max(Duration::from_nanos(1))
         });
-        let count = self.last_count;
+        let count = match before {
+            Before::Held { count, .. } => *count,
+            _ => self.last_count,
+        };
         let Some(w) = self.pool.main_mut() else {
             return;
         };
@@ -65,6 +82,7 @@ impl Kernel {
                 .is_some_and(|at| at <= now),
             Before::Cell(plan) if plan.tags.snapshot => w.snapshots.due_for_tagged_cell(),
             Before::Cell(_) => w.snapshots.due(now, quiet),
+            Before::Held { .. } => w.snapshots.wanted(),
         };
         if !due {
             tracing::trace!(

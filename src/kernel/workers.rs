@@ -310,6 +310,7 @@ impl Kernel {
             FromWorker::SnapshotPolicy { enabled } => self.set_snapshots(enabled),
             FromWorker::SnapshotQuery => self.answer_snapshot_query(wid),
             FromWorker::Undo => self.undo(wid),
+            FromWorker::Held { id } => self.ahead_held(wid, id),
             other => {
                 warn!(worker = wid, op = ?other, frames = 1 + rest.len(), "malformed worker message")
             }

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -130,6 +131,8 @@ class Executor:
         self._loop = loop
         # Main-thread cells run as asyncio tasks (not trio): cancelled through their task.
         self._main_asyncio = main_asyncio
+        # Told each reply's status (run_modes.RunModes.cell_done: cells sent ahead).
+        self.on_done: Callable[[int, str, float], None] | None = None
         self._main_ident = threading.main_thread().ident
         # Execution counts are reserved one cell at a time, whichever thread starts it.
         self._count_lock = threading.Lock()
@@ -148,6 +151,7 @@ class Executor:
         if timings.ENABLED:
             timings.mark(req.id)
         started = _now_iso()
+        began = time.perf_counter()
         cell = Cell(req.id, req.header, False)
         try:
             opts = _Options.parse(req.content_json())
@@ -182,6 +186,8 @@ class Executor:
         if timings.ENABLED:
             timings.mark(req.id)
         self._outbox.reply(req.id, content, metadata, req.header)
+        if self.on_done is not None:
+            self.on_done(req.id, content["status"], time.perf_counter() - began)
         if timings.ENABLED:
             timings.done(req.id)
         self._schedule_history_save()

@@ -42,6 +42,32 @@ class Count:
 
 
 @dataclass(frozen=True)
+class After:
+    """A queue cell sent ahead (IPC.md, "Cells sent ahead"): it starts once request ``id``
+    has replied, and is dropped instead if that reply is an error and ``unless_error``."""
+
+    id: int
+    unless_error: bool
+    # If request ``id`` ran this long (ms) or longer: say ``held``, wait for ``go``.
+    within: float | None = None
+
+    @classmethod
+    def from_control(cls, control: dict[str, Any]) -> After | None:
+        after = control.get("after")
+        if after is None:
+            return None
+        unless_error = control.get("unless_error")
+        within = control.get("within")
+        if (
+            not isinstance(after, int)
+            or not isinstance(unless_error, bool)
+            or not (within is None or isinstance(within, int | float))
+        ):
+            raise ProtocolError(f"bad after {after!r} / {unless_error!r} / {within!r}")
+        return cls(after, unless_error, None if within is None else float(within))
+
+
+@dataclass(frozen=True)
 class Request:
     """One Jupyter request. Header bytes are kept verbatim: they become the parent
     header of every iopub message the request causes."""
@@ -61,6 +87,8 @@ class Request:
     backend: str | None = None
     # An execute_request's number, given by the supervisor.
     count: Count | None = None
+    # A queue cell sent ahead: the request it waits for.
+    after: After | None = None
 
     @classmethod
     def from_frames(cls, control: dict[str, Any], frames: list[bytes]) -> Request:
@@ -83,6 +111,7 @@ class Request:
             thread=_optional_str(control.get("thread")),
             backend=_optional_str(control.get("backend")),
             count=Count.from_control(control),
+            after=After.from_control(control),
         )
 
     def content_json(self) -> dict[str, Any]:
@@ -116,6 +145,7 @@ TO_WORKER: dict[str, tuple[str, ...]] = {
     "reset": ("main",),
     "ping": ("aux",),
     "set_count": ("main",),
+    "go": ("main",),  # a held cell sent ahead may start
     "snapshot": ("main",),
     "snapshot_info": ("aux",),
     "promote": ("snapshot",),
@@ -127,6 +157,7 @@ TO_WORKER: dict[str, tuple[str, ...]] = {
 FROM_WORKER: dict[str, tuple[str, ...]] = {
     "hello": ("main", "aux", "snapshot", "template"),
     "iopub": ("main",),
+    "held": ("main",),  # a cell sent ahead waits for go (the one before ran long)
     "reply": ("main", "aux"),
     "done": ("main", "aux"),
     "stdin": ("main",),

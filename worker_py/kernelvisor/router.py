@@ -70,6 +70,7 @@ class Router:
             "drop_thread": self._drop_thread,
             "snapshot": self._snapshot,
             "set_count": self._set_count,
+            "go": lambda control: worker.run_modes.go(control.get("id")),
             "snapshot_info": self._snapshot_info,
             "reset": lambda _: worker.loop.call_soon_threadsafe(self._reset),
         }

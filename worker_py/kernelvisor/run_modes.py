@@ -6,7 +6,11 @@ The worker keeps no queue of cells: it starts each cell when it gets it. That ``
 cells run one after another is the supervisor's doing (src/kernel/lanes.rs): it sends
 the main worker a main-lane ``queue`` cell only once the previous one has replied, and a
 cell's reply is the last thing it does here. So ``queue`` and ``task`` cells start the
-same way; the difference is only whether later cells wait in the supervisor's lane."""
+same way; the difference is only whether later cells wait in the supervisor's lane.
+
+The one exception is a cell sent ahead (IPC.md "Cells sent ahead", src/kernel/ahead.rs):
+it names the running cell it comes ``after``, and is held here until that one has replied;
+it then starts, or is dropped if that reply was an error and it says ``unless_error``."""
 
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 # How long a thread cell waits for the main thread's Caller (made once its loop runs).
 CALLER_WAIT_SECONDS = 10.0
 
+# How many replies' statuses are kept for cells sent ahead (one is ever needed).
+REPLIED_KEPT = 16
+
 # Python >= 3.11: create_task takes the context the first step ran in.
 _EAGER = sys.version_info >= (3, 11)
 
@@ -44,9 +51,66 @@ class RunModes:
         # Made in the main thread once its loop runs (start_caller).
         self._main_caller: Any = None
         self._caller_ready = threading.Event()
+        # Cells sent ahead, by the request they wait for; and the statuses of the last
+        # replies, for a cell that arrives after the one it waits for has replied.
+        self._held: dict[int, Request] = {}
+        self._replied: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
+        # Cells sent ahead that wait for the supervisor's go, by their own id.
+        self._waiting_go: dict[int, Request] = {}
+        self._ahead_lock = threading.Lock()
+
+    def cell_done(self, req_id: int, status: str, ran: float) -> None:
+        """An execute_request has replied after running ``ran`` seconds (from its
+        thread): a cell held after it goes."""
+        with self._ahead_lock:
+            self._replied[req_id] = (status, ran)
+            if len(self._replied) > REPLIED_KEPT:
+                self._replied.popitem(last=False)
+            held = self._held.pop(req_id, None)
+        if held is None:
+            return
+        # Once this cell's frames are off the stack: a burst must not nest cells.
+        if threading.current_thread() is threading.main_thread():
+            self._worker.loop.call_soon(self.start, held, context=contextvars.Context())
+        else:
+            self._worker.loop.call_soon_threadsafe(self.start, held, context=contextvars.Context())
+
+    def _may_start(self, req: Request) -> bool:
+        """For a cell sent ahead: whether it starts now (held, or dropped, if not)."""
+        after = req.after
+        if after is None:
+            return True
+        with self._ahead_lock:
+            replied = self._replied.get(after.id)
+            if replied is None:
+                self._held[after.id] = req
+                return False
+        status, ran = replied
+        if status == "error" and after.unless_error:
+            log.debug("request %s dropped: request %s failed before it", req.id, after.id)
+            return False
+        if after.within is not None and ran * 1000 >= after.within:
+            # The supervisor takes the snapshot due after a long cell first.
+            self._waiting_go[req.id] = req
+            self._worker.outbox.control({"op": "held", "id": req.id})
+            return False
+        return True
+
+    def go(self, req_id: object) -> None:
+        """The supervisor's word for a cell that waits for it (main thread)."""
+        req = self._waiting_go.pop(req_id, None) if isinstance(req_id, int) else None
+        if req is None:
+            log.warning("go for no held cell: %r", req_id)
+            return
+        self._start(req)
 
     def start(self, req: Request) -> None:
         """Start an ``execute_request`` in its run mode; from any thread."""
+        if not self._may_start(req):
+            return
+        self._start(req)
+
+    def _start(self, req: Request) -> None:
         loop = self._worker.loop
         if req.mode == "thread":
             # From any thread (the supervisor sends these on aux, so that a blocked main

@@ -180,6 +180,7 @@ class Worker:
             self.loop,
             main_asyncio=self.trio is None,
         )
+        self.executor.on_done = self.run_modes.cell_done
         # Output of threads a cell starts stays that cell's.
         threads.inherit_context()
         # debug_request: on a thread of its own; an interrupt first resumes a cell's thread

@@ -1,0 +1,96 @@
+"""Cells sent ahead (IPC.md "Cells sent ahead", src/kernel/ahead.rs): while a queue cell
+runs, the next one is already in the worker, which starts it right after the reply. For a
+client nothing may change: order, counts, aborts after an error, and a crash's answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvharness import (
+    TIMEOUT,
+    collect_requests,
+    get_reply,
+    result_text,
+    running_kernel,
+    send_execute,
+    statuses,
+)
+
+SLOW = "import time\ntime.sleep(0.3)\n"
+
+
+def sent_ahead(kc: Any) -> int:
+    msg = kc.session.msg("kernelvisor_info_request", {})
+    kc.control_channel.send(msg)
+    reply = get_reply(kc, msg["header"]["msg_id"], TIMEOUT, channel="control")
+    return int(reply["content"]["sent_ahead"])
+
+
+def inputs(cell: dict[str, Any]) -> list[int]:
+    return [
+        m["content"]["execution_count"] for m in cell["iopub"] if m["msg_type"] == "execute_input"
+    ]
+
+
+def test_a_burst_keeps_its_order_and_counts() -> None:
+    with running_kernel("kernelvisor") as k:
+        before = sent_ahead(k.kc)
+        ids = [send_execute(k.kc, "n = 0")]
+        ids += [send_execute(k.kc, "n += 1; n") for _ in range(200)]
+        cells = collect_requests(k.kc, ids)
+        for i, msg_id in enumerate(ids):
+            cell = cells[msg_id]
+            assert cell["reply"]["status"] == "ok"
+            assert cell["reply"]["execution_count"] == i + 1
+            assert inputs(cell) == [i + 1]
+            assert statuses(cell["iopub"]) == ["busy", "idle"]
+            kinds = [m["msg_type"] for m in cell["iopub"]]
+            assert kinds.index("execute_input") == 1, kinds  # right after busy
+            if i:
+                assert result_text(cell["iopub"]) == str(i)
+        # Most of the burst went ahead (a snapshot every 100 ms keeps some back).
+        assert sent_ahead(k.kc) - before > 100
+
+
+def test_an_error_drops_the_cell_sent_ahead_and_its_number() -> None:
+    with running_kernel("kernelvisor") as k:
+        failing = send_execute(k.kc, SLOW + "raise ValueError('expected')")
+        dropped = send_execute(k.kc, "x = 1")
+        after = send_execute(k.kc, "x = 2")
+        cells = collect_requests(k.kc, [failing, dropped, after])
+        assert cells[failing]["reply"]["status"] == "error"
+        assert cells[dropped]["reply"]["status"] == "aborted"
+        assert cells[after]["reply"]["status"] == "aborted"
+        assert inputs(cells[dropped]) == []  # never started
+        assert sent_ahead(k.kc) >= 1
+        check = send_execute(k.kc, "'x' in globals()")
+        cell = collect_requests(k.kc, [check])[check]
+        assert result_text(cell["iopub"]) == "False", "the dropped cell ran"
+        # The aborted cells took no number.
+        assert cell["reply"]["execution_count"] == cells[failing]["reply"]["execution_count"] + 1
+
+
+def test_an_error_that_does_not_stop_the_queue_lets_it_run() -> None:
+    with running_kernel("kernelvisor") as k:
+        failing = send_execute(k.kc, SLOW + "raise ValueError('expected')", stop_on_error=False)
+        runs = send_execute(k.kc, "'ran'")
+        cells = collect_requests(k.kc, [failing, runs])
+        assert cells[runs]["reply"]["status"] == "ok"
+        assert result_text(cells[runs]["iopub"]) == "'ran'"
+        count = cells[failing]["reply"]["execution_count"]
+        assert cells[runs]["reply"]["execution_count"] == inputs(cells[runs])[0] == count + 1
+
+
+def test_a_crash_gives_the_cell_sent_ahead_back() -> None:
+    """It did not start in the dead worker: it runs in the restored one, under the number
+    it was given, and is answered once."""
+    with running_kernel("kernelvisor") as k:
+        collect_requests(k.kc, [send_execute(k.kc, "a = 5")])
+        crash = send_execute(k.kc, SLOW + "import ctypes\nctypes.string_at(0)", stop_on_error=False)
+        later = send_execute(k.kc, "a += 1; a")
+        cells = collect_requests(k.kc, [crash, later])
+        assert cells[crash]["reply"]["status"] == "error"
+        assert cells[later]["reply"]["status"] == "ok"
+        assert result_text(cells[later]["iopub"]) == "6", "the namespace was restored"
+        assert inputs(cells[later]) == [cells[crash]["reply"]["execution_count"] + 1]
+        assert statuses(cells[later]["iopub"]) == ["busy", "idle"]
