@@ -94,3 +94,21 @@ def test_a_crash_gives_the_cell_sent_ahead_back() -> None:
         assert result_text(cells[later]["iopub"]) == "6", "the namespace was restored"
         assert inputs(cells[later]) == [cells[crash]["reply"]["execution_count"] + 1]
         assert statuses(cells[later]["iopub"]) == ["busy", "idle"]
+
+
+def test_a_long_cell_still_gets_its_snapshot_before_the_cell_sent_ahead() -> None:
+    """The worker holds the cell sent ahead after a long cell until the supervisor has
+    taken the snapshot due then: a crash in it restores the long cell's state."""
+    with running_kernel("kernelvisor") as k:
+        before = sent_ahead(k.kc)
+        # Sent at once: the snapshot before the first is recent when the crashing cell is
+        # sent ahead, so no burst snapshot is due then; only the long cell makes one due.
+        first = send_execute(k.kc, "a = 1")
+        long = send_execute(k.kc, SLOW + "a = 2")
+        crash = send_execute(k.kc, "a = 3\nimport ctypes\nctypes.string_at(0)")
+        cells = collect_requests(k.kc, [first, long, crash])
+        assert cells[long]["reply"]["status"] == "ok"
+        assert cells[crash]["reply"]["ename"] == "WorkerCrashed"
+        assert sent_ahead(k.kc) - before == 2
+        check = send_execute(k.kc, "a")
+        assert result_text(collect_requests(k.kc, [check])[check]["iopub"]) == "2"
