@@ -22,19 +22,18 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use super::execute::{Execution, Queued};
+use super::execute::{execute_op, Execution, Queued};
 use super::lanes::LaneId;
 use super::snapshots::Before;
 use super::{Backend, Channel, Kernel};
-use crate::cell_plan::{CellPlan, Mode};
+use crate::cell_plan::Mode;
 use crate::ipc_ops::{After, Count, ToWorker};
-use crate::msg_type::MsgType;
 use crate::worker::WorkerId;
 
 /// Whether a cell may be sent ahead: a plain queue cell, not one given back by a dead
 /// worker (it keeps its number; it goes the usual way).
 fn plain(queued: &Queued) -> bool {
-    let plan: &CellPlan = &queued.plan;
+    let plan = &queued.plan;
     plan.mode == Mode::Queue
         && !plan.undo
         && !plan.tags.snapshot
@@ -85,20 +84,12 @@ impl Kernel {
         let mut exec = Execution::new(Some(lane.clone()), true, &plan);
         exec.count = Some(count.number);
         let id = self.register(Channel::Shell, &msg, wid, Some(exec));
-        let ctrl = ToWorker::Request {
-            id,
-            channel: Channel::Shell.name(),
-            msg_type: MsgType::ExecuteRequest.as_str(),
-            mode: None,
-            thread: None,
-            backend: None,
-            count: Some(count),
-            after: Some(After {
-                id: running,
-                unless_error,
-                within,
-            }),
+        let after = After {
+            id: running,
+            unless_error,
+            within,
         };
+        let ctrl = execute_op(id, count, (None, None, None), Some(after));
         let frames = super::request_frames(ctrl.frame(), &msg);
         if let Some(q) = self.lanes.send_ahead(&lane, id) {
             q.count = Some(count);

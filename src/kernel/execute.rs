@@ -5,8 +5,9 @@
 use tracing::{debug, info, warn};
 
 use super::*;
+use crate::backend::Backend;
 use crate::cell_plan::{CellPlan, Mode};
-use crate::ipc_ops::{Count, RunMode, ToWorker};
+use crate::ipc_ops::{After, Count, RunMode, ToWorker};
 use crate::msg_type::MsgType;
 use lanes::{Kind, LaneId};
 
@@ -72,6 +73,31 @@ pub(super) struct Queued {
     /// The number it was given when it was sent ahead to a worker that died before
     /// starting it (kernel/ahead.rs): it keeps it.
     pub count: Option<Count>,
+}
+
+/// Where a cell runs in its worker (IPC.md "Run modes"): its mode (`None`: `queue`), and for
+/// a `thread` cell the thread's name and event loop.
+pub(super) type RunIn<'a> = (Option<RunMode>, Option<&'a str>, Option<Backend>);
+
+/// The `request` op of an `execute_request`: its id, its number, where it runs, and what it
+/// waits for if it is sent ahead (ahead.rs).
+pub(super) fn execute_op(
+    id: u64,
+    count: Count,
+    run: RunIn<'_>,
+    after: Option<After>,
+) -> ToWorker<'_> {
+    let (mode, thread, backend) = run;
+    ToWorker::Request {
+        id,
+        channel: Channel::Shell.name(),
+        msg_type: MsgType::ExecuteRequest.as_str(),
+        mode,
+        thread,
+        backend,
+        count: Some(count),
+        after,
+    }
 }
 
 impl Kernel {
@@ -195,16 +221,7 @@ impl Kernel {
             }
             (_, LaneId::Main) => (None, None, None),
         };
-        let ctrl = ToWorker::Request {
-            id,
-            channel: Channel::Shell.name(),
-            msg_type: MsgType::ExecuteRequest.as_str(),
-            mode,
-            thread,
-            backend,
-            count: Some(count),
-            after: None,
-        };
+        let ctrl = execute_op(id, count, (mode, thread, backend), None);
         let frames = request_frames(ctrl.frame(), &msg);
         if let Some(w) = self.pool.main_mut() {
             w.snapshots.touch();
@@ -279,16 +296,7 @@ impl Kernel {
                 }
             }
             if let Some(w) = self.pool.borrowed(wid) {
-                let ctrl = ToWorker::Request {
-                    id,
-                    channel: Channel::Shell.name(),
-                    msg_type: MsgType::ExecuteRequest.as_str(),
-                    mode: None,
-                    thread: None,
-                    backend: None,
-                    count: Some(count),
-                    after: None,
-                };
+                let ctrl = execute_op(id, count, (None, None, None), None);
                 w.send_main(request_frames(ctrl.frame(), &msg));
             }
         }
