@@ -180,7 +180,7 @@ impl Kernel {
             return;
         };
         let ctrl = ToWorker::Request {
-            id: 0,
+            id: INPUT_REPLY_ID,
             channel: Channel::Stdin.name(),
             msg_type: MsgType::InputReply.as_str(),
             mode: None,

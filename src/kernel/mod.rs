@@ -113,6 +113,10 @@ const STRAYS_GAP: Duration = Duration::from_millis(10);
 /// How long a dead worker's exit waits for its `main` connection to be drained.
 const DRAIN_WAIT: Duration = Duration::from_millis(500);
 
+/// The request id of every `input_reply` sent to a worker: nothing waits for its `done`
+/// (request ids of pending requests start at 1).
+const INPUT_REPLY_ID: u64 = 0;
+
 /// How often a busy worker is pinged when an unresponsive timeout is set.
 const PING_EVERY: Duration = Duration::from_secs(1);
 

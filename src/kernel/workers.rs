@@ -271,6 +271,8 @@ impl Kernel {
                     self.execute_done(id, exec, status == "error").await;
                 }
             }
+            // The `done` of an `input_reply` (sent as request 0, not pending: client.rs).
+            FromWorker::Done { id: INPUT_REPLY_ID } => {}
             FromWorker::Done { id } => {
                 let Some(p) = self.take_pending(wid, id) else {
                     return;
