@@ -142,6 +142,9 @@ impl Kernel {
         let count = self.last_count_before(id);
         self.maybe_snapshot(&Before::Held { id, count });
         if let Some(w) = self.pool.main_mut() {
+            // It reaches the worker's namespace only now, after that snapshot: the next
+            // one must not think nothing happened since (it was touched when sent).
+            w.snapshots.touch();
             w.send_main(ToWorker::Go { id }.message());
         }
     }

@@ -112,3 +112,18 @@ def test_a_long_cell_still_gets_its_snapshot_before_the_cell_sent_ahead() -> Non
         assert sent_ahead(k.kc) - before == 2
         check = send_execute(k.kc, "a")
         assert result_text(collect_requests(k.kc, [check])[check]["iopub"]) == "2"
+
+
+def test_a_cell_released_after_a_snapshot_counts_for_the_next_one() -> None:
+    """Two long cells and a crashing one, sent at once: the second waits for the snapshot
+    after the first, and still counts as a change for the snapshot before the third (it was
+    sent before the first snapshot was forked)."""
+    with running_kernel("kernelvisor") as k:
+        first = send_execute(k.kc, SLOW + "a = 1")
+        second = send_execute(k.kc, SLOW + "a = 2")
+        crash = send_execute(k.kc, "a = 3\nimport ctypes\nctypes.string_at(0)")
+        cells = collect_requests(k.kc, [first, second, crash])
+        assert cells[second]["reply"]["status"] == "ok"
+        assert cells[crash]["reply"]["ename"] == "WorkerCrashed"
+        check = send_execute(k.kc, "a")
+        assert result_text(collect_requests(k.kc, [check])[check]["iopub"]) == "2"
