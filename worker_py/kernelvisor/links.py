@@ -69,10 +69,15 @@ class Links:
         worker.gate.settle_early()
 
     def main_pending(self) -> bool:
-        """Whether messages have arrived on ``main`` that are not handled yet (any thread,
-        e.g. the SIGINT handler's)."""
+        """Whether a cell is on its way: messages have arrived on ``main`` that are not
+        handled yet, or a cell sent ahead waits for the supervisor's ``go`` (any thread,
+        e.g. the SIGINT handler's: an interrupt then reaches that cell)."""
         conn = self._worker.main_conn
-        return bool(self.inbox) or (conn is not None and conn.unread() > 0)
+        return (
+            bool(self.inbox)
+            or (conn is not None and conn.unread() > 0)
+            or self._worker.run_modes.waiting_for_go()
+        )
 
     def handle_inbox(self) -> None:
         """Handle what was read from ``main``. Through one queue, so that a nested call
