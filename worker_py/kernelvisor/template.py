@@ -78,9 +78,10 @@ def run_template(
 
 def serve(worker: Worker, link: Connection) -> NoReturn:
     """Say hello on ``link`` (the shell is built), then fork a worker for each ``fork``
-    until the supervisor closes the link. The first fork (the main worker, which a client
-    is waiting for) comes before the rest of the warm-up (``_warm_up``); later ones share
-    it."""
+    until the supervisor closes the link. The rest of the warm-up (``_warm_up``) comes
+    once a second worker has been forked: the first (the main worker, which a client is
+    waiting for) would not share it, and most kernels never fork another, so it would
+    only cost the idle tree its pages (~9 MB). The third and later workers share it."""
     # Every worker imports these on its way to serving: the first one too.
     for name in WARM_MODULES:
         try:
@@ -94,7 +95,7 @@ def serve(worker: Worker, link: Connection) -> NoReturn:
     handover = Handover(worker.shell, worker.backend)
     link.send([control_frame(hello("template", worker.worker_id, os.getpid(), worker.token))])
     log.info("template %d ready (pid %d)", worker.worker_id, os.getpid())
-    warm = False
+    forks = 0
     fds: collections.deque[int] = collections.deque()
     quieted: list[int] = []
     while True:
@@ -119,14 +120,15 @@ def serve(worker: Worker, link: Connection) -> NoReturn:
                         quieted = _let_go_of(worker.diag.fileno())
                 elif op == "fork":
                     _fork(worker, link, Fork.from_control(control), fd, handover)
+                    forks += 1
                 else:
                     raise ProtocolError(f"not a template op: {frames[0][:80]!r}")
             except (ValueError, ProtocolError) as exc:
                 log.warning("template: ignoring a message: %s", exc)
             if fd is not None:
                 os.close(fd)
-        if not warm:
-            warm = True
+        if forks == 2:
+            forks += 1  # warm once
             _warm_up(worker)
             handover.note_imports()
 
@@ -158,7 +160,8 @@ def _adopted(worker: Worker, handover: Handover, quieted: list[int], old: Connec
 
 def _warm_up(worker: Worker) -> None:
     """What each worker would otherwise do (and copy pages for) on its own, done once here
-    after the first fork, which it would delay: a first traceback; a full collection."""
+    after the second fork (``serve``), which it would delay: a first traceback; a full
+    collection."""
     _warm_tracebacks(worker)
     gc.collect()
     gc.freeze()
