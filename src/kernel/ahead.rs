@@ -120,12 +120,9 @@ impl Kernel {
             exec.started = Instant::now();
         }
         let count = queued.count.expect("a cell sent ahead has its number");
-        if !queued.plan.silent {
-            if let Some(w) = self.pool.main_mut() {
-                w.execution_count = Some(count.number);
-            }
+        if let Some(wid) = self.pool.main().map(|w| w.id) {
+            self.cell_starts(wid, &queued.msg, &queued.plan, count);
         }
-        self.publish_start(&queued.msg, &queued.plan, count);
         None
     }
 

@@ -208,7 +208,7 @@ impl Kernel {
         let count = count.unwrap_or_else(|| self.take_count(&plan));
         exec.count = Some(count.number);
         let id = self.register(Channel::Shell, &msg, wid, Some(exec));
-        self.publish_start(&msg, &plan, count);
+        self.cell_starts(wid, &msg, &plan, count);
         let subshell_thread;
         let (mode, thread, backend) = match (&plan.mode, &lane) {
             (Mode::Task, _) => (Some(RunMode::Task), None, None),
@@ -225,9 +225,6 @@ impl Kernel {
         let frames = request_frames(ctrl.frame(), &msg);
         if let Some(w) = self.pool.main_mut() {
             w.snapshots.touch();
-            if !plan.silent {
-                w.execution_count = Some(count.number);
-            }
             if mode == Some(RunMode::Thread) {
                 // `aux` is read by a worker thread: a cell blocking the main thread (which
                 // reads `main`) must not hold up cells that run elsewhere.
@@ -256,9 +253,22 @@ impl Kernel {
         }
     }
 
-    /// A cell starts: `busy` and its `execute_input` are published, before anything the
-    /// worker sends for it.
-    pub(super) fn publish_start(&mut self, msg: &Incoming, plan: &CellPlan, count: Count) {
+    /// A cell starts in worker `wid`: the worker's count is the cell's (unless silent),
+    /// and `busy` and its `execute_input` are published, before anything the worker sends
+    /// for it. The one place where a cell starts, whichever way it came (at once, sent
+    /// ahead, a `# process` cell).
+    pub(super) fn cell_starts(
+        &mut self,
+        wid: WorkerId,
+        msg: &Incoming,
+        plan: &CellPlan,
+        count: Count,
+    ) {
+        if !plan.silent {
+            if let Some(w) = self.pool.get_mut(wid) {
+                w.execution_count = Some(count.number);
+            }
+        }
         self.publish_status(&msg.header_bytes, "busy");
         if !plan.silent {
             if let Some(content) = crate::cell_plan::execute_input(&msg.content, count.number) {
@@ -289,12 +299,7 @@ impl Kernel {
             );
             // It shares the main namespace's numbering.
             let count = self.take_count(&plan);
-            self.publish_start(&msg, &plan, count);
-            if !plan.silent {
-                if let Some(w) = self.pool.get_mut(wid) {
-                    w.execution_count = Some(count.number);
-                }
-            }
+            self.cell_starts(wid, &msg, &plan, count);
             if let Some(w) = self.pool.borrowed(wid) {
                 let ctrl = execute_op(id, count, (None, None, None), None);
                 w.send_main(request_frames(ctrl.frame(), &msg));
