@@ -58,6 +58,8 @@ pub struct Offer<'a> {
     pub cwd: String,
     /// The environment a spawned worker would get (invalid UTF-8 replaced).
     pub env: std::collections::BTreeMap<String, String>,
+    /// The IPC version the new supervisor speaks ([`crate::ipc_ops::IPC_VERSION`]).
+    pub ipc_version: u32,
 }
 
 impl Offer<'_> {
@@ -186,6 +188,7 @@ mod tests {
             backend: Backend::Asyncio,
             cwd,
             env,
+            ipc_version: crate::ipc_ops::IPC_VERSION,
         };
         let name = format!("kernelvisor-test-{}", std::process::id());
         assert_eq!(look_for(&name, &offer, fd.as_fd()), Found::Nothing);

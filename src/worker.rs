@@ -203,7 +203,9 @@ pub fn spawn(
         .arg("--worker-id")
         .arg(id.to_string())
         .arg("--token-fd")
-        .arg(TOKEN_FD.to_string());
+        .arg(TOKEN_FD.to_string())
+        .arg("--ipc-version")
+        .arg(crate::ipc_ops::IPC_VERSION.to_string());
     if cfg.backend != Backend::Asyncio {
         // asyncio is the worker's default; say nothing, so plain command lines stay plain.
         cmd.arg("--backend").arg(cfg.backend.as_str());

@@ -172,6 +172,7 @@ impl Kernel {
             backend: self.worker_cfg.backend,
             cwd,
             env,
+            ipc_version: crate::ipc_ops::IPC_VERSION,
         };
         // Blocking, but short: a refused connection when nothing waits; else the template
         // checks the offer (it stats the files it imported) and answers. The template

@@ -90,3 +90,21 @@ def test_kernel_info_is_answered_without_a_worker(kv_bin: Path, tmp_path: Path) 
         reply = kc.get_shell_msg(timeout=TIMEOUT)
         assert reply["parent_header"]["msg_id"] == msg_id
         assert reply["content"]["status"] == "ok"
+
+
+def test_a_worker_of_another_build_is_reported(kv_bin: Path, tmp_path: Path) -> None:
+    """A binary and a worker package from different builds (another IPC version): the
+    first cell says so, instead of each cell failing on a message the other side does not
+    understand."""
+    python = tmp_path / "python"
+    # The worker's own version check, as a supervisor of another build would trip it
+    # (argparse keeps the last --ipc-version).
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@" --ipc-version 0\n')
+    python.chmod(0o755)
+    with kernel_with_python(kv_bin, tmp_path, python) as (kc, _log):
+        reply, _ = execute(kc, "1+1")
+        content = reply["content"]
+        assert content["status"] == "error", content
+        assert content["ename"] == "WorkerStartFailed", content
+        assert "passed IPC version 0" in content["evalue"], content["evalue"]
+        assert "different builds" in content["evalue"], content["evalue"]

@@ -30,7 +30,7 @@ from typing import NamedTuple
 WORKER_PY = Path(__file__).resolve().parents[2] / "worker_py"
 sys.path.insert(0, str(WORKER_PY))
 
-from kernelvisor.ipc import Connection
+from kernelvisor.ipc import IPC_VERSION, Connection
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -81,7 +81,17 @@ class Bench:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(worker_py), env.get("PYTHONPATH")) if p)
         env["IPYTHONDIR"] = os.path.join(self.dir, "ipython")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernelvisor.worker", "--connect", path, "--worker-id", "1"],
+            [
+                sys.executable,
+                "-m",
+                "kernelvisor.worker",
+                "--connect",
+                path,
+                "--worker-id",
+                "1",
+                "--ipc-version",
+                str(IPC_VERSION),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             env=env,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernelvisor.ipc import Connection
+from kernelvisor.ipc import IPC_VERSION, Connection
 
 WORKER_PY = Path(__file__).resolve().parents[2] / "worker_py"
 
@@ -124,6 +124,8 @@ class WorkerProcess:
                     "1",
                     "--token-fd",
                     str(token_r),
+                    "--ipc-version",
+                    str(IPC_VERSION),
                     *args,
                 ],
                 pass_fds=(token_r,),

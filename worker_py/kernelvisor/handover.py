@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kernelvisor.ipc import Connection, ProtocolError
+from kernelvisor.ipc import IPC_VERSION, Connection, ProtocolError
 from kernelvisor.outbox import control_frame
 from kernelvisor.snapshot import PR_SET_PDEATHSIG, prctl
 
@@ -63,6 +63,7 @@ class Adopt:
     backend: str
     cwd: str
     env: dict[str, str]
+    ipc_version: int
 
     @classmethod
     def from_control(cls, control: Any) -> Adopt:
@@ -81,6 +82,7 @@ class Adopt:
             (adopt.backend, str),
             (adopt.cwd, str),
             (adopt.env, dict),
+            (adopt.ipc_version, int),
         )
         if not all(isinstance(value, kind) for value, kind in fields):
             raise ProtocolError("bad adopt: a field of the wrong type")
@@ -159,6 +161,8 @@ class Handover:
 
     def stale(self, adopt: Adopt) -> str | None:
         """Why this template cannot serve the supervisor that sent ``adopt``, or None."""
+        if adopt.ipc_version != IPC_VERSION:
+            return f"the supervisor speaks IPC version {adopt.ipc_version}, not {IPC_VERSION}"
         if adopt.python != self.python:
             return f"the interpreter is {adopt.python!r}, not {self.python!r}"
         if adopt.backend != self.backend:

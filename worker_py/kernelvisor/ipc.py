@@ -18,6 +18,11 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 
+IPC_VERSION = 1
+"""The IPC's version: the supervisor passes its own (``--ipc-version``), and a worker
+refuses to start on any other (IPC.md "Handshake"). Bump it with the supervisor's
+``ipc_ops::IPC_VERSION`` whenever either side changes what it sends or expects."""
+
 MAX_BODY = 1 << 30
 """Largest body either side accepts (1 GiB)."""
 

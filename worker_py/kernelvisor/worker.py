@@ -23,6 +23,7 @@ import sys
 from typing import TextIO
 
 from kernelvisor.crash import FatalSignalFlush, really_exit
+from kernelvisor.ipc import IPC_VERSION
 from kernelvisor.wiring import Worker
 
 # Not __name__: run with -m, this module is "__main__", outside the "kernelvisor" logger.
@@ -39,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="FD",
         help="read the worker's secret from this inherited fd (then close it)",
+    )
+    parser.add_argument(
+        "--ipc-version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the IPC version the supervisor speaks; any but this worker's own is refused",
     )
     parser.add_argument(
         "--backend",
@@ -89,9 +97,26 @@ def read_token(fd: int | None) -> str:
         os.close(fd)
 
 
+def check_ipc_version(theirs: int | None) -> None:
+    """Exit, saying why, if the supervisor speaks another IPC version than this worker
+    (a kernelvisor binary and a Python package from different builds)."""
+    if theirs == IPC_VERSION:
+        return
+    said = "no IPC version" if theirs is None else f"IPC version {theirs}"
+    sys.stderr.write(
+        f"kernelvisor: this worker ({__file__}) speaks IPC version {IPC_VERSION}, and its "
+        f"supervisor (the kernelvisor binary) passed {said}: the two come from different "
+        "builds. Install them together (pip install kernelvisor, or scripts/install in a "
+        "checkout).\n"
+    )
+    sys.stderr.flush()
+    os._exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     token = read_token(args.token_fd)
+    check_ipc_version(args.ipc_version)
     # Before faulthandler: a fatal signal dumps the stacks first, then flushes output.
     fatal_signals = FatalSignalFlush()
     fatal_signals.install()
