@@ -43,6 +43,15 @@ def kernel_with_python(
         proc.wait(timeout=10)
 
 
+def start_failure(kc: BlockingKernelClient) -> tuple[str, list[dict]]:
+    """Runs `1+1`, which must fail with WorkerStartFailed: its evalue and IOPub."""
+    reply, iopub = execute(kc, "1+1")
+    content = reply["content"]
+    assert content["status"] == "error", content
+    assert content["ename"] == "WorkerStartFailed", content
+    return content["evalue"], iopub
+
+
 def starts(log: Path) -> int:
     return log.read_text().count("worker starting")
 
@@ -54,11 +63,8 @@ def test_a_python_that_cannot_start_is_reported_and_backed_off(
     python.write_text(BROKEN)
     python.chmod(0o755)
     with kernel_with_python(kv_bin, tmp_path, python) as (kc, log):
-        reply, iopub = execute(kc, "1+1")
-        content = reply["content"]
-        assert content["status"] == "error", content
-        assert content["ename"] == "WorkerStartFailed", content
-        assert "No module named" in content["evalue"] and "kernelvisor" in content["evalue"]
+        evalue, iopub = start_failure(kc)
+        assert "No module named" in evalue and "kernelvisor" in evalue
         assert [m["content"]["execution_state"] for m in iopub if m["msg_type"] == "status"] == [
             "busy",
             "idle",
@@ -102,9 +108,5 @@ def test_a_worker_of_another_build_is_reported(kv_bin: Path, tmp_path: Path) -> 
     python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@" --ipc-version 0\n')
     python.chmod(0o755)
     with kernel_with_python(kv_bin, tmp_path, python) as (kc, _log):
-        reply, _ = execute(kc, "1+1")
-        content = reply["content"]
-        assert content["status"] == "error", content
-        assert content["ename"] == "WorkerStartFailed", content
-        assert "passed IPC version 0" in content["evalue"], content["evalue"]
-        assert "different builds" in content["evalue"], content["evalue"]
+        evalue, _ = start_failure(kc)
+        assert "passed IPC version 0" in evalue and "different builds" in evalue, evalue

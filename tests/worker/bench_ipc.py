@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -30,7 +31,8 @@ from typing import NamedTuple
 WORKER_PY = Path(__file__).resolve().parents[2] / "worker_py"
 sys.path.insert(0, str(WORKER_PY))
 
-from kernelvisor.ipc import IPC_VERSION, Connection
+from ipc_client import worker_command
+from kernelvisor.ipc import Connection
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -69,6 +71,13 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def ipc_version(worker_py: Path) -> int | None:
+    """The IPC version of the worker package in ``worker_py`` (None: older than versions)."""
+    source = (worker_py / "kernelvisor" / "ipc.py").read_text()
+    found = re.search(r"^IPC_VERSION = (\d+)$", source, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
 class Bench:
     def __init__(self, worker_py: Path) -> None:
         self.dir = tempfile.mkdtemp(prefix="kv-bench-")
@@ -81,17 +90,7 @@ class Bench:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(worker_py), env.get("PYTHONPATH")) if p)
         env["IPYTHONDIR"] = os.path.join(self.dir, "ipython")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kernelvisor.worker",
-                "--connect",
-                path,
-                "--worker-id",
-                "1",
-                "--ipc-version",
-                str(IPC_VERSION),
-            ],
+            worker_command(path, ipc_version=ipc_version(worker_py)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             env=env,

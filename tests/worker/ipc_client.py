@@ -36,6 +36,15 @@ AUX_REQUESTS = frozenset(
 )
 
 
+def worker_command(path: str, *args: str, ipc_version: int | None = IPC_VERSION) -> list[str]:
+    """The command line a supervisor starts worker 1 with (src/worker.rs), connecting to
+    ``path``; ``ipc_version`` None leaves out ``--ipc-version`` (a worker package older
+    than it)."""
+    version = [] if ipc_version is None else ["--ipc-version", str(ipc_version)]
+    cmd = [sys.executable, "-m", "kernelvisor.worker", "--connect", path, "--worker-id", "1"]
+    return [*cmd, *version, *args]
+
+
 @dataclass
 class Message:
     op: str
@@ -114,20 +123,7 @@ class WorkerProcess:
         os.close(token_w)
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "kernelvisor.worker",
-                    "--connect",
-                    path,
-                    "--worker-id",
-                    "1",
-                    "--token-fd",
-                    str(token_r),
-                    "--ipc-version",
-                    str(IPC_VERSION),
-                    *args,
-                ],
+                worker_command(path, "--token-fd", str(token_r), *args),
                 pass_fds=(token_r,),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
