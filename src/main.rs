@@ -39,7 +39,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// A crash-proof Jupyter kernel for Python: a Rust supervisor owns the sockets,
 /// CPython workers run the code.
@@ -50,8 +52,8 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     run: RunArgs,
-    /// Log filter (error, warn, info, debug, trace, or a tracing directive); also
-    /// `KERNELVISOR_LOG`. Logs go to stderr.
+    /// Log filter (error, warn, info, debug, trace, or `target=level` directives such as
+    /// `warn,kernelvisor::kernel=debug`); also `KERNELVISOR_LOG`. Logs go to stderr.
     #[arg(
         long,
         global = true,
@@ -201,17 +203,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr through `tracing`, for the kernel run and `install` alike.
+/// Logs to stderr through `tracing`, for the kernel run and `install` alike. `level` is
+/// a list of `target=level` directives and a default level (`warn,kernelvisor=debug`):
+/// `Targets`, not `EnvFilter`, whose span and field filters would bring a regex engine
+/// into every kernel's memory for directives nobody gives.
 fn init_logging(level: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(level)
+    let filter: Targets = level
+        .parse()
         .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?;
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colours only on a terminal: Jupyter servers capture stderr into log files.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry().with(fmt).with(filter).init();
     Ok(())
 }
 
