@@ -120,10 +120,12 @@ impl Kernel {
         let owed = self.take_owed(id);
         // As after any error: the queued cells are aborted, unless the crashed cells' plans
         // say errors do not stop the queue (`raises-exception`, `stop_on_error: false`).
-        let abort = owed
-            .iter()
-            .filter_map(|(_, p)| p.exec.as_ref())
-            .any(|e| e.abort_on_error);
+        // `%undo` is no error (its cell answers ok): what is queued runs on the heir.
+        let abort = !undo
+            && owed
+                .iter()
+                .filter_map(|(_, p)| p.exec.as_ref())
+                .any(|e| e.abort_on_error);
         for (id, pending) in owed {
             self.owed_to_heir.push(Owed {
                 id,

@@ -31,6 +31,7 @@ from kvharness import (
     TIMEOUT,
     Kernel,
     collect_iopub,
+    collect_requests,
     execute,
     get_reply,
     result_text,
@@ -264,6 +265,22 @@ def test_snapshot_state_and_undo() -> None:
         text = stream_text(iopub)
         assert "Snapshots are on." in text and "private memory" in text, text
         assert "before cell [5]" in text, text
+
+
+def test_cells_queued_behind_undo_run_in_the_restored_namespace() -> None:
+    """%undo answers ok, so the cells queued behind it (Run All) run, on the namespace it
+    restored; they are not aborted as after an error (they were: %undo replaces the worker
+    the way a crash does, and the queue went with it)."""
+    with kv_kernel() as k:
+        kc = k.kc
+        execute(kc, "a = 1")
+        time.sleep(PAUSE)
+        cells = [kc.execute(code) for code in ("a = 2", "%undo", "b = a", "b")]
+        done = collect_requests(kc, cells)
+        statuses = [done[c]["reply"]["status"] for c in cells]
+        assert statuses == ["ok"] * 4, [done[c]["reply"] for c in cells]
+        assert "rolled back to before cell [2]" in stream_text(done[cells[1]]["iopub"])
+        assert result_text(done[cells[3]]["iopub"]) == "1", describe(done[cells[3]]["iopub"])
 
 
 def test_undo_without_a_snapshot_says_so() -> None:
