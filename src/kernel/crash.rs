@@ -9,6 +9,7 @@ use super::*;
 use crate::exit::{describe_exit, last_words};
 use crate::pool::{KillReason, WorkerRole, WorkerSlot};
 use crate::snapshot::Promotable;
+use lanes::LaneId;
 
 /// A crash answer held back until the promoted snapshot is up (or given up): only then is
 /// it known whether the namespace was restored.
@@ -22,6 +23,8 @@ pub(super) struct Owed {
     words: Vec<String>,
     /// The snapshot's age, for the message: the count of the last cell it includes.
     snapshot_count: Option<u64>,
+    /// It is the `%undo` cell itself (the main lane's running cell when the worker asked
+    /// for the undo), answered ok; cells running beside it were cut short.
     undo: bool,
     /// Why no snapshot could be used, if none is promoted.
     lost: String,
@@ -127,6 +130,17 @@ impl Kernel {
                 .filter_map(|(_, p)| p.exec.as_ref())
                 .any(|e| e.abort_on_error);
         for (id, pending) in owed {
+            // A counted cell's reply carries the number its execute_input did; the others,
+            // the worker's last (as the worker's own reply would).
+            let count = match &pending.exec {
+                Some(e) if e.takes_count => e.count.or(count),
+                _ => count,
+            };
+            let the_undo_cell = undo
+                && pending
+                    .exec
+                    .as_ref()
+                    .is_some_and(|e| e.holds_lane && e.lane == Some(LaneId::Main));
             self.owed_to_heir.push(Owed {
                 id,
                 pending,
@@ -134,7 +148,7 @@ impl Kernel {
                 cause: cause.clone(),
                 words: words.clone(),
                 snapshot_count,
-                undo,
+                undo: the_undo_cell,
                 lost: lost.clone(),
             });
         }

@@ -46,6 +46,9 @@ pub(super) struct Execution {
     pub timed_out: Option<Instant>,
     /// The execution count it was given.
     pub count: Option<u64>,
+    /// Whether that count is its own (stored in history, not silent, not blank); else it
+    /// is only the number the next counted cell would take.
+    pub takes_count: bool,
 }
 
 impl Execution {
@@ -58,6 +61,7 @@ impl Execution {
             started: Instant::now(),
             interrupted: None,
             timed_out: None,
+            takes_count: plan.takes_count,
             count: None,
         }
     }
@@ -291,14 +295,15 @@ impl Kernel {
                 return;
             };
             let Queued { msg, plan, .. } = self.process_queue.pop_front().expect("not empty");
-            let exec = Execution::new(None, false, &plan);
+            let mut exec = Execution::new(None, false, &plan);
+            // It shares the main namespace's numbering.
+            let count = self.take_count(&plan);
+            exec.count = Some(count.number);
             let id = self.register(Channel::Shell, &msg, wid, Some(exec));
             info!(
                 worker = wid,
                 "running a `# process` cell in a borrowed worker"
             );
-            // It shares the main namespace's numbering.
-            let count = self.take_count(&plan);
             self.cell_starts(wid, &msg, &plan, count);
             if let Some(w) = self.pool.borrowed(wid) {
                 let ctrl = execute_op(id, count, (None, None, None), None);

@@ -98,6 +98,27 @@ def test_crash_restores_the_namespace(snap_kernel: Kernel, code: str, cause: str
     crash_then_check(snap_kernel.kc, code, cause)
 
 
+ASYNC_CELLS = [
+    ("import asyncio\nawait asyncio.sleep(0.01)\n'slept'", "'slept'"),
+    ("# task\nimport asyncio\nawait asyncio.sleep(0.01)\n'task slept'", "'task slept'"),
+    ("import asyncio\nasyncio.get_running_loop().is_running()", "True"),
+]
+
+
+def test_a_restored_worker_runs_async_cells(snap_kernel: Kernel) -> None:
+    """asyncio knows a running loop by the pid that started it. A promoted snapshot goes on
+    inside the loop its parent was running, so every `await` failed there ("no running
+    event loop") until the loop was registered again for the new process."""
+    kc = snap_kernel.kc
+    time.sleep(PAUSE)
+    reply, iopub = execute(kc, "import os; os._exit(3)")
+    assert_crashed(reply, iopub, "exit code 3", restored=True)
+    for code, expected in ASYNC_CELLS:
+        reply, iopub = execute(kc, code)
+        assert reply["content"]["status"] == "ok", (code, describe(iopub))
+        assert result_text(iopub) == expected, (code, describe(iopub))
+
+
 def test_sigkill_from_outside_restores(snap_kernel: Kernel) -> None:
     kc = snap_kernel.kc
     time.sleep(PAUSE)
@@ -281,6 +302,31 @@ def test_cells_queued_behind_undo_run_in_the_restored_namespace() -> None:
         assert statuses == ["ok"] * 4, [done[c]["reply"] for c in cells]
         assert "rolled back to before cell [2]" in stream_text(done[cells[1]]["iopub"])
         assert result_text(done[cells[3]]["iopub"]) == "1", describe(done[cells[3]]["iopub"])
+
+
+def test_undo_beside_a_task_cell() -> None:
+    """A task cell still running when %undo replaces the worker was cut short: it gets the
+    crash error, not %undo's "rolled back". %undo's own reply carries its own number, not
+    the task's (which started after it)."""
+    with kv_kernel() as k:
+        kc = k.kc
+        execute(kc, "a = 1")
+        time.sleep(PAUSE)
+        execute(kc, "a = 2")
+        time.sleep(PAUSE)
+        undo = kc.execute("import time; time.sleep(0.3)\n%undo")
+        task = kc.execute("# task\nimport asyncio\nawait asyncio.sleep(5)")
+        done = collect_requests(kc, [undo, task])
+        reply, iopub = done[undo]["reply"], done[undo]["iopub"]
+        assert reply["status"] == "ok", reply
+        assert "rolled back" in stream_text(iopub), describe(iopub)
+        [number] = [
+            m["content"]["execution_count"] for m in iopub if m["msg_type"] == "execute_input"
+        ]
+        assert reply["execution_count"] == number, (reply, describe(iopub))
+        cut = done[task]["reply"]
+        assert cut["status"] == "error" and cut["ename"] == "WorkerCrashed", cut
+        assert "%undo" in cut["evalue"], cut
 
 
 def test_undo_without_a_snapshot_says_so() -> None:

@@ -285,6 +285,12 @@ class Worker:
         # asyncio's own: the old pair is not in the new selector, so only closed.
         loop._close_self_pipe()
         loop._make_self_pipe()
+        if loop.is_running():
+            # A promoted snapshot goes on inside the loop its parent was running (a template's
+            # worker starts its loop after this). asyncio knows a running loop by the pid
+            # that started it, so without this every `await` here fails ("no running event
+            # loop"): register it for this process, as run_forever would.
+            asyncio._set_running_loop(loop)
         self.gate.watch_signals()
         self.capture.restart_after_fork()
         self.flusher = Flusher(self.outbox.flush_streams)
