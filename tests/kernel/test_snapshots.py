@@ -102,6 +102,13 @@ ASYNC_CELLS = [
     ("import asyncio\nawait asyncio.sleep(0.01)\n'slept'", "'slept'"),
     ("# task\nimport asyncio\nawait asyncio.sleep(0.01)\n'task slept'", "'task slept'"),
     ("import asyncio\nasyncio.get_running_loop().is_running()", "True"),
+    (
+        (
+            "import threading\nfrom kernelvisor import Caller\nawait Caller().to_thread("
+            "lambda: threading.current_thread() is not threading.main_thread())"
+        ),
+        "True",
+    ),
 ]
 
 
