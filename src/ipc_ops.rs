@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
+use crate::worker::WorkerId;
 
 /// The IPC's version. The supervisor passes it to every worker it starts
 /// (`--ipc-version`); a worker whose own differs refuses to start, saying so
@@ -14,7 +15,6 @@ use crate::backend::Backend;
 /// with the Python worker's `kernelvisor.ipc.IPC_VERSION` whenever either side changes
 /// what it sends or expects.
 pub const IPC_VERSION: u32 = 1;
-use crate::worker::WorkerId;
 
 /// Which of a worker's connections a message travels on (see `worker_py/IPC.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

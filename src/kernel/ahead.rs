@@ -81,8 +81,7 @@ impl Kernel {
         let within = (self.snapshots_on && self.cfg.backend == Backend::Asyncio)
             .then(|| main.snapshots.long_cell().as_secs_f64() * 1000.0);
         let count = self.take_count(&plan);
-        let mut exec = Execution::new(Some(lane.clone()), true, &plan);
-        exec.count = Some(count.number);
+        let exec = Execution::new(Some(lane.clone()), true, &plan, count);
         let id = self.register(Channel::Shell, &msg, wid, Some(exec));
         let after = After {
             id: running,
@@ -148,7 +147,7 @@ impl Kernel {
 
     /// The execution count of the last cell before cell `id` (the number before its own).
     fn last_count_before(&self, id: u64) -> Option<u64> {
-        let number = self.pending.get(&id)?.exec.as_ref()?.count?;
+        let number = self.pending.get(&id)?.exec.as_ref()?.count.number;
         number.checked_sub(1).filter(|n| *n > 0)
     }
 

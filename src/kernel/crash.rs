@@ -133,7 +133,7 @@ impl Kernel {
             // A counted cell's reply carries the number its execute_input did; the others,
             // the worker's last (as the worker's own reply would).
             let count = match &pending.exec {
-                Some(e) if e.takes_count => e.count.or(count),
+                Some(e) if e.count.takes_count => Some(e.count.number),
                 _ => count,
             };
             let the_undo_cell = undo

@@ -44,15 +44,18 @@ pub(super) struct Execution {
     pub interrupted: Option<Instant>,
     /// When its `timeout=` tag made us send it the `interrupt` op.
     pub timed_out: Option<Instant>,
-    /// The execution count it was given.
-    pub count: Option<u64>,
-    /// Whether that count is its own (stored in history, not silent, not blank); else it
-    /// is only the number the next counted cell would take.
-    pub takes_count: bool,
+    /// The execution count it was given (`takes_count`: its own; else only the number the
+    /// next counted cell would take).
+    pub count: Count,
 }
 
 impl Execution {
-    pub(super) fn new(lane: Option<LaneId>, holds_lane: bool, plan: &CellPlan) -> Self {
+    pub(super) fn new(
+        lane: Option<LaneId>,
+        holds_lane: bool,
+        plan: &CellPlan,
+        count: Count,
+    ) -> Self {
         Execution {
             abort_on_error: lane.is_some() && plan.abort_on_error(),
             lane,
@@ -61,8 +64,7 @@ impl Execution {
             started: Instant::now(),
             interrupted: None,
             timed_out: None,
-            takes_count: plan.takes_count,
-            count: None,
+            count,
         }
     }
 }
@@ -200,7 +202,8 @@ impl Kernel {
             msg, plan, count, ..
         } = queued;
         let wid = self.pool.main().map(|w| w.id).expect("a main worker");
-        let mut exec = Execution::new(Some(lane.clone()), holds_lane, &plan);
+        let count = count.unwrap_or_else(|| self.take_count(&plan));
+        let exec = Execution::new(Some(lane.clone()), holds_lane, &plan, count);
         if self.quiet_since.take().is_some() {
             let now = Instant::now();
             self.busy_since = Some(now);
@@ -209,8 +212,6 @@ impl Kernel {
                 w.last_heard = now;
             }
         }
-        let count = count.unwrap_or_else(|| self.take_count(&plan));
-        exec.count = Some(count.number);
         let id = self.register(Channel::Shell, &msg, wid, Some(exec));
         self.cell_starts(wid, &msg, &plan, count);
         let subshell_thread;
@@ -268,13 +269,11 @@ impl Kernel {
         plan: &CellPlan,
         count: Count,
     ) {
+        self.publish_status(&msg.header_bytes, "busy");
         if !plan.silent {
             if let Some(w) = self.pool.get_mut(wid) {
                 w.execution_count = Some(count.number);
             }
-        }
-        self.publish_status(&msg.header_bytes, "busy");
-        if !plan.silent {
             if let Some(content) = crate::cell_plan::execute_input(&msg.content, count.number) {
                 let input =
                     self.outbox
@@ -295,10 +294,9 @@ impl Kernel {
                 return;
             };
             let Queued { msg, plan, .. } = self.process_queue.pop_front().expect("not empty");
-            let mut exec = Execution::new(None, false, &plan);
             // It shares the main namespace's numbering.
             let count = self.take_count(&plan);
-            exec.count = Some(count.number);
+            let exec = Execution::new(None, false, &plan, count);
             let id = self.register(Channel::Shell, &msg, wid, Some(exec));
             info!(
                 worker = wid,

@@ -96,6 +96,7 @@ def serve(worker: Worker, link: Connection) -> NoReturn:
     link.send([control_frame(hello("template", worker.worker_id, os.getpid(), worker.token))])
     log.info("template %d ready (pid %d)", worker.worker_id, os.getpid())
     forks = 0
+    warm = False
     fds: collections.deque[int] = collections.deque()
     quieted: list[int] = []
     while True:
@@ -127,8 +128,8 @@ def serve(worker: Worker, link: Connection) -> NoReturn:
                 log.warning("template: ignoring a message: %s", exc)
             if fd is not None:
                 os.close(fd)
-        if forks == 2:
-            forks += 1  # warm once
+        if forks >= 2 and not warm:
+            warm = True
             _warm_up(worker)
             handover.note_imports()
 
