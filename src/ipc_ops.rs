@@ -101,12 +101,15 @@ pub enum ToWorker<'a> {
     },
     /// Finish, flush and exit 0.
     Shutdown,
-    /// Interrupt one cell (its `timeout=` tag expired).
+    /// Interrupt one cell: the user's interrupt (it has started as far as the client
+    /// knows; if the worker has not started it yet, it stops as soon as it does), or its
+    /// `timeout=` tag expired.
     Interrupt {
         /// The cell's request id.
         id: u64,
-        /// The tag's seconds, for the error message.
-        timeout: f64,
+        /// Of a `timeout=` tag: its seconds, for the error message. Absent: the user's.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        timeout: Option<f64>,
     },
     /// Stop a named thread once its cells are done (a deleted subshell).
     DropThread {

@@ -5,52 +5,66 @@
 use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
 
+use super::lanes::LaneId;
 use super::*;
-use crate::pool::KillReason;
+use crate::ipc_ops::ToWorker;
+use crate::pool::{KillReason, WorkerSlot};
 
 impl Kernel {
-    /// Interrupts the cells running in the main worker (queue, task, thread and subshell
-    /// cells alike: SIGINT reaches them all) and in borrowed workers. If a main-worker cell
-    /// that a previous interrupt reached is still running (it ignored SIGINT, or sits in C
-    /// code), the worker is killed and replaced instead.
+    /// Interrupts the cells that have started, as far as the client knows: those running in
+    /// the main worker (queue, task, thread and subshell cells alike) and in borrowed
+    /// workers. If a main-worker cell that a previous interrupt reached is still running
+    /// (it ignored SIGINT, or sits in C code), the worker is killed and replaced instead.
+    ///
+    /// Each worker is told which cells the interrupt is for (the `interrupt` op, on `aux`),
+    /// then signalled. The signal stops a running cell at once (the `aux` reader may wait
+    /// for the GIL); the op is what makes the interrupt exact: a cell the worker has not
+    /// started yet (its main thread was busy) stops as soon as it starts, and a cell that
+    /// had already ended there passes nothing on to the next one.
     pub(super) fn interrupt(&mut self, why: &str) {
         // `# process` cells are interrupted too (once per interrupt; no escalation: a stuck
         // one costs only its own worker, which the user can kill by restarting).
-        let lent: Vec<WorkerId> = self
+        let lent: Vec<(u64, WorkerId)> = self
             .pending
-            .values()
-            .filter(|p| p.borrowed && p.exec.is_some())
-            .map(|p| p.worker)
+            .iter()
+            .filter(|(_, p)| p.borrowed && p.exec.is_some())
+            .map(|(id, p)| (*id, p.worker))
             .collect();
-        for id in lent {
-            if let Some(w) = self.pool.borrowed(id) {
-                w.signal(Signal::SIGINT);
+        for (id, wid) in lent {
+            if let Some(w) = self.pool.borrowed(wid) {
+                interrupt_cells(w, &[id]);
             }
         }
         let Some(wid) = self.pool.main().map(|w| w.id) else {
             return;
         };
+        // A cell sent ahead has not started for the client: the interrupt is not for it.
+        let ahead = self.lanes.ahead_id(&LaneId::Main);
         let now = Instant::now();
-        let mut running = self.main_executions(wid).peekable();
-        if running.peek().is_none() {
+        let mut started = Vec::new();
+        let mut again = false;
+        for (id, p) in self.pending.iter_mut() {
+            if p.worker != wid || p.borrowed || Some(*id) == ahead {
+                continue;
+            }
+            if let Some(exec) = p.exec.as_mut() {
+                again |= exec.interrupted.is_some();
+                exec.interrupted.get_or_insert(now);
+                started.push(*id);
+            }
+        }
+        if started.is_empty() {
             debug!(why, "no cell running in the main worker");
             return;
-        }
-        let mut again = false;
-        for exec in running {
-            again |= exec.interrupted.is_some();
-            exec.interrupted.get_or_insert(now);
         }
         if again {
             self.kill_worker(
                 wid,
                 KillReason::Crash("killed: the cell did not stop when interrupted (it ignored SIGINT or is stuck in C code), so it was interrupted again".into()),
             );
-        } else {
-            info!(worker = wid, why, "interrupting the running cells");
-            if let Some(w) = self.pool.main() {
-                w.signal(Signal::SIGINT);
-            }
+        } else if let Some(w) = self.pool.main() {
+            info!(worker = wid, why, cells = ?started, "interrupting the running cells");
+            interrupt_cells(w, &started);
         }
     }
 
@@ -63,4 +77,12 @@ impl Kernel {
         w.kill_reason.get_or_insert(reason);
         w.signal(Signal::SIGKILL);
     }
+}
+
+/// Tells worker `w` which cells an interrupt is for, then signals it.
+fn interrupt_cells(w: &WorkerSlot, ids: &[u64]) {
+    for &id in ids {
+        w.send_aux(ToWorker::Interrupt { id, timeout: None }.message());
+    }
+    w.signal(Signal::SIGINT);
 }

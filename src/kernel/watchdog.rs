@@ -123,7 +123,7 @@ impl Kernel {
                     worker.send_aux(
                         ToWorker::Interrupt {
                             id: *id,
-                            timeout: timeout.as_secs_f64(),
+                            timeout: Some(timeout.as_secs_f64()),
                         }
                         .message(),
                     );

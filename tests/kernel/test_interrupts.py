@@ -101,6 +101,31 @@ def test_interrupt_raises_keyboard_interrupt_and_keeps_namespace(kernel: Kernel,
 
 
 @pytest.mark.parametrize("how", list(INTERRUPTS))
+def test_an_interrupt_is_not_for_the_cell_queued_behind(kernel: Kernel, how: str) -> None:
+    """The next queue cell is sent to the worker ahead of time (IPC.md, "Cells sent
+    ahead"), but it has not started for the client: an interrupt is not for it. With
+    stop_on_error off it runs, and the next interrupt stops it like a first one (it used to
+    count as a second, and killed the worker)."""
+    kc = kernel.kc
+    _, pid = main_worker(kc)
+    # Its error must not abort the queue: stop_on_error is the failing cell's.
+    first = kc.execute(SLEEP_MARKED, stop_on_error=False)
+    seen: list = []
+    wait_for_output(kc, first, "sleeping", seen)
+    second = kc.execute(SLEEP_MARKED.replace("sleeping", "second"))
+    time.sleep(SETTLE)  # sent ahead by now
+    INTERRUPTS[how](kernel)
+    reply, _ = finish_cell(kc, first, seen)
+    assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+    seen = []
+    wait_for_output(kc, second, "second", seen)
+    INTERRUPTS[how](kernel)
+    reply, iopub = finish_cell(kc, second, seen)
+    assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+    assert main_worker(kc)[1] == pid, describe(iopub)
+
+
+@pytest.mark.parametrize("how", list(INTERRUPTS))
 def test_second_interrupt_kills_a_cell_that_ignores_the_first(kernel: Kernel, how: str) -> None:
     kc = kernel.kc
     execute(kc, "survivor = 1")

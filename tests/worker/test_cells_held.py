@@ -1,6 +1,7 @@
 """A cell sent ahead (IPC.md "Cells sent ahead"), as the worker sees it: held until the
 cell it comes after has replied, dropped after an error that aborts the queue, held for the
-supervisor's ``go`` after a long cell, and interrupted by a SIGINT that comes while it waits."""
+supervisor's ``go`` after a long cell, and interrupted by an interrupt that comes while it
+waits."""
 
 from __future__ import annotations
 
@@ -71,15 +72,18 @@ def test_after_a_long_cell_it_waits_for_go(fresh_worker: WorkerProcess) -> None:
     assert not [m for m in seen if m.op == "held"], "a short cell: no word needed"
 
 
-def test_a_sigint_while_it_waits_for_go_interrupts_it(fresh_worker: WorkerProcess) -> None:
-    """The supervisor's interrupt reaches no running cell then: the cell gets it when it
-    starts, as a cell already in the socket does."""
+def test_an_interrupt_while_it_waits_for_go_stops_it_when_it_starts(
+    fresh_worker: WorkerProcess,
+) -> None:
+    """The supervisor's interrupt names the cell (the ``interrupt`` op) and signals: no
+    cell runs then, so the signal does nothing, and the cell stops as soon as it starts."""
     w = fresh_worker
     first = w.send_request("execute_request", {"code": "import time\ntime.sleep(0.1)"})
     second = ahead(w, "import time\ntime.sleep(5)\n'not interrupted'", first, within=50.0)
     until(w, lambda m: m.op == "held")
+    w.send_op("interrupt", id=second)
     os.kill(w.proc.pid, signal.SIGINT)
-    time.sleep(0.3)  # handled before the go comes: no message is on its way then
+    time.sleep(0.3)  # both handled before the go comes
     w.send_op("go", via="main", id=second)
     seen = until(w, reply_of(second))
     assert seen[-1].control["status"] == "error"

@@ -190,6 +190,7 @@ def test_sigint_interrupts_every_running_cell(worker: WorkerProcess) -> None:
     assert res.content["data"]["text/plain"] == "7"
 
 
+@pytest.mark.parametrize("why", ["timeout", "user"])
 @pytest.mark.parametrize("mode", ["queue", "task", "thread"])
 @pytest.mark.parametrize(
     "code",
@@ -199,19 +200,62 @@ def test_sigint_interrupts_every_running_cell(worker: WorkerProcess) -> None:
     ],
     ids=["awaiting", "spinning"],
 )
-def test_interrupt_op_times_out_one_cell(worker: WorkerProcess, mode: str, code: str) -> None:
+def test_interrupt_op_stops_one_cell(worker: WorkerProcess, mode: str, code: str, why: str) -> None:
+    """The op for a `timeout=` tag that expired, and the user's interrupt (which the
+    supervisor sends for each started cell, with a SIGINT)."""
     if mode == "queue" and "spinning" in code:
         other = worker.send_cell("await asyncio.sleep(0.2)\n'other'", "thread")
     else:
         other = worker.send_cell("await asyncio.sleep(1)\n'other'", "task")
     target = worker.send_cell(code, mode)
     time.sleep(0.3)
-    worker.send_op("interrupt", id=target, timeout=0.3)
+    if why == "timeout":
+        worker.send_op("interrupt", id=target, timeout=0.3)
+    else:
+        worker.send_op("interrupt", id=target)
     seen = run_until_replies(worker, target, other)
     content = reply_of(seen, target).content
-    assert content["status"] == "error" and content["ename"] == "TimeoutError", content
-    assert "timeout=0.3" in content["evalue"]
+    assert content["status"] == "error", content
+    if why == "timeout":
+        assert content["ename"] == "TimeoutError", content
+        assert "timeout=0.3" in content["evalue"]
+    else:
+        assert content["ename"] == "KeyboardInterrupt", content
     assert result(worker, seen, other) == "'other'"  # not interrupted
+
+
+# A comm handler runs on the worker's main thread outside any cell: while it sleeps, what is
+# sent next waits unread in the worker's socket.
+BUSY_TARGET = """
+import comm
+import time
+def _busy(c, open_msg):
+    @c.on_msg
+    def _(msg):
+        time.sleep(float(msg["content"]["data"]["seconds"]))
+comm.get_comm_manager().register_target("kv-busy", _busy)
+"""
+
+
+def test_an_interrupt_after_its_cell_ended_passes_the_next_cell_by(worker: WorkerProcess) -> None:
+    """The supervisor interrupts a cell that has just ended here (its reply was on its
+    way): the op and the signal find no cell, and a cell sent after them runs, even when
+    it is read together with a request that was waiting when the signal came (the worker
+    used to guess from unread requests, and interrupted it)."""
+    ended = worker.send_cell("pass")
+    run_until_replies(worker, ended)
+    worker.execute(BUSY_TARGET)
+    worker.send_request("comm_open", {"comm_id": "busy", "target_name": "kv-busy", "data": {}})
+    worker.send_request("comm_msg", {"comm_id": "busy", "data": {"seconds": 1.5}})
+    time.sleep(0.3)  # the main thread sleeps in the handler
+    worker.send_request("comm_msg", {"comm_id": "busy", "data": {"seconds": 0}})
+    worker.send_op("interrupt", id=ended)
+    worker.proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    later = worker.send_cell("'later ran'")
+    seen = run_until_replies(worker, later)
+    assert reply_of(seen, later).content["status"] == "ok", reply_of(seen, later).content
+    assert result(worker, seen, later) == "'later ran'"
 
 
 def test_input_in_a_thread_cell(worker: WorkerProcess) -> None:

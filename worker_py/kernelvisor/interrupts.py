@@ -13,13 +13,20 @@ What an interrupt does depends on where the cell is:
   when the call returns; a second interrupt then replaces the worker (the supervisor).
 
 A signal never tears an IPC message in half: sends on the main thread ``hold()`` it
-until they are done. An idle worker ignores SIGINT, unless requests have arrived on its
-``main`` link that it has not handled yet (the main thread was busy, e.g. finishing the
-cell before, or the machine loaded): the supervisor signals only while it has a cell
-running here, so such an *early* interrupt is for a cell about to start, and the next cell
-that starts from those requests ends with KeyboardInterrupt before its code runs (it was
-lost before, and the next interrupt then killed the worker). Once they are handled without
-a cell, it is dropped.
+until they are done. A worker with no running cell ignores SIGINT.
+
+The supervisor's interrupt names its cells: it sends an ``interrupt`` op (on ``aux``) for each
+cell that has started as far as the client knows, then the signal. The signal stops a
+running cell at once; the op reaches the cells the signal could not:
+
+- a cell the worker has not started yet (its request waits unread because the main thread
+  was busy, or it waits for ``go``) ends with KeyboardInterrupt before its code runs, as
+  soon as it starts (``running``);
+- a cell that had already ended here is passed by: nothing carries over to the next cell
+  (before, the worker guessed from unread requests, and a cell sent after the interrupt
+  could take it).
+
+The op does not interrupt a cell that the signal already reached (``interrupted`` is set).
 
 SIGINTs that arrive together are one interrupt (``COALESCE_SECONDS``): VS Code interrupts a
 local kernel by signalling every process of its tree one by one, then the kernel, which
@@ -60,6 +67,9 @@ from kernelvisor.cells import Cell, current_cell
 
 # An untargeted SIGINT this soon after the last one that reached a cell passes that cell by.
 COALESCE_SECONDS = 0.5
+
+# How many interrupts for cells not (or no longer) running the gate remembers.
+AT_START_KEPT = 64
 
 
 def _cell_on_stack(
@@ -128,12 +138,10 @@ class SigintGate:
         # Set by the debugger: given a cell's stack and thread, resumes the thread if a
         # breakpoint holds it (True if it did). Called before KeyboardInterrupt is raised there.
         self.resume_suspended: Callable[[FrameType | None, int], bool] | None = None
-        # Set by the main link's reader: whether requests have arrived on it that are not
-        # handled yet (see "early" interrupts in the module doc).
-        self.work_pending: Callable[[], bool] | None = None
-        # An untargeted SIGINT came while no cell ran but requests were still on their way
-        # in: the next cell that starts from them is interrupted.
-        self._early = False
+        # Cells the supervisor interrupted before they started here (request ids, oldest
+        # first): each is interrupted when it starts. One that had ended already never
+        # starts again, so its entry only waits to be pushed out (``AT_START_KEPT``).
+        self._at_start: dict[int, None] = {}
         # The socket pair the C handler writes to, read by the watcher (``watch_signals``).
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
 
@@ -174,10 +182,8 @@ class SigintGate:
         """Registers ``cell`` as interruptible while the block runs."""
         with self._lock:
             self._cells[cell.req_id] = cell
-            if self._early:
-                self._early = False
-                if cell.interrupted is None:
-                    cell.interrupted = "interrupt"  # it stops before its code runs
+            if self._at_start.pop(cell.req_id, 0) is None and cell.interrupted is None:
+                cell.interrupted = "interrupt"  # it stops before its code runs
         try:
             yield
         finally:
@@ -190,11 +196,22 @@ class SigintGate:
             return list(self._cells.values())
 
     def interrupt_cell(self, req_id: int, timeout: float | None = None) -> None:
-        """Interrupts one cell, from any thread (the supervisor's ``interrupt`` op)."""
+        """Interrupts one cell, from any thread (the supervisor's ``interrupt`` op): for its
+        ``timeout=`` tag, or (``timeout`` None) the user's interrupt, which the supervisor
+        also signals (see the module doc)."""
         with self._lock:
             cell = self._cells.get(req_id)
-        if cell is None:
-            return  # already done
+            if cell is None:
+                if timeout is None:  # not started yet, or ended already
+                    self._at_start[req_id] = None
+                    while len(self._at_start) > AT_START_KEPT:
+                        del self._at_start[next(iter(self._at_start))]
+                return
+            if timeout is None:
+                if cell.interrupted is not None:
+                    return  # the signal reached it first
+                # A SIGINT that comes after this (the supervisor's own) is the same click.
+                self._sigint_at[req_id] = time.monotonic()
         cell.interrupted = float(timeout) if timeout is not None else "interrupt"
         if cell.thread_ident == self._main_ident:
             # Only the main thread can raise in its own code: send it the signal, marked
@@ -215,9 +232,7 @@ class SigintGate:
             while self._targeted:
                 targets.add(self._targeted.popleft())
         if not self._cells:
-            if targets is None and self.work_pending is not None and self.work_pending():
-                self._early = True
-            return
+            return  # a cell on its way here gets the interrupt as an op (module doc)
         if targets is None:
             targets = self._not_just_interrupted()
             if targets is not None and not targets:
@@ -226,13 +241,6 @@ class SigintGate:
             self._deferred.append(targets)
             return
         self._interrupt(frame, targets)
-
-    def settle_early(self) -> None:
-        """Called by the main link's reader once it has handled what it read: an early
-        interrupt that no cell took is dropped when nothing is on its way in any more."""
-        if self._early and not (self.work_pending is not None and self.work_pending()):
-            with self._lock:
-                self._early = False
 
     def _not_just_interrupted(self) -> set[int] | None:
         """For an untargeted SIGINT: the running cells it should reach, those that no SIGINT

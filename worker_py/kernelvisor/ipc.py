@@ -6,14 +6,11 @@ all integers big-endian.
 
 from __future__ import annotations
 
-import array
-import fcntl
 import io
 import os
 import select
 import socket
 import struct
-import termios
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -282,16 +279,6 @@ class Connection:
             return False
         finally:
             self._send_lock.release()
-
-    def unread(self) -> int:
-        """Bytes that have arrived and are not yet part of a message returned: in the
-        socket (not read yet) and in the decoder (an incomplete message). Any thread."""
-        buf = array.array("i", [0])
-        try:
-            fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, buf)
-        except OSError:
-            buf[0] = 0
-        return buf[0] + self._decoder.pending
 
     def recv_nowait(self) -> list[list[bytes]]:
         """The messages completed by what the socket holds now, without blocking (maybe

@@ -36,7 +36,6 @@ class Links:
         worker = self._worker
         assert worker.main_conn is not None, "connect_main first"
         threading.Thread(target=self._read_aux, name="kernelvisor-aux-reader", daemon=True).start()
-        worker.gate.work_pending = self.main_pending
         main_fd = worker.main_conn.fileno()
         worker.loop.add_reader(main_fd, self.read_main)
         worker.stdin.watch_fd = main_fd
@@ -66,18 +65,6 @@ class Links:
             return
         self.inbox.extend(messages)
         self.handle_inbox()
-        worker.gate.settle_early()
-
-    def main_pending(self) -> bool:
-        """Whether a cell is on its way: messages have arrived on ``main`` that are not
-        handled yet, or a cell sent ahead waits for the supervisor's ``go`` (any thread,
-        e.g. the SIGINT handler's: an interrupt then reaches that cell)."""
-        conn = self._worker.main_conn
-        return (
-            bool(self.inbox)
-            or (conn is not None and conn.unread() > 0)
-            or self._worker.run_modes.waiting_for_go()
-        )
 
     def handle_inbox(self) -> None:
         """Handle what was read from ``main``. Through one queue, so that a nested call

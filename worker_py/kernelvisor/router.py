@@ -130,7 +130,7 @@ class Router:
         self._worker.aux_conn.send([control_frame({"op": "pong", "seq": control.get("seq")})])
 
     def _interrupt(self, control: dict[str, Any]) -> None:
-        """One cell (its timeout ran out); from the aux reader, at once."""
+        """One cell: the user's interrupt, or its timeout ran out; from the aux reader, at once."""
         timeout = control.get("timeout")
         self._worker.gate.interrupt_cell(
             int(control.get("id", 0)),

@@ -96,10 +96,6 @@ class RunModes:
             return False
         return True
 
-    def waiting_for_go(self) -> bool:
-        """Whether a cell sent ahead waits for the supervisor's ``go``."""
-        return bool(self._waiting_go)
-
     def go(self, req_id: object) -> None:
         """The supervisor's word for a cell that waits for it (main thread)."""
         req = self._waiting_go.pop(req_id, None) if isinstance(req_id, int) else None
