@@ -17,10 +17,11 @@ impl Kernel {
     /// (it ignored SIGINT, or sits in C code), the worker is killed and replaced instead.
     ///
     /// Each worker is told which cells the interrupt is for (the `interrupt` op, on `aux`),
-    /// then signalled. The signal stops a running cell at once (the `aux` reader may wait
-    /// for the GIL); the op is what makes the interrupt exact: a cell the worker has not
-    /// started yet (its main thread was busy) stops as soon as it starts, and a cell that
-    /// had already ended there passes nothing on to the next one.
+    /// not signalled: the op makes the interrupt exact. A cell the worker has not started
+    /// yet (its main thread was busy) stops as soon as it starts; a cell that had already
+    /// ended there passes nothing on, neither to the next cell nor to one that started in
+    /// the worker meanwhile (a signal would have interrupted whatever ran). The worker
+    /// signals its own main thread where that is what stops the cell.
     pub(super) fn interrupt(&mut self, why: &str) {
         // `# process` cells are interrupted too (once per interrupt; no escalation: a stuck
         // one costs only its own worker, which the user can kill by restarting).
@@ -79,10 +80,9 @@ impl Kernel {
     }
 }
 
-/// Tells worker `w` which cells an interrupt is for, then signals it.
+/// Tells worker `w` which cells an interrupt is for.
 fn interrupt_cells(w: &WorkerSlot, ids: &[u64]) {
     for &id in ids {
         w.send_aux(ToWorker::Interrupt { id, timeout: None }.message());
     }
-    w.signal(Signal::SIGINT);
 }

@@ -1,7 +1,8 @@
 """Random bursts of cells (seeded): quick cells and errors, output, crashes, `%undo`, silent,
 unstored and `# process` cells, interrupts at random moments, `stop_on_error` either way.
 Whatever the timing, every request is answered once and framed by one busy and one idle,
-numbers follow the order of queue cells, and an error (with `stop_on_error`) aborts the
+numbers follow the order of queue cells, an interrupt reaches only cells that had started
+when the kernel answered it, and an error (with `stop_on_error`) aborts the
 cells queued behind it and nothing else. This is where cells sent ahead, crash recovery and
 the queue meet. Runs of it (more seeds than these) found three bugs, each with its own
 test in test_snapshots.py: `%undo` aborted the cells queued behind it; `await` failed in a
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import random
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
 from isolation_support import describe, kv_kernel
-from kvharness import collect_requests, execute, result_text
+from kvharness import collect_requests, execute, get_reply, result_text
 
 CELLS: list[tuple[str, dict[str, Any], int]] = [
     # (code, execute options, weight)
@@ -43,7 +45,12 @@ def queue_cell(code: str, options: dict[str, Any]) -> bool:
     return not options.get("silent") and not code.startswith(("# process", "# task"))
 
 
-def check_burst(sent: list[tuple[str, str, dict[str, Any]]], done: dict, stop: bool) -> None:  # type: ignore[type-arg]
+def check_burst(
+    sent: list[tuple[str, str, dict[str, Any]]],
+    done: dict,  # type: ignore[type-arg]
+    stop: bool,
+    interrupted_at: datetime | None,
+) -> None:
     # An error stops the queue for the cells already there. Cells the client sent after the
     # error's reply was out run, as with ipykernel (its stop_on_error_timeout is 0): a run of
     # aborted cells follows an error, never a cell that ran after it.
@@ -60,6 +67,11 @@ def check_burst(sent: list[tuple[str, str, dict[str, Any]]], done: dict, stop: b
             continue
         states = [m["content"]["execution_state"] for m in iopub if m["msg_type"] == "status"]
         assert states == ["busy", "idle"], where
+        if reply.get("ename") == "KeyboardInterrupt":
+            # An interrupt is for the cells that had started (their busy was out) when the
+            # kernel answered it: never one that started after.
+            assert interrupted_at is not None, where
+            assert iopub[0]["header"]["date"] <= interrupted_at, (interrupted_at, where)
         assert iopub[0]["msg_type"] == "status" and iopub[-1]["msg_type"] == "status", where
         inputs = [
             m["content"]["execution_count"] for m in iopub if m["msg_type"] == "execute_input"
@@ -86,11 +98,17 @@ def test_random_bursts_answer_everything_in_order(seed: int) -> None:
                 code, options, _w = rng.choices(CELLS, [w for _, _, w in CELLS])[0]
                 code = code.format(n=rng.randint(0, 999))
                 sent.append((kc.execute(code, stop_on_error=stop, **options), code, options))
+            interrupt = None
             if rng.random() < 0.4:
                 time.sleep(rng.random() * 0.05)
-                kc.control_channel.send(kc.session.msg("interrupt_request", {}))
+                interrupt = kc.session.msg("interrupt_request", {})
+                kc.control_channel.send(interrupt)
             done = collect_requests(kc, [msg_id for msg_id, _, _ in sent])
-            check_burst(sent, done, stop)
+            interrupted_at = None
+            if interrupt is not None:
+                reply = get_reply(kc, interrupt["header"]["msg_id"], channel="control")
+                interrupted_at = reply["header"]["date"]
+            check_burst(sent, done, stop, interrupted_at)
         # And the kernel goes on.
         _reply, iopub = execute(kc, "1+1")
         assert result_text(iopub) == "2", describe(iopub)

@@ -15,18 +15,21 @@ What an interrupt does depends on where the cell is:
 A signal never tears an IPC message in half: sends on the main thread ``hold()`` it
 until they are done. A worker with no running cell ignores SIGINT.
 
-The supervisor's interrupt names its cells: it sends an ``interrupt`` op (on ``aux``) for each
-cell that has started as far as the client knows, then the signal. The signal stops a
-running cell at once; the op reaches the cells the signal could not:
+The supervisor's interrupt names its cells: an ``interrupt`` op (on ``aux``) for each cell
+that has started as far as the client knows, and no signal. ``interrupt_cell`` then does what
+stops that cell where it is (below; on the main thread, through a SIGINT it sends there,
+marked for the cell), so the interrupt is exact:
 
 - a cell the worker has not started yet (its request waits unread because the main thread
-  was busy, or it waits for ``go``) ends with KeyboardInterrupt before its code runs, as
-  soon as it starts (``running``);
-- a cell that had already ended here is passed by: nothing carries over to the next cell
-  (before, the worker guessed from unread requests, and a cell sent after the interrupt
-  could take it).
+  was busy, or it waits for ``go``) ends with KeyboardInterrupt as soon as it starts
+  (``running``), before its code runs;
+- a cell that had already ended here is passed by: nothing carries over, neither to the next
+  cell nor to a cell that started here meanwhile (a signal would reach whatever runs).
 
-The op does not interrupt a cell that the signal already reached (``interrupted`` is set).
+A SIGINT from outside (VS Code signals every process of the kernel's tree) reaches every
+running cell; with no cell running it is ignored. The op does nothing to a cell that such a
+signal reached just before (``interrupted`` is set), and marks the cell so that a signal
+right after it is the same click.
 
 SIGINTs that arrive together are one interrupt (``COALESCE_SECONDS``): VS Code interrupts a
 local kernel by signalling every process of its tree one by one, then the kernel, which
