@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from kernelvisor.cells import Cell
-from kernelvisor.interrupts import SigintGate
+from kernelvisor.interrupts import AT_START_KEPT, SigintGate
 
 
 def guarded(cell: Cell, body: Callable[[], None]) -> None:
@@ -158,3 +158,32 @@ def test_a_cell_not_yet_running_its_code_is_marked(gate: SigintGate) -> None:
     with gate.running(cell):
         signal.raise_signal(signal.SIGINT)  # no raise: not in the guard
     assert cell.interrupted == "interrupt"
+
+
+def test_an_interrupt_for_a_cell_not_started_stops_it_when_it_starts(gate: SigintGate) -> None:
+    gate.interrupt_cell(20)  # the user's (no timeout): the cell is not here yet
+    later = Cell(21, b"{}", False)
+    with gate.running(later):
+        assert later.interrupted is None, "another cell is not touched"
+    target = Cell(20, b"{}", False)
+    with gate.running(target):
+        assert target.interrupted == "interrupt"
+    again = Cell(20, b"{}", False)
+    with gate.running(again):
+        assert again.interrupted is None, "taken once"
+
+
+def test_a_timeout_for_a_cell_not_running_is_dropped(gate: SigintGate) -> None:
+    gate.interrupt_cell(22, 1.0)  # its timeout= tag: it has ended, nothing to remember
+    cell = Cell(22, b"{}", False)
+    with gate.running(cell):
+        assert cell.interrupted is None
+
+
+def test_interrupts_for_cells_that_never_start_are_not_kept_forever(gate: SigintGate) -> None:
+    for req_id in range(1000, 1000 + AT_START_KEPT + 10):
+        gate.interrupt_cell(req_id)  # ended already: they never start
+    oldest, newest = Cell(1000, b"{}", False), Cell(1000 + AT_START_KEPT + 9, b"{}", False)
+    with gate.running(oldest), gate.running(newest):
+        assert oldest.interrupted is None, "pushed out"
+        assert newest.interrupted == "interrupt"

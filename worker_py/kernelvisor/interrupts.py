@@ -185,8 +185,10 @@ class SigintGate:
         """Registers ``cell`` as interruptible while the block runs."""
         with self._lock:
             self._cells[cell.req_id] = cell
-            if self._at_start.pop(cell.req_id, 0) is None and cell.interrupted is None:
-                cell.interrupted = "interrupt"  # it stops before its code runs
+            if cell.req_id in self._at_start:
+                del self._at_start[cell.req_id]
+                if cell.interrupted is None:
+                    cell.interrupted = "interrupt"  # it stops before its code runs
         try:
             yield
         finally:
@@ -200,8 +202,8 @@ class SigintGate:
 
     def interrupt_cell(self, req_id: int, timeout: float | None = None) -> None:
         """Interrupts one cell, from any thread (the supervisor's ``interrupt`` op): for its
-        ``timeout=`` tag, or (``timeout`` None) the user's interrupt, which the supervisor
-        also signals (see the module doc)."""
+        ``timeout=`` tag, or (``timeout`` None) the user's interrupt, which may come for a
+        cell not started here yet, or ended already (see the module doc)."""
         with self._lock:
             cell = self._cells.get(req_id)
             if cell is None:
@@ -212,14 +214,14 @@ class SigintGate:
                 return
             if timeout is None:
                 if cell.interrupted is not None:
-                    return  # the signal reached it first
-                # A SIGINT that comes after this (the supervisor's own) is the same click.
+                    return  # a SIGINT from outside reached it first (the same click)
+                # A SIGINT from outside that comes right after this is the same click.
                 self._sigint_at[req_id] = time.monotonic()
         cell.interrupted = float(timeout) if timeout is not None else "interrupt"
         if cell.thread_ident == self._main_ident:
             # Only the main thread can raise in its own code: send it the signal, marked
-            # for this cell. (A SIGINT from the supervisor arriving in the same instant
-            # may merge with it and then reach only this cell.)
+            # for this cell. (A SIGINT from outside arriving in the same instant may merge
+            # with it and then reach only this cell.)
             self._targeted.append(req_id)
             if threading.get_ident() == self._main_ident:
                 signal.raise_signal(signal.SIGINT)
