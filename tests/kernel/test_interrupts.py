@@ -101,6 +101,18 @@ def test_interrupt_raises_keyboard_interrupt_and_keeps_namespace(kernel: Kernel,
 
 
 @pytest.mark.parametrize("how", list(INTERRUPTS))
+def test_interrupt_while_input_waits(kernel: Kernel, how: str) -> None:
+    kc = kernel.kc
+    msg_id = kc.execute("input('name? ')", allow_stdin=True)
+    request = kc.get_stdin_msg(timeout=10)
+    assert request["msg_type"] == "input_request", request
+    INTERRUPTS[how](kernel)
+    reply, iopub = finish_cell(kc, msg_id)
+    assert reply["content"]["ename"] == "KeyboardInterrupt", describe(iopub)
+    assert_healthy(kc)
+
+
+@pytest.mark.parametrize("how", list(INTERRUPTS))
 def test_an_interrupt_is_not_for_the_cell_queued_behind(kernel: Kernel, how: str) -> None:
     """The next queue cell is sent to the worker ahead of time (IPC.md, "Cells sent
     ahead"), but it has not started for the client: an interrupt is not for it. With

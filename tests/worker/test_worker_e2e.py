@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from ipc_client import Exchange, WorkerProcess
 
 
@@ -330,12 +331,17 @@ def test_input_and_getpass(worker: WorkerProcess) -> None:
     assert {i: (m.op, m.via) for i, m in done.items()} == {d: ("done", "aux") for d in dones}
 
 
-def test_interrupt_while_waiting_for_input(worker: WorkerProcess) -> None:
+@pytest.mark.parametrize("how", ["op", "sigint"])
+def test_interrupt_while_waiting_for_input(worker: WorkerProcess, how: str) -> None:
+    """The supervisor's interrupt op, and a SIGINT from outside (VS Code's)."""
     req = worker.send_request("execute_request", {"code": "input()", "allow_stdin": True})
     msg = worker.recv()
     while msg.op != "stdin":
         msg = worker.recv()
-    os.kill(worker.proc.pid, signal.SIGINT)
+    if how == "op":
+        worker.send_op("interrupt", id=req)
+    else:
+        os.kill(worker.proc.pid, signal.SIGINT)
     assert worker.collect(req).reply.content["ename"] == "KeyboardInterrupt"
 
 
