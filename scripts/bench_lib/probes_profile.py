@@ -11,18 +11,22 @@ perf_counter(), so each cell's round trip splits into
 - IPython: transform_cell, run_cell and the post-run events, for `pass`.
 
 Medians of each part over the cells (they need not add up to the median round trip). Also the
-CPU time each process spends per cell."""
+CPU time each process spends per cell, and the machine's floor under a hop between two
+processes (a Unix-socket echo, back to back and after a sleep: what waking another CPU costs)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench_lib.kernels import Launched, Opts, check_ok, kv_info, launched, run_cells
-from bench_lib.table import KERNELVISOR, Row, Value, probe, section
+from bench_lib.table import KERNELVISOR, Row, Shown, Value, probe, section
 
 PROFILE = section("profile", "where kernelvisor's `pass` round trip goes (timestamps)")
 
@@ -112,3 +116,59 @@ def probe_profile(kernel: str, opts: Opts) -> dict[str, Value]:
         launched(kernel, env={"KERNELVISOR_TIMINGS": tmp}) as k,
     ):
         return split(k, Path(tmp), opts.runs(200, 1000))
+
+
+# The machine's floor under any hop between two processes: a forked peer echoes 600 bytes
+# over a Unix socket. Busy, the two wake each other on CPUs that are running; after a sleep,
+# the wake-up lands on an idle CPU, which on a VM without a cpuidle driver is a halted vCPU.
+ECHO = """
+import os, socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    d = s.recv(4096)
+    if not d:
+        break
+    s.sendall(d)
+"""
+
+
+def hop_us(gap: float, n: int) -> float:
+    """Median µs of a 600-byte round trip to an echoing process, `gap` seconds asleep before
+    each."""
+    mine, theirs = socket.socketpair()
+    peer = subprocess.Popen(
+        [sys.executable, "-c", ECHO, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+    )
+    theirs.close()
+    try:
+        data = b"x" * 600
+        times = []
+        for _ in range(n):
+            if gap:
+                time.sleep(gap)
+            start = time.perf_counter()
+            mine.sendall(data)
+            got = 0
+            while got < len(data):
+                got += len(mine.recv(4096))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+    finally:
+        mine.close()
+        peer.wait(timeout=10)
+
+
+@probe(
+    PROFILE,
+    Row(
+        "hop_floor",
+        "the machine (no kernel): a Unix-socket round trip to another process, back to back / "
+        "after 1 ms asleep (µs, median)",
+        ratios=False,
+    ),
+    kernels=(KERNELVISOR,),
+)
+def probe_hop_floor(kernel: str, opts: Opts) -> dict[str, Value]:
+    busy = hop_us(0.0, opts.runs(500, 3000))
+    asleep = hop_us(0.001, opts.runs(100, 500))
+    return {"hop_floor": Shown(asleep, f"{busy:.0f} / {asleep:.0f}")}
