@@ -118,9 +118,10 @@ def probe_profile(kernel: str, opts: Opts) -> dict[str, Value]:
         return split(k, Path(tmp), opts.runs(200, 1000))
 
 
-# The machine's floor under any hop between two processes: a forked peer echoes 600 bytes
-# over a Unix socket. Busy, the two wake each other on CPUs that are running; after a sleep,
-# the wake-up lands on an idle CPU, which on a VM without a cpuidle driver is a halted vCPU.
+# The machine's floor under any hop between two processes: a peer process echoes 600 bytes
+# over a Unix socket. Back to back, the two wake each other on CPUs that are running; after a
+# sleep, the wake-up lands on an idle CPU, which on a VM without a cpuidle driver is a halted
+# vCPU. Against the split's IPC line: what of it is the socket, and what is software.
 ECHO = """
 import os, socket, sys
 s = socket.socket(fileno=int(sys.argv[1]))
