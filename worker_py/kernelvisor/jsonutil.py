@@ -74,10 +74,10 @@ def _verbatim(text: str) -> bytes | None:
     return None if raw.translate(None, _AS_THEY_ARE) else raw
 
 
-def _lift(obj: Any, marker: str, lifted: list[bytes], depth: int) -> Any:
+def _lift(obj: Any, marker: list[str], lifted: list[bytes], depth: int) -> Any:
     """``obj`` with its large verbatim strings (in dicts, at most ``depth`` levels down:
     a message's content, and its mime bundle) replaced by numbered markers; the dicts that
-    hold one are copied, never changed."""
+    hold one are copied, never changed. ``marker`` is made on first use (in ``marker[0]``)."""
     if not isinstance(obj, dict):
         return obj
     out = None
@@ -86,7 +86,11 @@ def _lift(obj: Any, marker: str, lifted: list[bytes], depth: int) -> Any:
             raw = _verbatim(value)
             if raw is None:
                 continue
-            new: Any = f"{marker}{len(lifted)}"
+            if not marker:
+                # A marker no string of the message can hold: fresh random bytes each
+                # time (made only here: most messages hold no such string).
+                marker.append(f"kvraw-{os.urandom(8).hex()}-")
+            new: Any = f"{marker[0]}{len(lifted)}"
             lifted.append(raw)
         elif isinstance(value, dict) and depth > 1:
             new = _lift(value, marker, lifted, depth - 1)
@@ -115,16 +119,16 @@ def _encode(obj: Any) -> bytes:
 def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON for a frame."""
     lifted: list[bytes] = []
-    # A marker no string of the message can hold: fresh random bytes each time.
-    marker = f"kvraw-{os.urandom(8).hex()}-"
+    marker: list[str] = []
     data = _encode(_lift(obj, marker, lifted, 2))
     if not lifted:
         return data
+    (mark,) = marker
     parts = []
     start = 0
     for i, raw in enumerate(lifted):
-        at = data.index(f'"{marker}{i}"'.encode(), start)
+        at = data.index(f'"{mark}{i}"'.encode(), start)
         parts += [data[start : at + 1], raw]
-        start = at + 1 + len(f"{marker}{i}")
+        start = at + 1 + len(f"{mark}{i}")
     parts.append(data[start:])
     return b"".join(parts)
