@@ -187,3 +187,23 @@ def test_interrupts_for_cells_that_never_start_are_not_kept_forever(gate: Sigint
     with gate.running(oldest), gate.running(newest):
         assert oldest.interrupted is None, "pushed out"
         assert newest.interrupted == "interrupt"
+
+
+def test_a_sigint_right_after_the_op_is_the_same_click(gate: SigintGate) -> None:
+    """The supervisor's op first, VS Code's own SIGINT to the worker just after (one click
+    that reached the kernel first): the second must not cut the clean-up short."""
+    cell = Cell(30, b"{}", False)
+    steps = []
+
+    def body() -> None:
+        try:
+            gate.interrupt_cell(30)
+            time.sleep(5)  # not reached: interrupted
+        except KeyboardInterrupt:
+            steps.append("caught")
+            signal.raise_signal(signal.SIGINT)
+            steps.append("clean-up ran to its end")
+
+    with gate.running(cell):
+        guarded(cell, body)
+    assert steps == ["caught", "clean-up ran to its end"]
