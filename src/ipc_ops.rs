@@ -13,8 +13,9 @@ use crate::worker::WorkerId;
 /// (`--ipc-version`); a worker whose own differs refuses to start, saying so
 /// (IPC.md "Handshake"), and an outliving template will not be adopted across it. Bump it
 /// with the Python worker's `kernelvisor.ipc.IPC_VERSION` whenever either side changes
-/// what it sends or expects.
-pub const IPC_VERSION: u32 = 1;
+/// what it sends or expects. (2: the user's interrupt is the `interrupt` op, without a
+/// `timeout`, and no SIGINT.)
+pub const IPC_VERSION: u32 = 2;
 
 /// Which of a worker's connections a message travels on (see `worker_py/IPC.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

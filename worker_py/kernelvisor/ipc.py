@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 
-IPC_VERSION = 1
+IPC_VERSION = 2
 """The IPC's version: the supervisor passes its own (``--ipc-version``), and a worker
 refuses to start on any other (IPC.md "Handshake"). Bump it with the supervisor's
 ``ipc_ops::IPC_VERSION`` whenever either side changes what it sends or expects."""
