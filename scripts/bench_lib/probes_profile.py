@@ -151,7 +151,10 @@ def hop_us(gap: float, n: int) -> float:
             mine.sendall(data)
             got = 0
             while got < len(data):
-                got += len(mine.recv(4096))
+                chunk = mine.recv(4096)
+                if not chunk:
+                    raise RuntimeError("the echoing process ended")
+                got += len(chunk)
             times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e6
     finally:

@@ -344,15 +344,16 @@ impl Kernel {
         self.dispatch_execute();
     }
 
-    /// The execute requests running in worker `wid` (the main one).
+    /// The execute requests running in worker `wid` (the main one), with their request ids
+    /// (a cell sent ahead among them: it is in the worker, not started for the client).
     pub(super) fn main_executions(
         &mut self,
         wid: WorkerId,
-    ) -> impl Iterator<Item = &mut Execution> {
+    ) -> impl Iterator<Item = (u64, &mut Execution)> {
         self.pending
-            .values_mut()
-            .filter(move |p| p.worker == wid && !p.borrowed)
-            .filter_map(|p| p.exec.as_mut())
+            .iter_mut()
+            .filter(move |(_, p)| p.worker == wid && !p.borrowed)
+            .filter_map(|(id, p)| Some((*id, p.exec.as_mut()?)))
     }
 
     /// Whether an execute request is running in the main worker.

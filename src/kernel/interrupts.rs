@@ -44,14 +44,11 @@ impl Kernel {
         let now = Instant::now();
         let mut started = Vec::new();
         let mut again = false;
-        for (id, p) in self.pending.iter_mut() {
-            if p.worker != wid || p.borrowed || Some(*id) == ahead {
-                continue;
-            }
-            if let Some(exec) = p.exec.as_mut() {
+        for (id, exec) in self.main_executions(wid) {
+            if Some(id) != ahead {
                 again |= exec.interrupted.is_some();
                 exec.interrupted.get_or_insert(now);
-                started.push(*id);
+                started.push(id);
             }
         }
         if started.is_empty() {

@@ -163,7 +163,7 @@ impl Kernel {
         if let Some(grace) = self.cfg.interrupt_grace {
             let first = self
                 .main_executions(wid)
-                .filter_map(|e| e.interrupted)
+                .filter_map(|(_, e)| e.interrupted)
                 .min();
             if first.is_some_and(|first| now.duration_since(first) > grace) {
                 self.kill_worker(
