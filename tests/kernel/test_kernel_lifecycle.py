@@ -232,6 +232,9 @@ def test_sigint_while_starting_does_not_kill(kv_bin: Path, tmp_path: Path) -> No
                 continue
             if reply["parent_header"].get("msg_id") == msg_id:
                 break
+        # A shell reply does not prove IOPub subscribed yet (the client connected before the
+        # kernel bound): without this, the next cell's busy and idle could be lost.
+        kc.wait_for_ready(timeout=STARTUP_TIMEOUT)
         works_then_shuts_down(kc, proc)
     finally:
         stop(kc, proc)
