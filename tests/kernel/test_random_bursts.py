@@ -67,12 +67,12 @@ def check_burst(
             continue
         states = [m["content"]["execution_state"] for m in iopub if m["msg_type"] == "status"]
         assert states == ["busy", "idle"], where
+        assert iopub[0]["msg_type"] == "status" and iopub[-1]["msg_type"] == "status", where
         if reply.get("ename") == "KeyboardInterrupt":
             # An interrupt is for the cells that had started (their busy was out) when the
             # kernel answered it: never one that started after.
             assert interrupted_at is not None, where
             assert iopub[0]["header"]["date"] <= interrupted_at, (interrupted_at, where)
-        assert iopub[0]["msg_type"] == "status" and iopub[-1]["msg_type"] == "status", where
         inputs = [
             m["content"]["execution_count"] for m in iopub if m["msg_type"] == "execute_input"
         ]

@@ -202,7 +202,7 @@ def test_sigint_interrupts_every_running_cell(worker: WorkerProcess) -> None:
 )
 def test_interrupt_op_stops_one_cell(worker: WorkerProcess, mode: str, code: str, why: str) -> None:
     """The op for a `timeout=` tag that expired, and the user's interrupt (which the
-    supervisor sends for each started cell, with a SIGINT)."""
+    supervisor sends for each started cell, and no signal)."""
     if mode == "queue" and "spinning" in code:
         other = worker.send_cell("await asyncio.sleep(0.2)\n'other'", "thread")
     else:
@@ -239,7 +239,7 @@ comm.get_comm_manager().register_target("kv-busy", _busy)
 
 def test_an_interrupt_after_its_cell_ended_passes_the_next_cell_by(worker: WorkerProcess) -> None:
     """The supervisor interrupts a cell that has just ended here (its reply was on its
-    way): the op and the signal find no cell, and a cell sent after them runs, even when
+    way): the op, and a SIGINT from outside, find no cell, and a cell sent after them runs, even when
     it is read together with a request that was waiting when the signal came (the worker
     used to guess from unread requests, and interrupted it)."""
     ended = worker.send_cell("pass")
