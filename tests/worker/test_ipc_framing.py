@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import gc
 import json
+import os
 import select
 import socket
 import struct
@@ -237,3 +239,22 @@ def test_connection_sends_the_encoding(frames: list[ipc.BytesLike]) -> None:
     assert ipc.decode(got) == [bytes(f) for f in frames]
     conn.close()
     peer.close()
+
+
+def test_forget_leaves_a_reused_descriptor_number_alone(tmp_path: Path) -> None:
+    """A snapshot closes its copy of the worker's links by number right after the fork, and
+    forgets the Connection objects once promoted: by then the number may be another open
+    file's, which forgetting must not close (``abandon`` would)."""
+    a, b = socket.socketpair()
+    conn = Connection(a)
+    number = conn.fileno()
+    with open(tmp_path / "reused", "wb") as reused:
+        os.close(number)
+        os.dup2(reused.fileno(), number)
+        conn.forget()
+        del conn, a
+        gc.collect()
+        os.write(number, b"still open")
+        assert os.fstat(reused.fileno()).st_size == len(b"still open")
+    os.close(number)
+    b.close()

@@ -6,6 +6,7 @@ all integers big-endian.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
@@ -208,6 +209,13 @@ class Connection:
             return
         if fd >= 0:
             os.close(fd)
+
+    def forget(self) -> None:
+        """In a forked child whose copy of the socket was closed already (by its number,
+        snapshot.py's pause): never touch it, nor close it again (its number may be
+        another descriptor's by now)."""
+        with contextlib.suppress(OSError):
+            self._sock.detach()
 
     @classmethod
     def connect(cls, path: str) -> Connection:

@@ -14,11 +14,14 @@ background tasks started by cells do not survive; user threads are named in the 
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,7 +30,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from kernelvisor.crash import really_exit
-from kernelvisor.ipc import Connection, ProtocolError
+from kernelvisor.ipc import _RECV_SIZE, _U32, MAX_BODY, ProtocolError, decode_body, encode
 from kernelvisor.messages import Promote, hello
 from kernelvisor.outbox import control_frame
 
@@ -150,6 +153,88 @@ def _let_go_of(fd: int) -> list[int]:
     return redirected
 
 
+_PID_MARKER = 987654321987654321
+"""Stands for the copy's pid in the hello that the worker encodes for it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PausePlan:
+    """What a snapshot does between its fork and its promotion, decided by the worker
+    before the fork. Every page the copy writes stops being shared with the worker, and
+    running Python writes to the page of each object it touches (reference counts): the
+    copy's own work is kept to a few calls."""
+
+    path: str
+    """Where the supervisor listens."""
+    close: tuple[int, ...]
+    """The worker's links and pidfds: the worker's death must close its links, and the
+    supervisor must see the copy only on the link it makes."""
+    diag: int
+    """The worker's stderr: the supervisor reads it to its end when the worker dies."""
+    hello: tuple[bytes, bytes]
+    """The copy's hello, encoded, before and after its pid."""
+    diag_fds: list[int] = dataclasses.field(default_factory=list)
+    """Filled in by the copy: the descriptors it pointed away from the worker's stderr."""
+
+
+def _paused(plan: PausePlan) -> tuple[socket.socket, bytearray]:
+    """The copy, right after the fork: let go of the worker's descriptors, say hello on
+    a link of its own, and wait for a whole message on it. Exits if the link closes (a
+    newer snapshot, shutdown, or the supervisor's death)."""
+    # One click of a frontend that signals every process in the tree must not reach a
+    # paused copy.
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    for fd in plan.close:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    plan.diag_fds.extend(_let_go_of(plan.diag))
+    head, tail = plan.hello
+    link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        link.connect(plan.path)
+        link.sendall(encode([head + str(os.getpid()).encode() + tail]))
+    except OSError:
+        really_exit(0)
+    received = bytearray()
+    _read_message(link, received)
+    return link, received
+
+
+def _read_message(link: socket.socket, received: bytearray) -> None:
+    """Read until ``received`` starts with a whole message; exit on end of file (or on
+    a length past the protocol's bound)."""
+    while len(received) < 4 or len(received) < 4 + _U32.unpack_from(received)[0]:
+        if len(received) >= 4 and _U32.unpack_from(received)[0] > MAX_BODY:
+            really_exit(1)
+        try:
+            data = link.recv(_RECV_SIZE)
+        except OSError:
+            data = b""
+        if not data:
+            really_exit(0)
+        received += data
+
+
+def _wait(link: socket.socket, received: bytearray) -> Promote:
+    """The messages on the copy's link, until ``promote``: others are skipped."""
+    import json
+
+    while True:
+        _read_message(link, received)
+        (body_len,) = _U32.unpack_from(received)
+        try:
+            frames = decode_body(bytes(received[4 : 4 + body_len]))
+            control = json.loads(frames[0])
+        except (ProtocolError, ValueError, IndexError):
+            really_exit(1)
+        del received[: 4 + body_len]
+        if isinstance(control, dict) and control.get("op") == "promote":
+            try:
+                return Promote.from_control(control)
+            except ProtocolError:
+                really_exit(1)
+
+
 class Snapshots:
     """The worker's side: forking on request, reaping its snapshot children, and, in a
     snapshot, waiting for promotion."""
@@ -179,16 +264,37 @@ class Snapshots:
             if t is not threading.main_thread() and not t.name.startswith("kernelvisor")
         ]
         count = w.shell.execution_count
+        plan = self._pause_plan(seq)
         with self.quiet():
             started = time.perf_counter()
             pid = os.fork()
+            if pid == 0:
+                # The copy: paused here, inside the block, until a message comes.
+                link, received = _paused(plan)
         if pid == 0:
-            self._in_snapshot(seq, user_threads)
+            self._promoted(plan, link, received, user_threads)
             return
         fork_ms = (time.perf_counter() - started) * 1000
         self._watch(pid)
         self.last = {"pid": pid, "seq": seq, "at": time.time(), "count": count}
         w.outbox.control({"op": "snapshot_taken", "seq": seq, "pid": pid, "fork_ms": fork_ms})
+
+    def _pause_plan(self, seq: int) -> PausePlan:
+        """What the copy does before it waits, worked out here in the worker: the copy
+        then runs as little Python as it can (``_paused``)."""
+        w = self._worker
+        links = [w.aux_conn.fileno()]
+        if w.main_conn is not None:
+            links.append(w.main_conn.fileno())
+        marker = str(_PID_MARKER).encode()
+        frame = control_frame(hello("snapshot", w.worker_id, _PID_MARKER, w.token, seq=seq))
+        head, tail = frame.split(marker)
+        return PausePlan(
+            path=w.path,
+            close=tuple(links + [fd for fd in self._children.values() if fd >= 0]),
+            diag=w.diag.fileno(),
+            hello=(head, tail),
+        )
 
     @contextlib.contextmanager
     def quiet(self) -> Iterator[None]:
@@ -226,50 +332,21 @@ class Snapshots:
 
     # --- in the snapshot ----------------------------------------------------------------
 
-    def _in_snapshot(self, seq: int, user_threads: list[str]) -> None:
+    def _promoted(
+        self, plan: PausePlan, link: socket.socket, received: bytearray, user_threads: list[str]
+    ) -> None:
+        """The copy, once a message came on its link (``_paused``): forget what the pause
+        closed, and become the worker once the message is ``promote``."""
         w = self._worker
-        # One click of a frontend that signals every process in the tree must not reach
-        # a paused copy.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # Nothing of the worker's links stays open here: its death must close them.
+        # Their descriptors were closed by the pause: their numbers may be reused since.
         if w.main_conn is not None:
-            w.main_conn.abandon()
-        w.aux_conn.abandon()
-        for pidfd in self._children.values():
-            if pidfd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(pidfd)
+            w.main_conn.forget()
+        w.aux_conn.forget()
         self._children = {}
-        # The supervisor reads the worker's stderr to its end (and waits for it before it
-        # reports the worker's death): hold none of the descriptors open on it.
-        self._diag_fds = _let_go_of(w.diag.fileno())
+        self._diag_fds = plan.diag_fds
         w.discard_inbox()
-        try:
-            link = Connection.connect(w.path)
-            link.send(
-                [control_frame(hello("snapshot", w.worker_id, os.getpid(), w.token, seq=seq))]
-            )
-        except OSError:
-            really_exit(0)
-        promote = self._wait(link)
+        promote = _wait(link, received)
         self._become_worker(promote, link, user_threads)
-
-    def _wait(self, link: Connection) -> Promote:
-        """Paused until promoted; exits when the supervisor drops the link (a newer
-        snapshot, shutdown, or the supervisor's death)."""
-        import json
-
-        while True:
-            try:
-                frames = link.recv()
-                control = json.loads(frames[0])
-            except (EOFError, OSError, ProtocolError, ValueError, IndexError):
-                really_exit(0)
-            if isinstance(control, dict) and control.get("op") == "promote":
-                try:
-                    return Promote.from_control(control)
-                except ProtocolError:
-                    really_exit(1)
 
     def _diagnose_to_file(self, path: str) -> None:
         """faulthandler and the crash report write to ``path`` from now on."""
@@ -284,14 +361,16 @@ class Snapshots:
         finally:
             os.close(fd)
 
-    def _become_worker(self, promote: Promote, link: Connection, user_threads: list[str]) -> None:
+    def _become_worker(
+        self, promote: Promote, link: socket.socket, user_threads: list[str]
+    ) -> None:
         w = self._worker
         # Our worker is dead and we were reparented to the supervisor (a subreaper): die
         # with it from now on, as a spawned worker does.
         die_with_parent()
         if os.getppid() == 1:
             really_exit(0)
-        link.abandon()
+        link.close()
         w.worker_id = promote.worker_id
         w.token = promote.token
         self._diagnose_to_file(heir_diagnostics_path(w.path, w.worker_id))
