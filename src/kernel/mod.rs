@@ -104,8 +104,13 @@ impl Channel {
     }
 }
 
-/// How often the watchdog checks memory, liveness, grace periods and the idle pool.
+/// How often the watchdog checks memory, liveness, grace periods and the idle pool while
+/// anything is in motion ([`Kernel::watch_closely`]).
 const TICK: Duration = Duration::from_millis(100);
+
+/// How often it looks when nothing is: an idle kernel then wakes about twice a second (tokio's
+/// timer wheel wakes once more before a deadline), not twenty times.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// A SIGCHLD looks for orphans to reap at most this often (the watchdog looks at each tick).
 const STRAYS_GAP: Duration = Duration::from_millis(10);
@@ -380,10 +385,21 @@ struct Kernel {
 
 impl Kernel {
     async fn serve(&mut self, mut signals: Signals) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first look is at once (it starts the first worker), then every TICK or
+        // IDLE_TICK after the end of the last one.
+        let mut next_watch = Instant::now();
+        let watch = tokio::time::sleep_until(next_watch.into());
+        tokio::pin!(watch);
         while !self.exiting {
             let idle_snapshot = self.idle_snapshot_at();
+            let watch_at = if self.watch_closely() {
+                next_watch.min(Instant::now() + TICK)
+            } else {
+                next_watch
+            };
+            if watch.deadline() != watch_at.into() {
+                watch.as_mut().reset(watch_at.into());
+            }
             tokio::select! {
                 Some(m) = self.shell.next() => self.on_client(Channel::Shell, m).await,
                 Some(m) = self.control.next() => self.on_client(Channel::Control, m).await,
@@ -395,9 +411,11 @@ impl Kernel {
                 _ = snapshot_timer(idle_snapshot) => {
                     self.idle_snapshot(idle_snapshot.expect("armed"));
                 }
-                _ = tick.tick() => {
+                () = &mut watch => {
                     self.watchdog().await;
                     self.send_refusals().await;
+                    let period = if self.watch_closely() { TICK } else { IDLE_TICK };
+                    next_watch = Instant::now() + period;
                 }
                 got = signals.recv() => match got {
                     Ok(got) => {

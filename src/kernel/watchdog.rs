@@ -1,4 +1,4 @@
-//! The periodic watchdog: overdue exits, memory limit, liveness, interrupt grace,
+//! The periodic watchdog (every 100 ms while anything is in motion, else every second): overdue exits, memory limit, liveness, interrupt grace,
 //! `timeout=` tags, and the idle pool's reaper.
 
 use tracing::{info, warn};
@@ -8,7 +8,26 @@ use crate::ipc_ops::ToWorker;
 use crate::pool::KillReason;
 
 impl Kernel {
-    /// Runs every `TICK`: overdue exits, memory limit, `timeout=` tags, liveness,
+    /// Whether anything is in motion that the watchdog must look at every [`TICK`]: a
+    /// request in flight on any worker (its cell's memory, its `timeout=` tag, an
+    /// interrupt's grace, liveness), a worker starting, exiting or being killed, an heir
+    /// coming, a pool or a template to replace, a shutdown. Otherwise it looks every
+    /// [`IDLE_TICK`]: memory that a user's thread grows between cells is then caught
+    /// within a second.
+    pub(super) fn watch_closely(&self) -> bool {
+        !self.pending.is_empty()
+            || self.exiting
+            || self.heir_deadline.is_some()
+            || self.pool.any_starting()
+            || self.pool.missing() > 0
+            || (self.pool.forks_from_template() && self.pool.template().is_none())
+            || self
+                .pool
+                .all()
+                .any(|w| w.exit.is_some() || w.kill_reason.is_some())
+    }
+
+    /// Runs every `TICK` (or `IDLE_TICK`): overdue exits, memory limit, `timeout=` tags, liveness,
     /// interrupt grace, idle reaping.
     pub(super) async fn watchdog(&mut self) {
         let now = Instant::now();

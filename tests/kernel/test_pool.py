@@ -374,3 +374,37 @@ def test_killed_supervisor_takes_its_workers(kv_bin: Path, tmp_path: Path) -> No
 
         wait_dead(workers, "the workers to die with the supervisor")
         wait_until(lambda: not is_running(sup), "the supervisor to be gone")
+
+
+def _voluntary_switches(pids: list[int]) -> int:
+    """Voluntary context switches so far of every thread of ``pids``: how often they slept
+    and were woken."""
+    total = 0
+    for pid in pids:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+    return total
+
+
+def test_an_idle_kernel_stays_asleep() -> None:
+    """With nothing in flight, the supervisor's watchdog looks once a second: the idle tree
+    wakes about twice a second, not twenty times (a 100 ms tick, which it keeps while
+    anything is in motion). ipykernel wakes about once a second here. The client's
+    heartbeat is paused, so that its pings do not count."""
+    with kv_kernel() as kernel:
+        kc = kernel.kc
+        assert_healthy(kc)
+        pool = wait_pool(kc, lambda p: settled(p, 0), "a settled pool")
+        wait_until(lambda: kv_snapshot_pid(kc) is not None, "the idle snapshot")
+        pids = [supervisor_pid(kernel), *all_worker_pids(pool), *kv_snapshot_pids(kc)]
+        kc.hb_channel.pause()
+        time.sleep(1.5)  # the last request's reply, then IDLE_TICK's first second
+        before = _voluntary_switches(pids)
+        time.sleep(4.0)
+        rate = (_voluntary_switches(pids) - before) / 4.0
+        kc.hb_channel.unpause()
+        assert rate <= 5.0, f"the idle kernel woke {rate:.1f} times a second"
+        assert_healthy(kc)
