@@ -392,13 +392,13 @@ impl Kernel {
         tokio::pin!(watch);
         while !self.exiting {
             let idle_snapshot = self.idle_snapshot_at();
-            let watch_at = if self.watch_closely() {
-                next_watch.min(Instant::now() + TICK)
-            } else {
-                next_watch
-            };
-            if watch.deadline() != watch_at.into() {
-                watch.as_mut().reset(watch_at.into());
+            // Something set in motion while the watchdog was looking once a second: it
+            // looks within TICK (the deadline moves once, not at each message after).
+            if next_watch > Instant::now() + TICK && self.watch_closely() {
+                next_watch = Instant::now() + TICK;
+            }
+            if watch.deadline() != next_watch.into() {
+                watch.as_mut().reset(next_watch.into());
             }
             tokio::select! {
                 Some(m) = self.shell.next() => self.on_client(Channel::Shell, m).await,
