@@ -1,5 +1,6 @@
-//! The periodic watchdog (every 100 ms while anything is in motion, else every second): overdue exits, memory limit, liveness, interrupt grace,
-//! `timeout=` tags, and the idle pool's reaper.
+//! The periodic watchdog (every 100 ms while anything is in motion, else every second):
+//! overdue exits, memory limit, liveness, interrupt grace, `timeout=` tags, and the idle
+//! pool's reaper.
 
 use tracing::{info, warn};
 
@@ -27,8 +28,8 @@ impl Kernel {
                 .any(|w| w.exit.is_some() || w.kill_reason.is_some())
     }
 
-    /// Runs every `TICK` (or `IDLE_TICK`): overdue exits, memory limit, `timeout=` tags, liveness,
-    /// interrupt grace, idle reaping.
+    /// Runs every `TICK` (or `IDLE_TICK`): overdue exits, memory limit, `timeout=` tags,
+    /// liveness, interrupt grace, idle reaping.
     pub(super) async fn watchdog(&mut self) {
         let now = Instant::now();
         let overdue: Vec<WorkerId> = self

@@ -286,14 +286,14 @@ class Snapshots:
         links = [w.aux_conn.fileno()]
         if w.main_conn is not None:
             links.append(w.main_conn.fileno())
-        marker = str(_PID_MARKER).encode()
         frame = control_frame(hello("snapshot", w.worker_id, _PID_MARKER, w.token, seq=seq))
-        head, tail = frame.split(marker)
+        key = b'"pid":'
+        head, _, tail = frame.partition(key + str(_PID_MARKER).encode())
         return PausePlan(
             path=w.path,
             close=tuple(links + [fd for fd in self._children.values() if fd >= 0]),
             diag=w.diag.fileno(),
-            hello=(head, tail),
+            hello=(head + key, tail),
         )
 
     @contextlib.contextmanager
