@@ -8,7 +8,7 @@ import time
 
 from bench_lib.kernels import STREAM_TIMEOUT, Launched, Opts, kv_info, kv_settled, launched, run_ok
 from bench_lib.probes_core import FLOOD
-from bench_lib.procs import TreeMemory, tree_memory, wait_quiet_cpu
+from bench_lib.procs import TreeMemory, tree_memory, wait_quiet_cpu, wakeups_per_second
 from bench_lib.table import KERNELVISOR, Row, Shown, Value, at_most, probe, section
 
 MEMORY = section("memory", "the kernel's process tree (MB)")
@@ -60,12 +60,21 @@ def rows(when: str, label: str) -> list[Row]:
     ]
 
 
-@probe(MEMORY, *rows("idle", "idle after warm-up"), *rows("flood", "after the 200k-line flood"))
+WAKE_SECONDS = 5.0
+
+
+@probe(
+    MEMORY,
+    *rows("idle", "idle after warm-up"),
+    Row("wakeups", f"idle: wake-ups per second, every thread of the tree ({WAKE_SECONDS:.0f} s)"),
+    *rows("flood", "after the 200k-line flood"),
+)
 def probe_memory(kernel: str, opts: Opts) -> dict[str, Value]:
     with launched(kernel) as k:
         run_ok(k, "1+1", *["pass"] * 20)
         settle(k, kernel)
         out = measured(k, kernel, "idle")
+        out["wakeups"] = wakeups_per_second(k.pid, WAKE_SECONDS)
         run_ok(k, FLOOD, timeout=STREAM_TIMEOUT)
         # A pause and one more cell: kernelvisor takes a snapshot once the worker is idle,
         # as it would before the user's next cell.

@@ -40,6 +40,35 @@ def tree_memory(pid: int) -> TreeMemory:
     return TreeMemory(rss / MB, pss / MB, uss / MB, by_pid)
 
 
+def _voluntary_switches(pids: list[int]) -> int:
+    """Voluntary context switches so far of every thread of ``pids`` (each one a sleep that
+    something woke)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def wakeups_per_second(pid: int, seconds: float) -> float:
+    """How often the threads of the process tree are woken, per second over `seconds`: what
+    an idle kernel costs a laptop's battery."""
+    pids = tree_pids(pid)
+    before = _voluntary_switches(pids)
+    time.sleep(seconds)
+    return (_voluntary_switches(pids) - before) / seconds
+
+
 def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / MB
 
