@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from kernelvisor.crash import really_exit
-from kernelvisor.ipc import _RECV_SIZE, _U32, MAX_BODY, ProtocolError, decode_body, encode
+from kernelvisor.ipc import Connection, ProtocolError, encode
 from kernelvisor.messages import Promote, hello
 from kernelvisor.outbox import control_frame
 
@@ -173,66 +173,30 @@ class PausePlan:
     """The worker's stderr: the supervisor reads it to its end when the worker dies."""
     hello: tuple[bytes, bytes]
     """The copy's hello, encoded, before and after its pid."""
-    diag_fds: list[int] = dataclasses.field(default_factory=list)
-    """Filled in by the copy: the descriptors it pointed away from the worker's stderr."""
 
 
-def _paused(plan: PausePlan) -> tuple[socket.socket, bytearray]:
+def _paused(plan: PausePlan) -> tuple[socket.socket, list[int]]:
     """The copy, right after the fork: let go of the worker's descriptors, say hello on
-    a link of its own, and wait for a whole message on it. Exits if the link closes (a
-    newer snapshot, shutdown, or the supervisor's death)."""
+    a link of its own, and wait until something comes on it (left unread). Returns the
+    link and the descriptors it pointed away from the worker's stderr. Exits if the link
+    closes (a newer snapshot, shutdown, or the supervisor's death)."""
     # One click of a frontend that signals every process in the tree must not reach a
     # paused copy.
     _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     for fd in plan.close:
         with contextlib.suppress(OSError):
             os.close(fd)
-    plan.diag_fds.extend(_let_go_of(plan.diag))
+    diag_fds = _let_go_of(plan.diag)
     head, tail = plan.hello
     link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         link.connect(plan.path)
         link.sendall(encode([head + str(os.getpid()).encode() + tail]))
+        if not link.recv(1, socket.MSG_PEEK):
+            really_exit(0)
     except OSError:
         really_exit(0)
-    received = bytearray()
-    _read_message(link, received)
-    return link, received
-
-
-def _read_message(link: socket.socket, received: bytearray) -> None:
-    """Read until ``received`` starts with a whole message; exit on end of file (or on
-    a length past the protocol's bound)."""
-    while len(received) < 4 or len(received) < 4 + _U32.unpack_from(received)[0]:
-        if len(received) >= 4 and _U32.unpack_from(received)[0] > MAX_BODY:
-            really_exit(1)
-        try:
-            data = link.recv(_RECV_SIZE)
-        except OSError:
-            data = b""
-        if not data:
-            really_exit(0)
-        received += data
-
-
-def _wait(link: socket.socket, received: bytearray) -> Promote:
-    """The messages on the copy's link, until ``promote``: others are skipped."""
-    import json
-
-    while True:
-        _read_message(link, received)
-        (body_len,) = _U32.unpack_from(received)
-        try:
-            frames = decode_body(bytes(received[4 : 4 + body_len]))
-            control = json.loads(frames[0])
-        except (ProtocolError, ValueError, IndexError):
-            really_exit(1)
-        del received[: 4 + body_len]
-        if isinstance(control, dict) and control.get("op") == "promote":
-            try:
-                return Promote.from_control(control)
-            except ProtocolError:
-                really_exit(1)
+    return link, diag_fds
 
 
 class Snapshots:
@@ -270,9 +234,9 @@ class Snapshots:
             pid = os.fork()
             if pid == 0:
                 # The copy: paused here, inside the block, until a message comes.
-                link, received = _paused(plan)
+                link, diag_fds = _paused(plan)
         if pid == 0:
-            self._promoted(plan, link, received, user_threads)
+            self._promoted(Connection(link), diag_fds, user_threads)
             return
         fork_ms = (time.perf_counter() - started) * 1000
         self._watch(pid)
@@ -332,21 +296,36 @@ class Snapshots:
 
     # --- in the snapshot ----------------------------------------------------------------
 
-    def _promoted(
-        self, plan: PausePlan, link: socket.socket, received: bytearray, user_threads: list[str]
-    ) -> None:
-        """The copy, once a message came on its link (``_paused``): forget what the pause
-        closed, and become the worker once the message is ``promote``."""
+    def _promoted(self, link: Connection, diag_fds: list[int], user_threads: list[str]) -> None:
+        """The copy, once something came on its link (``_paused``): forget what the pause
+        closed, and become the worker once ``promote`` comes."""
         w = self._worker
         # Their descriptors were closed by the pause: their numbers may be reused since.
         if w.main_conn is not None:
             w.main_conn.forget()
         w.aux_conn.forget()
         self._children = {}
-        self._diag_fds = plan.diag_fds
+        self._diag_fds = diag_fds
         w.discard_inbox()
-        promote = _wait(link, received)
+        promote = self._wait(link)
         self._become_worker(promote, link, user_threads)
+
+    def _wait(self, link: Connection) -> Promote:
+        """Paused until promoted; exits when the supervisor drops the link (a newer
+        snapshot, shutdown, or the supervisor's death)."""
+        import json
+
+        while True:
+            try:
+                frames = link.recv()
+                control = json.loads(frames[0])
+            except (EOFError, OSError, ProtocolError, ValueError, IndexError):
+                really_exit(0)
+            if isinstance(control, dict) and control.get("op") == "promote":
+                try:
+                    return Promote.from_control(control)
+                except ProtocolError:
+                    really_exit(1)
 
     def _diagnose_to_file(self, path: str) -> None:
         """faulthandler and the crash report write to ``path`` from now on."""
@@ -361,16 +340,14 @@ class Snapshots:
         finally:
             os.close(fd)
 
-    def _become_worker(
-        self, promote: Promote, link: socket.socket, user_threads: list[str]
-    ) -> None:
+    def _become_worker(self, promote: Promote, link: Connection, user_threads: list[str]) -> None:
         w = self._worker
         # Our worker is dead and we were reparented to the supervisor (a subreaper): die
         # with it from now on, as a spawned worker does.
         die_with_parent()
         if os.getppid() == 1:
             really_exit(0)
-        link.close()
+        link.abandon()
         w.worker_id = promote.worker_id
         w.token = promote.token
         self._diagnose_to_file(heir_diagnostics_path(w.path, w.worker_id))
