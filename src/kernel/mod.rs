@@ -394,8 +394,9 @@ impl Kernel {
             let idle_snapshot = self.idle_snapshot_at();
             // Something set in motion while the watchdog was looking once a second: it
             // looks within TICK (the deadline moves once, not at each message after).
-            if next_watch > Instant::now() + TICK && self.watch_closely() {
-                next_watch = Instant::now() + TICK;
+            let soon = Instant::now() + TICK;
+            if next_watch > soon && self.watch_closely() {
+                next_watch = soon;
             }
             if watch.deadline() != next_watch.into() {
                 watch.as_mut().reset(next_watch.into());
